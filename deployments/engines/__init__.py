@@ -1,0 +1,42 @@
+"""Engine adapters behind one small interface per model kind.
+
+`Encoder` serves rerank and embed replicas (synchronous: replicas run it in a worker thread
+inside a `@serve.batch` call); `VLLMGenerator` serves LLM replicas. Heavy imports (torch,
+vllm, transformers) happen inside the adapters, never at module import, so the router can
+import the deployment classes without them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """One scored or embedded input: the value, its token count, whether it was cut to fit."""
+
+    value: float | list[float]
+    tokens: int
+    truncated: bool
+
+
+class Encoder(Protocol):
+    max_input_tokens: int
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> list[Scored]: ...
+
+    def embed(self, texts: list[str]) -> list[Scored]: ...
+
+
+def build_encoder(cfg, path: str) -> Encoder:  # cfg: serve_app.config.ModelConfig
+    from serve_app.config import EngineKind, ModelKind, RerankMode
+
+    if cfg.engine is EngineKind.vllm:
+        from deployments.engines.vllm_pooling import VLLMPoolingEncoder
+
+        return VLLMPoolingEncoder(cfg, path)
+    from deployments.engines.transformers_encoder import TransformersEncoder
+
+    cross = cfg.kind is ModelKind.rerank and (cfg.rerank_mode or RerankMode.cross_encoder) is RerankMode.cross_encoder
+    return TransformersEncoder(cfg, path, cross_encoder=cross)

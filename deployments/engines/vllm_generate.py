@@ -1,0 +1,100 @@
+"""vLLM engine for generation: `AsyncLLM` behind a small typed interface.
+
+The replica applies the chat template and tokenizes itself, so it knows the prompt length
+before the engine does (context checks happen here, next to the tokenizer) and can feed the
+engine token ids (vLLM 0.32 deprecates raw prompt strings for `generate`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments.protocol import Choice, SamplingOptions
+from serve_app.errors import InvalidRequest
+
+
+class VLLMGenerator:
+    def __init__(self, cfg, path: str) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs: dict[str, Any] = {"enforce_eager": True, **cfg.engine_kwargs}
+        if cfg.tensor_parallel_size > 1:
+            # One node, workers forked by the replica inside the GPUs it holds (see docs/ARCHITECTURE.md).
+            kwargs.setdefault("distributed_executor_backend", "mp")
+        if cfg.max_input_tokens:
+            kwargs["max_model_len"] = cfg.max_input_tokens
+        args = AsyncEngineArgs(
+            model=path, tokenizer=path, tensor_parallel_size=cfg.tensor_parallel_size,
+            trust_remote_code=cfg.trust_remote_code, **kwargs,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        self.max_model_len: int = self.engine.model_config.max_model_len
+
+    def encode_chat(self, messages: tuple[tuple[str, str], ...]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest("this model has no chat template; use /v1/completions", "messages")
+        conv = [{"role": "system" if r == "developer" else r, "content": c} for r, c in messages]
+        ids = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def plan_max_tokens(self, prompt_len: int, requested: int | None, default: int) -> int:
+        """Fit the request in the context window, or say exactly why it cannot fit."""
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise InvalidRequest(
+                f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len}",
+                "messages",
+            )
+        if requested is None:
+            return min(default, room)
+        if requested > room:
+            raise InvalidRequest(
+                f"prompt ({prompt_len} tokens) + max_tokens ({requested}) exceeds this model's "
+                f"context of {self.max_model_len} tokens",
+                "max_tokens",
+            )
+        return requested
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], opts: SamplingOptions, max_tokens: int
+    ) -> AsyncIterator[tuple[list[Choice], int]]:
+        """Yield (choice deltas, completion tokens so far). Closing the iterator aborts the request."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=opts.n, max_tokens=max_tokens, stop=list(opts.stop) or None, seed=opts.seed,
+            output_kind=RequestOutputKind.DELTA,
+            **{k: v for k, v in {
+                "temperature": opts.temperature, "top_p": opts.top_p,
+                "presence_penalty": opts.presence_penalty, "frequency_penalty": opts.frequency_penalty,
+            }.items() if v is not None},
+        )
+        # Engine request ids must be unique per engine; keep the client's id first for log search.
+        engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        produced = [0] * opts.n
+        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, engine_id):
+            deltas = []
+            for c in out.outputs:
+                produced[c.index] += len(c.token_ids)
+                if c.text or c.finish_reason:
+                    reason = c.finish_reason if c.finish_reason in ("stop", "length", "abort") else None
+                    deltas.append(Choice(c.index, c.text, reason))
+            if deltas:
+                yield deltas, sum(produced)
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,55 @@
+"""LLM replica: one vLLM engine (possibly tensor-parallel) serving typed generate calls."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator
+
+from deployments.engines.vllm_generate import VLLMGenerator
+from deployments.protocol import Choice, GenerateRequest, GenerationDelta, GenerationResult, ModelCard
+from deployments.runtime import replica_info
+from serve_app.config import ModelConfig
+
+
+class LLMServer:
+    def __init__(self, model: ModelConfig, models_dir: str, default_max_tokens: int) -> None:
+        self.cfg = model
+        self.default_max_tokens = default_max_tokens
+        self.engine = VLLMGenerator(model, model.resolved_source(pathlib.Path(models_dir)))
+        self.replica = replica_info(model.name)
+
+    async def card(self) -> ModelCard:
+        return ModelCard(self.cfg.name, "llm", "vllm", self.engine.max_model_len, self.replica)
+
+    async def generate(self, req: GenerateRequest) -> GenerationResult:
+        prompt_ids, max_tokens = self._prepare(req)
+        texts = [""] * req.sampling.n
+        reasons: list = [None] * req.sampling.n
+        completion = 0
+        async for deltas, completion in self.engine.generate(req.request_id, prompt_ids, req.sampling, max_tokens):
+            for d in deltas:
+                texts[d.index] += d.text
+                reasons[d.index] = d.finish_reason or reasons[d.index]
+        choices = [Choice(i, texts[i], reasons[i] or "stop") for i in range(req.sampling.n)]
+        return GenerationResult(choices, len(prompt_ids), completion, self.replica)
+
+    async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerationDelta]:
+        """Streamed through `handle.options(stream=True)`; cancelling it aborts the engine request."""
+        prompt_ids, max_tokens = self._prepare(req)
+        async for deltas, completion in self.engine.generate(req.request_id, prompt_ids, req.sampling, max_tokens):
+            yield GenerationDelta(deltas, len(prompt_ids), completion, self.replica)
+
+    def _prepare(self, req: GenerateRequest) -> tuple[list[int], int]:
+        if req.messages is not None:
+            ids = self.engine.encode_chat(req.messages)
+        else:
+            ids = self.engine.encode_prompt(req.prompt or "")
+        return ids, self.engine.plan_max_tokens(len(ids), req.sampling.max_tokens, self.default_max_tokens)
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

@@ -1,0 +1,105 @@
+"""Typed messages between the router and the replicas.
+
+Plain dataclasses: they cross the DeploymentHandle by pickle on every request, and carry no
+HTTP concepts. The router turns them into API shapes; replicas never build responses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaInfo:
+    """Where a result was computed: for response headers, logs and the status view."""
+
+    model: str
+    replica_id: str
+    node_id: str
+    node_ip: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    sampling: SamplingOptions
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, text); chat template applied by the replica
+    prompt: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int
+    replica: ReplicaInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationDelta:
+    """One streamed step: text deltas for the choices that advanced, plus token counts so far."""
+
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int
+    replica: ReplicaInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankRequest:
+    request_id: str
+    query: str
+    documents: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankResult:
+    scores: list[float]
+    prompt_tokens: int
+    truncated_documents: int
+    replica: ReplicaInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedRequest:
+    request_id: str
+    inputs: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedResult:
+    vectors: list[list[float]]
+    prompt_tokens: int
+    truncated_inputs: int
+    replica: ReplicaInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """What a replica knows about its model once loaded (the real limits, not the config's guess)."""
+
+    name: str
+    kind: str
+    engine: str
+    max_input_tokens: int
+    replica: ReplicaInfo

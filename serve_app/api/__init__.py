@@ -1,0 +1,1 @@
+"""HTTP request/response shapes (pydantic), apart from the code that serves them."""

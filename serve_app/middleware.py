@@ -1,0 +1,85 @@
+"""Cross-cutting ASGI middleware for the router: request ids and error shaping.
+
+Plain ASGI callables (as in starlette's own middleware), so every route gets the same
+behaviour without repeating it in handlers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.errors import ApiError, from_exception
+
+logger = logging.getLogger("ray.serve")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class RequestIdMiddleware:
+    """Puts the request id in `scope["state"]` and guarantees an `X-Request-ID` response header.
+
+    Serve's proxy (and its HAProxy ingress) already assigns one and echoes it back, so the
+    header is only added here when it was missing from the request, e.g. in unit tests.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _VALID_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start" and not given:
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            await send(message)
+
+        await self.app(scope, receive, send_with_id if not given else send)
+
+
+class ErrorMiddleware:
+    """Any exception becomes OpenAI's error shape; client mistakes are 4xx, never 500."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - this is the one place errors are shaped
+            err = from_exception(exc)
+            rid = scope.get("state", {}).get("request_id")
+            if err.status >= 500:
+                logger.exception("request %s failed: %s", rid, type(exc).__name__)
+            if started:  # a stream already sent its status; it reports errors in-band
+                return
+            await send_error(send, err, rid)
+
+
+async def send_error(send: Send, err: ApiError, rid: str | None) -> None:
+    body = json.dumps(err.body(rid)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if err.status in (429, 503):
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

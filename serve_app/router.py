@@ -1,0 +1,255 @@
+"""The router: the only HTTP ingress. It reads as a table of routes; handlers parse, pick the
+model's handle, call it with a typed request, and shape the typed result.
+
+No torch and no vllm here (see docs/ARCHITECTURE.md): the router starts in seconds and many
+replicas of it are cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from deployments.protocol import (
+    EmbedRequest, GenerateRequest, GenerationDelta, RerankRequest, SamplingOptions,
+)
+from serve_app.api import openai, rerank
+from serve_app.config import GatewayConfig, ModelConfig, ModelKind
+from serve_app.errors import ApiError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, from_exception
+from serve_app.http import json_response, parse_body, request_id, sse_response
+from serve_app.middleware import ErrorMiddleware, RequestIdMiddleware
+
+READY_TIMEOUT_S = 5.0
+
+
+class Router:
+    def __init__(self, gateway: GatewayConfig, models: list[ModelConfig], handles: dict[str, DeploymentHandle]) -> None:
+        self.gateway = gateway
+        self.models = {m.name: m for m in models}
+        self.handles = handles
+        self.started = int(time.time())
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        """Called by `@serve.ingress()` on each replica after __init__: the route table."""
+        app = Starlette(
+            routes=[
+                Route("/health", self.health, methods=["GET"]),
+                Route("/ready", self.ready, methods=["GET"]),
+                Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+                Route("/v1/rerank", self.rerank_jina, methods=["POST"]),
+                Route("/rerank", self.rerank_jina, methods=["POST"]),
+                Route("/v2/rerank", self.rerank_cohere, methods=["POST"]),
+            ],
+            # Inside Starlette's ServerErrorMiddleware, so we shape errors before it answers 500.
+            middleware=[Middleware(RequestIdMiddleware), Middleware(ErrorMiddleware)],
+            exception_handlers={HTTPException: _http_exception},
+        )
+        return app
+
+    # --- liveness, readiness, models ---
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        """Ready when every model answers through its handle: at least one live replica each."""
+        names = list(self.models)
+        results = await asyncio.gather(*(self._probe(n) for n in names), return_exceptions=True)
+        report = {n: (r if isinstance(r, dict) else {"ready": False, "error": _short(r)}) for n, r in zip(names, results)}
+        ok = all(r["ready"] for r in report.values())
+        return JSONResponse({"status": "ready" if ok else "not_ready", "models": report}, status_code=200 if ok else 503)
+
+    async def _probe(self, name: str) -> dict[str, Any]:
+        card = await asyncio.wait_for(self.handles[name].card.remote(), READY_TIMEOUT_S)
+        return {"ready": True, "kind": card.kind, "max_input_tokens": card.max_input_tokens, "replica": card.replica.replica_id}
+
+    async def list_models(self, request: Request) -> Response:
+        cards = [
+            {"id": m.name, "object": "model", "created": self.started, "owned_by": "serve-app",
+             "kind": m.kind.value, "engine": m.engine.value}
+            for m in self.models.values()
+        ]
+        return JSONResponse(openai.model_list(cards))
+
+    # --- generation ---
+    async def chat_completions(self, request: Request) -> Response:
+        body = await parse_body(request, openai.ChatCompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_CHAT_PARAMS)
+        rid = request_id(request)
+        gen = GenerateRequest(
+            rid, _sampling(body, body.effective_max_tokens()), messages=tuple((m.role, m.text()) for m in body.messages)
+        )
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await self._stream(body.model, gen, include_usage, _chat_chunks(rid, body.model))
+        result = await _call(self._handle(body.model, ModelKind.llm).generate.remote(gen))
+        choices = [
+            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}
+            for c in result.choices
+        ]
+        use = openai.usage(result.prompt_tokens, result.completion_tokens)
+        return json_response(openai.chat_completion(rid, body.model, choices, use), result.replica)
+
+    async def completions(self, request: Request) -> Response:
+        body = await parse_body(request, openai.CompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_COMPLETION_PARAMS)
+        rid = request_id(request)
+        gen = GenerateRequest(rid, _sampling(body, body.effective_max_tokens()), prompt=body.prompt)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await self._stream(body.model, gen, include_usage, _completion_chunks(rid, body.model))
+        result = await _call(self._handle(body.model, ModelKind.llm).generate.remote(gen))
+        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None} for c in result.choices]
+        use = openai.usage(result.prompt_tokens, result.completion_tokens)
+        return json_response(openai.text_completion(rid, body.model, choices, use), result.replica)
+
+    async def _stream(self, model: str, gen: GenerateRequest, include_usage: bool, shape: "_ChunkShaper") -> Response:
+        """SSE stream. The first delta is awaited before answering, so errors found before any
+        token (bad input, context overflow, no replica) get a real 4xx/5xx status, not an SSE event."""
+        stream = self._handle(model, ModelKind.llm).options(stream=True).generate_stream.remote(gen)
+        try:
+            first: GenerationDelta = await stream.__anext__()
+        except BaseException:
+            stream.cancel()
+            raise
+
+        async def events() -> AsyncIterator[Any]:
+            last = first
+            try:
+                yield shape.start(first)
+                async for delta in _chain(first, stream):
+                    last = delta
+                    yield shape.delta(delta)
+                if include_usage:
+                    yield shape.usage(openai.usage(last.prompt_tokens, last.completion_tokens))
+                yield "[DONE]"
+            except asyncio.CancelledError:
+                stream.cancel()  # client went away: free the engine's work
+                raise
+            except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band with the request id
+                err = from_exception(exc)
+                yield err.body(gen.request_id)
+                yield "[DONE]"
+            finally:
+                stream.cancel()
+
+        return sse_response(_skip_none(events()), first.replica)
+
+    # --- embeddings and rerank ---
+    async def embeddings(self, request: Request) -> Response:
+        body = await parse_body(request, openai.EmbeddingRequest, self.gateway.max_body_bytes)
+        rid = request_id(request)
+        result = await _call(self._handle(body.model, ModelKind.embed).embed.remote(EmbedRequest(rid, body.input)))
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(result.vectors)]
+        out = {"object": "list", "data": data, "model": body.model, "usage": openai.usage(result.prompt_tokens)}
+        return json_response(out, result.replica)
+
+    async def rerank_jina(self, request: Request) -> Response:
+        body = await parse_body(request, rerank.JinaRerankRequest, self.gateway.max_body_bytes)
+        return await self._rerank(request, rerank.to_query(body), rerank.jina_response)
+
+    async def rerank_cohere(self, request: Request) -> Response:
+        body = await parse_body(request, rerank.CohereRerankRequest, self.gateway.max_body_bytes)
+        return await self._rerank(request, rerank.to_query(body), rerank.cohere_response)
+
+    async def _rerank(self, request: Request, q: rerank.RerankQuery, shape: Callable[..., dict[str, Any]]) -> Response:
+        rid = request_id(request)
+        result = await _call(self._handle(q.model, ModelKind.rerank).rerank.remote(RerankRequest(rid, q.query, q.documents)))
+        response = json_response(shape(rid, q, result.scores, result.prompt_tokens), result.replica)
+        response.headers["x-truncated-documents"] = str(result.truncated_documents)
+        return response
+
+    # --- helpers ---
+    def _handle(self, name: str, kind: ModelKind) -> DeploymentHandle:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model '{name}' does not exist; GET /v1/models lists the served models", "model")
+        if model.kind is not kind:
+            raise InvalidRequest(f"model '{name}' is a {model.kind.value} model and cannot serve this endpoint", "model")
+        return self.handles[name]
+
+
+Ingress = serve.ingress()(Router)
+
+
+class _ChunkShaper:
+    """Turns typed deltas into one API's SSE chunks (chat and completions differ in shape)."""
+
+    def __init__(self, start: Callable, delta: Callable, usage: Callable) -> None:
+        self.start, self.delta, self.usage = start, delta, usage
+
+
+def _chat_chunks(rid: str, model: str) -> _ChunkShaper:
+    def start(first: GenerationDelta) -> dict[str, Any]:
+        return openai.chat_chunk(rid, model, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+
+    def delta(d: GenerationDelta) -> dict[str, Any]:
+        choices = [{"index": c.index, "delta": {"content": c.text} if c.text else {}, "finish_reason": c.finish_reason} for c in d.choices]
+        return openai.chat_chunk(rid, model, choices)
+
+    return _ChunkShaper(start, delta, lambda use: openai.chat_chunk(rid, model, [], use))
+
+
+def _completion_chunks(rid: str, model: str) -> _ChunkShaper:
+    def delta(d: GenerationDelta) -> dict[str, Any]:
+        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None} for c in d.choices]
+        return openai.text_completion(rid, model, choices, None)
+
+    return _ChunkShaper(lambda first: None, delta, lambda use: openai.text_completion(rid, model, [], use))
+
+
+def _sampling(body: openai.SamplingFields, max_tokens: int | None) -> SamplingOptions:
+    return SamplingOptions(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=tuple(body.stop or ()),
+        n=body.n, seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+    )
+
+
+async def _call(response: DeploymentResponse) -> Any:
+    """Await a replica call; if our caller is cancelled (client gone), cancel the replica's work."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+
+
+async def _chain(first: GenerationDelta, rest: AsyncIterator[GenerationDelta]) -> AsyncIterator[GenerationDelta]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def _skip_none(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for e in events:
+        if e is not None:
+            yield e
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    err: ApiError
+    if exc.status_code == 404:
+        err = NotFound(f"no route for {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        err = MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
+    else:
+        err = InvalidRequest(str(exc.detail))
+        err.status = exc.status_code
+    return JSONResponse(err.body(request.scope.get("state", {}).get("request_id")), status_code=err.status)
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no replica answered within {READY_TIMEOUT_S:.0f}s"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

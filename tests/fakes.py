@@ -1,0 +1,111 @@
+"""A fake model handle for fast unit tests of the router's logic (never for end-to-end tests).
+
+It mimics the parts of DeploymentHandle the router uses: `.method.remote(...)` returning an
+awaitable with `.cancel()`, and `.options(stream=True)` returning async iterators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from deployments.protocol import (
+    Choice, EmbedResult, GenerationDelta, GenerationResult, ModelCard, RerankResult, ReplicaInfo,
+)
+
+
+class _Response:
+    def __init__(self, coro) -> None:
+        self._task = asyncio.ensure_future(coro)
+        self.cancelled = False
+
+    def __await__(self):
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._task.cancel()
+
+
+class _Stream:
+    def __init__(self, agen) -> None:
+        self._agen = agen
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._agen.__anext__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeModel:
+    """Echo model: answers with words of the prompt, scores by word overlap."""
+
+    def __init__(self, name: str, kind: str, *, fail: Exception | None = None, delay: float = 0.0) -> None:
+        self.name, self.kind, self.fail, self.delay = name, kind, fail, delay
+        self.replica = ReplicaInfo(name, "fake-replica", "fake-node", "127.0.0.1")
+        self.calls: list[tuple[str, Any]] = []
+        self.streams: list[_Stream] = []
+        self._stream = False
+
+    def options(self, stream: bool = False, **_: Any) -> "FakeModel":
+        clone = FakeModel.__new__(FakeModel)
+        clone.__dict__.update(self.__dict__)
+        clone._stream = stream
+        return clone
+
+    def __getattr__(self, method: str):
+        impl = getattr(self, f"_do_{method}")
+        model = self
+
+        class _Method:
+            def remote(self_inner, *args):
+                model.calls.append((method, args))
+                if model._stream:
+                    s = _Stream(impl(*args))
+                    model.streams.append(s)
+                    return s
+                return _Response(impl(*args))
+
+        return _Method()
+
+    async def _check(self) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+
+    async def _do_card(self) -> ModelCard:
+        await self._check()
+        return ModelCard(self.name, self.kind, "fake", 128, self.replica)
+
+    async def _do_generate(self, req) -> GenerationResult:
+        await self._check()
+        text = " ".join(_words(req))
+        return GenerationResult([Choice(i, text, "stop") for i in range(req.sampling.n)], 3, len(text.split()), self.replica)
+
+    async def _do_generate_stream(self, req):
+        await self._check()
+        words = _words(req)
+        for i, w in enumerate(words):
+            last = i == len(words) - 1
+            yield GenerationDelta([Choice(0, w + ("" if last else " "), "stop" if last else None)], 3, i + 1, self.replica)
+
+    async def _do_rerank(self, req) -> RerankResult:
+        await self._check()
+        q = set(req.query.lower().split())
+        scores = [len(q & set(d.lower().split())) / (len(q) or 1) for d in req.documents]
+        return RerankResult(scores, sum(len(d.split()) for d in req.documents), 0, self.replica)
+
+    async def _do_embed(self, req) -> EmbedResult:
+        await self._check()
+        return EmbedResult([[float(len(t)), 1.0] for t in req.inputs], len(req.inputs), 0, self.replica)
+
+
+def _words(req) -> list[str]:
+    text = req.prompt if req.prompt is not None else req.messages[-1][1]
+    return (text.split() or ["ok"])[: req.sampling.max_tokens or 16]
