@@ -46,6 +46,10 @@ class LLMServer:
             ids = self.engine.encode_prompt(req.prompt or "")
         return ids, self.engine.plan_max_tokens(len(ids), req.sampling.max_tokens, self.default_max_tokens)
 
+    async def unfinished_requests(self) -> int:
+        """Requests the engine still holds: 0 after a client disconnect means the work was freed."""
+        return self.engine.unfinished()
+
     async def check_health(self) -> None:
         await self.engine.check_health()
 

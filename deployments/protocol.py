@@ -18,6 +18,7 @@ class ReplicaInfo:
     replica_id: str
     node_id: str
     node_ip: str
+    gpu_ids: tuple[str, ...] = ()  # accelerators Ray assigned to this replica (TP workers use them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,3 +104,5 @@ class ModelCard:
     engine: str
     max_input_tokens: int
     replica: ReplicaInfo
+    batching: dict[str, float] | None = None  # encoders: current max_batch_size / batch_wait_timeout_s
+    largest_batch: int = 0  # encoders: the most inputs one forward pass has carried

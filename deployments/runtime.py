@@ -22,4 +22,5 @@ def replica_info(model: str) -> ReplicaInfo:
         replica_id=replica_id,
         node_id=ctx.get_node_id() if ctx else "local",
         node_ip=ray.util.get_node_ip_address() if ctx else "127.0.0.1",
+        gpu_ids=tuple(ctx.get_accelerator_ids().get("GPU", [])) if ctx else (),
     )

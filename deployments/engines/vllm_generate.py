@@ -93,6 +93,9 @@ class VLLMGenerator:
             if deltas:
                 yield deltas, sum(produced)
 
+    def unfinished(self) -> int:
+        return self.engine.get_num_unfinished_requests()
+
     async def check_health(self) -> None:
         await self.engine.check_health()
 

@@ -21,7 +21,7 @@ class VLLMPoolingEncoder:
         self.llm = LLM(model=path, runner="pooling", trust_remote_code=cfg.trust_remote_code, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_input_tokens = self.llm.llm_engine.model_config.max_model_len
-        self._is_cross = self.llm.llm_engine.model_config.is_cross_encoder
+        self._is_cross = self.llm.llm_engine.model_config.score_type == "cross-encoder"
 
     def score_pairs(self, pairs: list[tuple[str, str]]) -> list[Scored]:
         fitted = [self._fit_pair(q, d) for q, d in pairs]

@@ -1,0 +1,27 @@
+# The README's two commands: `make up` (whole stack on the embedded default) and `make test`.
+# Both install what they need themselves (scripts/install.sh is idempotent and cached).
+PY     := .venv/bin/python
+CONFIG ?= serve_config.yaml
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := disabled
+
+.PHONY: install models up down test check
+
+install:
+	@bash scripts/install.sh
+
+models: install
+	@$(PY) -m serve_app prepare-models $(CONFIG)
+
+check: install
+	@$(PY) -m serve_app check $(CONFIG)
+
+up: models
+	@$(PY) -m serve_app up $(CONFIG)
+
+down:
+	@$(PY) -m serve_app down
+
+test: models
+	@$(PY) -m pytest $(PYTEST_ARGS)

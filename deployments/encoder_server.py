@@ -1,0 +1,53 @@
+"""Shared shape of encoder replicas (reranker, embedder): one engine, one `@serve.batch` queue.
+
+The batch works on single inputs (a (query, document) pair or a text), not on requests, so a
+forward pass is filled from as many requests as are waiting: many small requests and one long
+list batch alike. `max_batch_size` / `batch_wait_timeout_s` come from `user_config`, so
+`serve deploy` with new values retunes a running replica in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from typing import Any
+
+from ray import serve
+
+from deployments.engines import Encoder, Scored, build_encoder
+from deployments.protocol import ModelCard
+from deployments.runtime import replica_info
+from serve_app.config import BatchSettings, ModelConfig
+
+
+class EncoderServer:
+    def __init__(self, model: ModelConfig, models_dir: str) -> None:
+        self.cfg = model
+        self.engine: Encoder = build_encoder(model, model.resolved_source(pathlib.Path(models_dir)))
+        self.replica = replica_info(model.name)
+        self.largest_batch = 0
+        self.reconfigure(model.batch.model_dump())
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this on start and on every `user_config` change."""
+        batch = BatchSettings.model_validate(user_config)
+        self._batched.set_max_batch_size(batch.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
+
+    async def card(self) -> ModelCard:
+        batching = {"max_batch_size": self._batched.get_max_batch_size(),
+                    "batch_wait_timeout_s": self._batched.get_batch_wait_timeout_s()}
+        return ModelCard(self.cfg.name, self.cfg.kind.value, self.cfg.engine.value,
+                         self.engine.max_input_tokens, self.replica, batching, self.largest_batch)
+
+    async def _run_all(self, items: list[Any]) -> list[Scored]:
+        return await asyncio.gather(*(self._batched(item) for item in items))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, items: list[Any]) -> list[Scored]:
+        self.largest_batch = max(self.largest_batch, len(items))
+        # The forward pass releases the GIL; a thread keeps the replica's event loop responsive.
+        return await asyncio.to_thread(self._forward, items)
+
+    def _forward(self, items: list[Any]) -> list[Scored]:
+        raise NotImplementedError

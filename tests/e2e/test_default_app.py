@@ -1,0 +1,160 @@
+"""The embedded default (serve_config.yaml) on a real cluster: real SmolLM2 on vLLM, real
+MiniLM embeddings and reranking, driven through the unmodified openai and cohere clients."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import cohere
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+LLM = "smollm2-135m-instruct"
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+@pytest.fixture(scope="module")
+def oa(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(stack) -> httpx.Client:
+    with httpx.Client(base_url=stack.base, timeout=120) as c:
+        yield c
+
+
+def test_models_lists_every_configured_model(oa):
+    assert sorted(m.id for m in oa.models.list()) == ["all-minilm-l6-v2", "all-minilm-l6-v2-rerank", LLM]
+
+
+def test_chat_answers_the_capital_of_france(oa):
+    r = oa.chat.completions.create(
+        model=LLM, messages=[SYSTEM, {"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=30, temperature=0,
+    )
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.prompt_tokens > 10 and 0 < r.usage.completion_tokens <= 30
+
+
+def test_chat_streaming_through_openai_client(oa):
+    stream = oa.chat.completions.create(
+        model=LLM, messages=[SYSTEM, {"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert 0 < chunks[-1].usage.completion_tokens <= 20
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_completions_and_sampling_params(oa):
+    r = oa.completions.create(model=LLM, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert "Paris" in r.choices[0].text
+    r = oa.completions.create(model=LLM, prompt="Once upon a time", max_tokens=6, n=2, seed=7, temperature=1.0, stop=["\n"])
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens <= 12
+
+
+def test_embeddings_are_real(oa):
+    r = oa.embeddings.create(model="all-minilm-l6-v2", input=["A cat sits on the mat.", "A kitten is on the rug.", "Stock prices fell sharply."])
+    a, b, c = (d.embedding for d in r.data)
+    assert len(a) == 384 and math.isclose(sum(x * x for x in a), 1.0, rel_tol=1e-3)
+    cos = lambda u, v: sum(x * y for x, y in zip(u, v))  # noqa: E731 - unit vectors
+    assert cos(a, b) > cos(a, c) + 0.2
+
+
+DOCS = [
+    "Bananas are rich in potassium.",
+    "Paris is the capital and largest city of France.",
+    "The stock market closed lower today.",
+]
+
+
+def test_rerank_jina_shape_puts_relevant_document_first(http):
+    r = http.post("/v1/rerank", json={"model": "all-minilm-l6-v2-rerank", "query": "What is the capital of France?", "documents": DOCS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["results"][0]["index"] == 1
+    assert body["results"][0]["document"]["text"] == DOCS[1]
+    assert body["usage"]["total_tokens"] > 0 and r.headers["x-served-model"] == "all-minilm-l6-v2-rerank"
+
+
+def test_cohere_client_v2_rerank(stack):
+    co = cohere.ClientV2(api_key="unused", base_url=stack.base)
+    r = co.rerank(model="all-minilm-l6-v2-rerank", query="What is the capital of France?", documents=DOCS, top_n=2)
+    assert [x.index for x in r.results][0] == 1 and len(r.results) == 2
+
+
+def test_long_document_is_truncated_not_crashing(http):
+    long_doc = "Paris is lovely in spring. " * 2000  # ~14k tokens, MiniLM takes 256
+    r = http.post("/rerank", json={"model": "all-minilm-l6-v2-rerank", "query": "Paris", "documents": [long_doc, "x"]})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-truncated-documents"] == "1"
+    assert http.get("/ready").status_code == 200
+
+
+def test_errors_reach_the_openai_client_as_4xx(oa, http):
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "hi"}], logit_bias={"1": 5})
+    assert "logit_bias" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "hi"}], max_tokens=100000)
+    assert "100000" in str(e.value) and "2048" in str(e.value)
+    r = http.post("/v1/chat/completions", json={"model": LLM, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert http.get("/ready").status_code == 200
+
+
+def test_request_id_round_trip(http):
+    r = http.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"}, headers={"x-request-id": "trace-me-42"})
+    assert r.headers["x-request-id"] == "trace-me-42"
+    r = http.post("/v1/embeddings", json={"model": "nope", "input": "x"}, headers={"x-request-id": "trace-me-43"})
+    assert r.status_code == 404 and r.json()["error"]["request_id"] == "trace-me-43"
+
+
+def test_ready_reports_every_model(http):
+    r = http.get("/ready")
+    assert r.status_code == 200
+    models = r.json()["models"]
+    assert models[LLM]["max_input_tokens"] == 2048 and models["all-minilm-l6-v2"]["max_input_tokens"] == 256
+
+
+def test_client_disconnect_mid_stream_frees_the_engine(stack, http):
+    """Close a long stream after the first chunk; the engine must then serve new work at once."""
+    body = {"model": LLM, "messages": [{"role": "user", "content": "Write a very long story."}],
+            "max_tokens": 1500, "stream": True, "temperature": 1.0}
+    with httpx.Client(base_url=stack.base, timeout=60) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                break
+    # If the aborted request kept generating, it would hold the engine for ~1500 tokens.
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"llm-{LLM}", app_name="default")
+    for _ in range(50):
+        if handle.unfinished_requests.remote().result() == 0:
+            break
+        threading.Event().wait(0.2)
+    assert handle.unfinished_requests.remote().result() == 0
+
+
+def test_concurrent_requests_share_a_batch(stack, http):
+    import concurrent.futures as cf
+
+    def one(i):
+        return http.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": [f"text {i}"] * 4}).status_code
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one, range(16))) == {200}
+    from ray import serve
+
+    card = serve.get_deployment_handle("embed-all-minilm-l6-v2", app_name="default").card.remote().result()
+    assert card.largest_batch > 4  # more than one request's inputs in one forward pass
+    assert json.dumps(card.batching)

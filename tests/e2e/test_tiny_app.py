@@ -1,0 +1,84 @@
+"""Tiny random-weight models on real engines: tensor parallelism and its placement, both
+rerank engines on the same cross-encoder, batching retuned in place."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def http(stack) -> httpx.Client:
+    with httpx.Client(base_url=stack.tiny, timeout=120) as c:
+        yield c
+
+
+def test_tp2_replica_holds_two_gpus_on_one_node_and_serves(stack, http):
+    card = serve.get_deployment_handle("llm-tiny-llm-tp2", app_name="tiny").card.remote().result()
+    # The head node has 1 GPU and the worker 2: a TP=2 replica can only fit on the worker,
+    # and it must hold both GPUs itself so vLLM's TP workers (forked by it) can use them.
+    assert card.replica.node_id == stack.gpu_node_id
+    assert len(card.replica.gpu_ids) == 2
+    r = http.post("/v1/chat/completions", json={
+        "model": "tiny-llm-tp2", "messages": [{"role": "user", "content": "the capital of france"}],
+        "max_tokens": 5, "temperature": 0, "seed": 1,
+    })
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] > 0
+    r = http.post("/v1/completions", json={"model": "tiny-llm-tp2", "prompt": "paris is", "max_tokens": 4, "stream": True})
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_cross_encoder_scores_agree_across_engines(http):
+    body = {"query": "capital of france", "documents": ["paris is the capital city", "green apple", "blue sky sea"]}
+    hf = http.post("/v1/rerank", json={**body, "model": "tiny-ce"}).json()["results"]
+    vl = http.post("/v1/rerank", json={**body, "model": "tiny-ce-vllm"}).json()["results"]
+    by_index = lambda rs: {r["index"]: r["relevance_score"] for r in rs}  # noqa: E731
+    h, v = by_index(hf), by_index(vl)
+    assert set(h) == {0, 1, 2}
+    for i in h:
+        assert 0.0 < h[i] < 1.0
+        assert h[i] == pytest.approx(v[i], abs=1e-3)  # same weights, two engines
+
+
+def test_cross_encoder_truncates_over_long_pairs_on_both_engines(http):
+    long_doc = "paris " * 500  # the tiny model has 64 positions
+    for model in ("tiny-ce", "tiny-ce-vllm"):
+        r = http.post("/v1/rerank", json={"model": model, "query": "paris", "documents": [long_doc, "apple"]})
+        assert r.status_code == 200, (model, r.text)
+        assert r.headers["x-truncated-documents"] == "1"
+
+
+def test_pairs_from_concurrent_requests_share_forward_passes(http):
+    def one(i):
+        return http.post("/v1/rerank", json={"model": "tiny-ce", "query": "q", "documents": [f"doc {i}", "a"]}).status_code
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one, range(24))) == {200}
+    card = serve.get_deployment_handle("rerank-tiny-ce", app_name="tiny").card.remote().result()
+    assert card.largest_batch > 2  # one request has 2 pairs; more means requests were merged
+
+
+def test_batching_is_retuned_in_place_through_user_config(stack):
+    from tests.e2e.conftest import default_args, deploy, tiny_args
+
+    handle = serve.get_deployment_handle("rerank-tiny-ce", app_name="tiny")
+    before = handle.card.remote().result()
+    assert before.batching == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+    args = tiny_args(stack.tiny_models.llama, stack.tiny_models.ce)
+    args["models"][1]["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
+    deploy({"default": default_args(), "tiny": args})
+    want = {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
+    for _ in range(60):  # the app may still read RUNNING before the controller applies the update
+        after = handle.card.remote().result()
+        if after.batching == want:
+            break
+        time.sleep(0.5)
+    assert after.batching == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
+    assert after.replica.replica_id == before.replica.replica_id  # same process: updated in place
