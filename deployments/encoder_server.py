@@ -26,6 +26,7 @@ class EncoderServer:
         self.engine: Encoder = build_encoder(model, model.resolved_source(pathlib.Path(models_dir)))
         self.replica = replica_info(model.name)
         self.largest_batch = 0
+        # The builder strips `batching` from the init args; Serve calls reconfigure(user_config) next.
         self.reconfigure(model.batch.model_dump())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -33,12 +34,11 @@ class EncoderServer:
         batch = BatchSettings.model_validate(user_config)
         self._batched.set_max_batch_size(batch.max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
+        self.batching = batch  # Serve exposes no public getter for the live values
 
     async def card(self) -> ModelCard:
-        batching = {"max_batch_size": self._batched.get_max_batch_size(),
-                    "batch_wait_timeout_s": self._batched.get_batch_wait_timeout_s()}
         return ModelCard(self.cfg.name, self.cfg.kind.value, self.cfg.engine.value,
-                         self.engine.max_input_tokens, self.replica, batching, self.largest_batch)
+                         self.engine.max_input_tokens, self.replica, self.batching.model_dump(), self.largest_batch)
 
     async def _run_all(self, items: list[Any]) -> list[Scored]:
         return await asyncio.gather(*(self._batched(item) for item in items))

@@ -151,8 +151,7 @@ class Router:
         body = await parse_body(request, openai.EmbeddingRequest, self.gateway.max_body_bytes)
         rid = request_id(request)
         result = await _call(self._handle(body.model, ModelKind.embed).embed.remote(EmbedRequest(rid, body.input)))
-        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(result.vectors)]
-        out = {"object": "list", "data": data, "model": body.model, "usage": openai.usage(result.prompt_tokens)}
+        out = openai.embedding_list(body.model, result.vectors, body.encoding_format, result.prompt_tokens)
         return json_response(out, result.replica)
 
     async def rerank_jina(self, request: Request) -> Response:

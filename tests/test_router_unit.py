@@ -177,6 +177,10 @@ def test_embeddings_shape(client):
     assert [d["index"] for d in body["data"]] == [0, 1]
     assert body["data"][1]["embedding"] == [3.0, 1.0]
     assert_error(client.post("/v1/embeddings", json={"model": "emb", "input": []}), 400, param="input")
+    b64 = client.post("/v1/embeddings", json={"model": "emb", "input": ["abc"], "encoding_format": "base64"}).json()
+    import base64
+    import struct
+    assert struct.unpack("<2f", base64.b64decode(b64["data"][0]["embedding"])) == (3.0, 1.0)
 
 
 def test_models_and_ready(client):

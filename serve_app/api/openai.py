@@ -6,6 +6,8 @@ listed so the client gets a 400 naming the parameter instead of having it silent
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from typing import Annotated, Any, Literal
 
@@ -102,7 +104,7 @@ class CompletionRequest(SamplingFields):
 class EmbeddingRequest(_Request):
     model: str
     input: str | list[str]
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64
     dimensions: None = None
     user: str | None = None
 
@@ -151,6 +153,15 @@ def text_completion(rid: str, model: str, choices: list[dict[str, Any]], use: di
     if use is not None:
         out["usage"] = use
     return out
+
+
+def embedding_list(model: str, vectors: list[list[float]], encoding: str, prompt_tokens: int) -> dict[str, Any]:
+    """base64 is the vector's little-endian float32 bytes, as OpenAI sends it."""
+    def encode(v: list[float]) -> list[float] | str:
+        return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if encoding == "base64" else v
+
+    data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model, "usage": usage(prompt_tokens)}
 
 
 def model_list(cards: list[dict[str, Any]]) -> dict[str, Any]:
