@@ -2,8 +2,9 @@
 
 The batch works on single inputs (a (query, document) pair or a text), not on requests, so a
 forward pass is filled from as many requests as are waiting: many small requests and one long
-list batch alike. `max_batch_size` / `batch_wait_timeout_s` come from `user_config`, so
-`serve deploy` with new values retunes a running replica in place.
+list batch alike. `max_batch_size` / `batch_wait_timeout_s` come from `user_config`: a
+`serve deploy` that overrides it in the app's `deployments:` section retunes running replicas in
+place (changing `args` instead gives the app a new code version and replaces them).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ class EncoderServer:
         self.engine: Encoder = build_encoder(model, model.resolved_source(pathlib.Path(models_dir)))
         self.replica = replica_info(model.name)
         self.largest_batch = 0
-        # The builder strips `batching` from the init args; Serve calls reconfigure(user_config) next.
         self.reconfigure(model.batch.model_dump())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

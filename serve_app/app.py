@@ -36,9 +36,7 @@ def build_from_config(cfg: AppConfig) -> Application:
         if model.kind is ModelKind.llm:
             handles[model.name] = deployment.bind(model, models_dir, cfg.gateway.default_max_tokens)
         else:
-            # Batching travels only in user_config: were it in the init args too, changing it
-            # would replace the replicas instead of retuning them in place.
-            handles[model.name] = deployment.bind(model.model_copy(update={"batching": None}), models_dir)
+            handles[model.name] = deployment.bind(model, models_dir)
     return router_deployment(cfg.gateway).bind(cfg.gateway, cfg.models, handles)
 
 

@@ -89,15 +89,16 @@ def stack(tiny_models) -> SimpleNamespace:
         cluster.shutdown()
 
 
-def deploy(apps: dict[str, dict]) -> None:
-    """Deploy as `serve deploy serve_config.yaml` does (declaratively, by import path), so a
-    redeploy that changes only `user_config` updates running replicas in place."""
+def deploy(apps: dict[str, dict], overrides: dict[str, list[dict]] | None = None) -> None:
+    """Deploy as `serve deploy serve_config.yaml` does (declaratively, by import path), with
+    optional per-app `deployments:` overrides, which Serve applies to running replicas in place."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.parse_obj({"applications": [
         {"name": name, "route_prefix": "/" if name == "default" else f"/{name}",
-         "import_path": "serve_app.app:build_app", "args": args}
+         "import_path": "serve_app.app:build_app", "args": args,
+         "deployments": (overrides or {}).get(name, [])}
         for name, args in apps.items()
     ]})
     _get_global_client().deploy_apps(schema)

@@ -71,10 +71,11 @@ def test_batching_is_retuned_in_place_through_user_config(stack):
     handle = serve.get_deployment_handle("rerank-tiny-ce", app_name="tiny")
     before = handle.card.remote().result()
     assert before.batching == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
-    args = tiny_args(stack.tiny_models.llama, stack.tiny_models.ce)
-    args["models"][1]["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
-    deploy({"default": default_args(), "tiny": args})
     want = {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
+    # Same args (same code version), new user_config for one deployment: what an operator puts
+    # in serve_config.yaml's `deployments:` section before `serve deploy`.
+    deploy({"default": default_args(), "tiny": tiny_args(stack.tiny_models.llama, stack.tiny_models.ce)},
+           overrides={"tiny": [{"name": "rerank-tiny-ce", "user_config": want}]})
     for _ in range(60):  # the app may still read RUNNING before the controller applies the update
         after = handle.card.remote().result()
         if after.batching == want:
