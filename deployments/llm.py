@@ -19,7 +19,8 @@ class LLMServer:
         self.replica = replica_info(model.name)
 
     async def card(self) -> ModelCard:
-        return ModelCard(self.cfg.name, "llm", "vllm", self.engine.max_model_len, self.replica)
+        return ModelCard(self.cfg.name, "llm", "vllm", self.engine.max_model_len, self.replica,
+                         sampling_defaults=self.engine.model_defaults)
 
     async def generate(self, req: GenerateRequest) -> GenerationResult:
         prompt_ids, max_tokens = self._prepare(req)

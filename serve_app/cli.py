@@ -187,7 +187,9 @@ def _print_endpoints(base: str, apps: list[tuple[str, AppConfig]]) -> None:
     print(f"  Ray dashboard: {DASHBOARD}")
     llm = next((m.name for _, c in apps for m in c.models if m.kind.value == "llm"), None)
     if llm:
-        body = json.dumps({"model": llm, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        body = json.dumps({"model": llm, "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}]})
         print(f"\nTry:\n  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'")
     if shutil.which("curl") is None:
         print("(curl is not installed here; any HTTP client or the openai package works)")

@@ -34,6 +34,9 @@ class VLLMGenerator:
         self.engine = AsyncLLM.from_engine_args(args)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         self.max_model_len: int = self.engine.model_config.max_model_len
+        # The model's own sampling defaults (generation_config.json), applied where a request is
+        # silent, as `vllm serve` does; bare SamplingParams() would silently use vLLM's instead.
+        self.model_defaults: dict[str, Any] = self.engine.model_config.get_diff_sampling_param()
 
     def encode_chat(self, messages: tuple[tuple[str, str], ...]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -74,11 +77,7 @@ class VLLMGenerator:
 
         params = SamplingParams(
             n=opts.n, max_tokens=max_tokens, stop=list(opts.stop) or None, seed=opts.seed,
-            output_kind=RequestOutputKind.DELTA,
-            **{k: v for k, v in {
-                "temperature": opts.temperature, "top_p": opts.top_p,
-                "presence_penalty": opts.presence_penalty, "frequency_penalty": opts.frequency_penalty,
-            }.items() if v is not None},
+            output_kind=RequestOutputKind.DELTA, **sampling_kwargs(self.model_defaults, opts),
         )
         # Engine request ids must be unique per engine; keep the client's id first for log search.
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
@@ -101,3 +100,14 @@ class VLLMGenerator:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def sampling_kwargs(model_defaults: dict[str, Any], opts: SamplingOptions) -> dict[str, Any]:
+    """The request's values where given, else the model's generation_config defaults."""
+    requested = {
+        "temperature": opts.temperature, "top_p": opts.top_p,
+        "presence_penalty": opts.presence_penalty, "frequency_penalty": opts.frequency_penalty,
+    }
+    merged = {k: v for k, v in model_defaults.items() if k != "max_new_tokens"}  # max_tokens is planned apart
+    merged.update({k: v for k, v in requested.items() if v is not None})
+    return merged

@@ -119,6 +119,14 @@ def test_request_id_round_trip(http):
     assert r.status_code == 404 and r.json()["error"]["request_id"] == "trace-me-43"
 
 
+def test_llm_uses_the_models_own_sampling_defaults(stack):
+    from ray import serve
+
+    card = serve.get_deployment_handle(f"llm-{LLM}", app_name="default").card.remote().result()
+    # prepared SmolLM2 carries its model card's recommendation in generation_config.json
+    assert card.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
+
+
 def test_ready_reports_every_model(http):
     r = http.get("/ready")
     assert r.status_code == 200
