@@ -71,6 +71,9 @@ class RerankRequest:
     request_id: str
     query: str
     documents: list[str]
+    truncate: bool = True  # False: an over-long document is a 400 naming it
+    max_tokens_per_doc: int | None = None  # Cohere's: cut each document to this many tokens first
+    offset: int = 0  # index of documents[0] in the client's list (chunks of a long list)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ environment variables. Validation errors name the offending field (pydantic's `l
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 from enum import Enum
@@ -159,6 +160,13 @@ class ModelConfig(_Strict):
     def batch(self) -> BatchSettings:
         return self.batching or BatchSettings()
 
+    @property
+    def capacity(self) -> int:
+        """Requests the model's replicas run at once at most (queued ones not counted)."""
+        d = self.deployment
+        replicas = d.autoscaling_config.max_replicas if d.autoscaling_config else (d.num_replicas or 1)
+        return replicas * d.max_ongoing_requests
+
     def resolved_source(self, models_dir: pathlib.Path) -> str:
         """A path for local models, else the hub id unchanged (hub ids are for production only)."""
         if self.source.startswith(PREPARED_PREFIX):
@@ -167,6 +175,16 @@ class ModelConfig(_Strict):
         if self.source.startswith((".", "/", "~")) or path.exists():
             return str(path if path.is_absolute() else (REPO_ROOT / path).resolve())
         return self.source
+
+
+class ApiKeyConfig(_Strict):
+    """One client key. Only its SHA-256 is stored (`python -m serve_app hash-key` makes it)."""
+
+    name: str = Field(min_length=1, max_length=64, description="shown in logs instead of the key")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    admin: bool = Field(False, description="may read status/admin endpoints")
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1, description="estimated prompt tokens + max_tokens")
 
 
 class GatewayConfig(_Strict):
@@ -183,6 +201,29 @@ class GatewayConfig(_Strict):
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     default_max_tokens: int = Field(256, ge=1, description="used when a request sets no max_tokens")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="deadline for a model's answer (first token when streaming) -> 504"
+    )
+    max_documents: int = Field(10_000, ge=1, description="rerank documents per request -> 413 beyond")
+    rerank_max_parallel_chunks: int = Field(
+        8, ge=1, le=256, description="a long rerank list is split into at most this many concurrent calls"
+    )
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list, description="empty: no authentication")
+    api_keys_env: str | None = Field(
+        None, description="env var with more keys as 'name=key[:admin],...' (hashed at start-up)"
+    )
+
+    def all_api_keys(self) -> list[ApiKeyConfig]:
+        """Configured keys plus those from `api_keys_env`, read once here; raw keys never leave."""
+        keys = list(self.api_keys)
+        raw = os.environ.get(self.api_keys_env, "") if self.api_keys_env else ""
+        for item in filter(None, (x.strip() for x in raw.split(","))):
+            name, _, secret = item.partition("=")
+            secret, _, role = secret.partition(":")
+            if not name or not secret:
+                raise ConfigError(f"{self.api_keys_env}: expected 'name=key[:admin]' items, got one without a name or key")
+            keys.append(ApiKeyConfig(name=name, sha256=hash_key(secret), admin=role == "admin"))
+        return keys
 
     @property
     def models_path(self) -> pathlib.Path:
@@ -213,6 +254,10 @@ class AppConfig(_Strict):
 
 class ConfigError(ValueError):
     """A config that cannot be deployed, with a message a newcomer can act on."""
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def describe_validation_error(err: ValidationError) -> str:

@@ -36,6 +36,23 @@ class UnsupportedParameter(InvalidRequest):
     code = "unsupported_parameter"
 
 
+class Unauthorized(ApiError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class Forbidden(ApiError):
+    status, type, code = 403, "permission_error", "admin_key_required"
+
+
+class RateLimited(ApiError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, message: str, param: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, param)
+        self.args = (message, param, retry_after)
+        self.retry_after = retry_after
+
+
 class ModelNotFound(ApiError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
@@ -54,6 +71,10 @@ class PayloadTooLarge(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, type, code = 503, "service_unavailable", "model_unavailable"
+
+
+class GatewayTimeout(ApiError):
+    status, type, code = 504, "timeout_error", "deadline_exceeded"
 
 
 class EngineFailure(ApiError):

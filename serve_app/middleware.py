@@ -80,6 +80,36 @@ async def send_error(send: Send, err: ApiError, rid: str | None) -> None:
     body = json.dumps(err.body(rid)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if err.status in (429, 503):
-        headers.append((b"retry-after", b"1"))
+        headers.append((b"retry-after", str(getattr(err, "retry_after", 1)).encode()))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    """Authenticates every request except liveness/readiness; the principal goes in scope state.
+
+    `/ready` stays open for load-balancer probes but shows details only to admin keys.
+    """
+
+    OPEN_PATHS = frozenset({"/health", "/ready"})
+
+    def __init__(self, app: ASGIApp, admission) -> None:  # admission: serve_app.admission.Admission
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.admission.enabled:
+            headers = dict(scope.get("headers") or [])
+            auth = headers.get(b"authorization", b"").decode("latin-1") or None
+            state = scope.setdefault("state", {})
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):  # Serve keeps the app's route_prefix in root_path
+                path = path[len(root):]
+            if path in self.OPEN_PATHS:
+                try:
+                    state["principal"] = self.admission.authenticate(auth) if auth else None
+                except ApiError:
+                    state["principal"] = None
+            else:
+                state["principal"] = self.admission.authenticate(auth)  # raises 401
+        await self.app(scope, receive, send)

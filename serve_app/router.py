@@ -1,5 +1,5 @@
-"""The router: the only HTTP ingress. It reads as a table of routes; handlers parse, pick the
-model's handle, call it with a typed request, and shape the typed result.
+"""The router: the only HTTP ingress. It reads as a table of routes; handlers parse, admit,
+pick the model's handle, call it with a typed request, and shape the typed result.
 
 No torch and no vllm here (see docs/ARCHITECTURE.md): the router starts in seconds and many
 replicas of it are cheap.
@@ -21,14 +21,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from deployments.protocol import (
-    EmbedRequest, GenerateRequest, GenerationDelta, RerankRequest, SamplingOptions,
-)
+from deployments.protocol import EmbedRequest, GenerateRequest, GenerationDelta, RerankRequest, SamplingOptions
+from serve_app.admission import Admission, Principal, estimate_tokens
 from serve_app.api import openai, rerank
 from serve_app.config import GatewayConfig, ModelConfig, ModelKind
-from serve_app.errors import ApiError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, from_exception
+from serve_app.errors import (
+    ApiError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge, from_exception,
+)
+from serve_app.fanout import plan_chunks
+from serve_app.replica_calls import gather_all, with_deadline
 from serve_app.http import json_response, parse_body, request_id, sse_response
-from serve_app.middleware import ErrorMiddleware, RequestIdMiddleware
+from serve_app.middleware import AuthMiddleware, ErrorMiddleware, RequestIdMiddleware
 
 READY_TIMEOUT_S = 5.0
 
@@ -38,11 +41,12 @@ class Router:
         self.gateway = gateway
         self.models = {m.name: m for m in models}
         self.handles = handles
+        self.admission = Admission(gateway.all_api_keys())
         self.started = int(time.time())
 
     def __serve_build_asgi_app__(self) -> Starlette:
         """Called by `@serve.ingress()` on each replica after __init__: the route table."""
-        app = Starlette(
+        return Starlette(
             routes=[
                 Route("/health", self.health, methods=["GET"]),
                 Route("/ready", self.ready, methods=["GET"]),
@@ -55,22 +59,28 @@ class Router:
                 Route("/v2/rerank", self.rerank_cohere, methods=["POST"]),
             ],
             # Inside Starlette's ServerErrorMiddleware, so we shape errors before it answers 500.
-            middleware=[Middleware(RequestIdMiddleware), Middleware(ErrorMiddleware)],
+            middleware=[
+                Middleware(RequestIdMiddleware), Middleware(ErrorMiddleware), Middleware(AuthMiddleware, self.admission),
+            ],
             exception_handlers={HTTPException: _http_exception},
         )
-        return app
 
     # --- liveness, readiness, models ---
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        """Ready when every model answers through its handle: at least one live replica each."""
+        """Ready when every model answers through its handle: at least one live replica each.
+        Per-model details only for admin keys when keys are configured."""
         names = list(self.models)
         results = await asyncio.gather(*(self._probe(n) for n in names), return_exceptions=True)
         report = {n: (r if isinstance(r, dict) else {"ready": False, "error": _short(r)}) for n, r in zip(names, results)}
         ok = all(r["ready"] for r in report.values())
-        return JSONResponse({"status": "ready" if ok else "not_ready", "models": report}, status_code=200 if ok else 503)
+        body: dict[str, Any] = {"status": "ready" if ok else "not_ready"}
+        principal = _principal(request)
+        if not self.admission.enabled or (principal is not None and principal.admin):
+            body["models"] = report
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     async def _probe(self, name: str) -> dict[str, Any]:
         card = await asyncio.wait_for(self.handles[name].card.remote(), READY_TIMEOUT_S)
@@ -87,14 +97,15 @@ class Router:
     # --- generation ---
     async def chat_completions(self, request: Request) -> Response:
         body = await parse_body(request, openai.ChatCompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_CHAT_PARAMS)
+        handle = self._handle(body.model, ModelKind.llm)
+        max_tokens = body.effective_max_tokens()
+        self._admit(request, estimate_tokens(*(m.text() for m in body.messages)) + (max_tokens or self.gateway.default_max_tokens))
         rid = request_id(request)
-        gen = GenerateRequest(
-            rid, _sampling(body, body.effective_max_tokens()), messages=tuple((m.role, m.text()) for m in body.messages)
-        )
+        gen = GenerateRequest(rid, _sampling(body, max_tokens), messages=tuple((m.role, m.text()) for m in body.messages))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(body.model, gen, include_usage, _chat_chunks(rid, body.model))
-        result = await _call(self._handle(body.model, ModelKind.llm).generate.remote(gen))
+            return await self._stream(handle, gen, include_usage, _chat_chunks(rid, body.model))
+        result = await self._call(handle.generate.remote(gen))
         choices = [
             {"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}
             for c in result.choices
@@ -104,22 +115,24 @@ class Router:
 
     async def completions(self, request: Request) -> Response:
         body = await parse_body(request, openai.CompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_COMPLETION_PARAMS)
+        handle = self._handle(body.model, ModelKind.llm)
+        self._admit(request, estimate_tokens(body.prompt) + (body.max_tokens or self.gateway.default_max_tokens))
         rid = request_id(request)
         gen = GenerateRequest(rid, _sampling(body, body.effective_max_tokens()), prompt=body.prompt)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(body.model, gen, include_usage, _completion_chunks(rid, body.model))
-        result = await _call(self._handle(body.model, ModelKind.llm).generate.remote(gen))
+            return await self._stream(handle, gen, include_usage, _completion_chunks(rid, body.model))
+        result = await self._call(handle.generate.remote(gen))
         choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None} for c in result.choices]
         use = openai.usage(result.prompt_tokens, result.completion_tokens)
         return json_response(openai.text_completion(rid, body.model, choices, use), result.replica)
 
-    async def _stream(self, model: str, gen: GenerateRequest, include_usage: bool, shape: "_ChunkShaper") -> Response:
-        """SSE stream. The first delta is awaited before answering, so errors found before any
-        token (bad input, context overflow, no replica) get a real 4xx/5xx status, not an SSE event."""
-        stream = self._handle(model, ModelKind.llm).options(stream=True).generate_stream.remote(gen)
+    async def _stream(self, handle: DeploymentHandle, gen: GenerateRequest, include_usage: bool, shape: "_ChunkShaper") -> Response:
+        """SSE stream. The first delta is awaited (within the deadline) before answering, so errors
+        found before any token get a real 4xx/5xx status, not an SSE event."""
+        stream = handle.options(stream=True).generate_stream.remote(gen)
         try:
-            first: GenerationDelta = await stream.__anext__()
+            first: GenerationDelta = await with_deadline(stream.__anext__(), self.gateway.request_timeout_s)
         except BaseException:
             stream.cancel()
             raise
@@ -134,25 +147,21 @@ class Router:
                 if include_usage:
                     yield shape.usage(openai.usage(last.prompt_tokens, last.completion_tokens))
                 yield "[DONE]"
-            except asyncio.CancelledError:
-                stream.cancel()  # client went away: free the engine's work
-                raise
             except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band with the request id
-                err = from_exception(exc)
-                yield err.body(gen.request_id)
+                yield from_exception(exc).body(gen.request_id)
                 yield "[DONE]"
             finally:
-                stream.cancel()
+                stream.cancel()  # normal end: no-op; client gone or error: frees the engine's work
 
         return sse_response(_skip_none(events()), first.replica)
 
     # --- embeddings and rerank ---
     async def embeddings(self, request: Request) -> Response:
         body = await parse_body(request, openai.EmbeddingRequest, self.gateway.max_body_bytes)
-        rid = request_id(request)
-        result = await _call(self._handle(body.model, ModelKind.embed).embed.remote(EmbedRequest(rid, body.input)))
-        out = openai.embedding_list(body.model, result.vectors, body.encoding_format, result.prompt_tokens)
-        return json_response(out, result.replica)
+        handle = self._handle(body.model, ModelKind.embed)
+        self._admit(request, estimate_tokens(*body.input))
+        result = await self._call(handle.embed.remote(EmbedRequest(request_id(request), body.input)))
+        return json_response(openai.embedding_list(body.model, result.vectors, body.encoding_format, result.prompt_tokens), result.replica)
 
     async def rerank_jina(self, request: Request) -> Response:
         body = await parse_body(request, rerank.JinaRerankRequest, self.gateway.max_body_bytes)
@@ -163,10 +172,27 @@ class Router:
         return await self._rerank(request, rerank.to_query(body), rerank.cohere_response)
 
     async def _rerank(self, request: Request, q: rerank.RerankQuery, shape: Callable[..., dict[str, Any]]) -> Response:
+        """Long lists are split into chunks served concurrently by every replica, then merged."""
+        handle = self._handle(q.model, ModelKind.rerank)
+        if len(q.documents) > self.gateway.max_documents:
+            raise PayloadTooLarge(f"{len(q.documents)} documents exceed the limit of {self.gateway.max_documents} per request", "documents")
+        self._admit(request, estimate_tokens(*q.documents) + estimate_tokens(q.query) * len(q.documents))
         rid = request_id(request)
-        result = await _call(self._handle(q.model, ModelKind.rerank).rerank.remote(RerankRequest(rid, q.query, q.documents)))
-        response = json_response(shape(rid, q, result.scores, result.prompt_tokens), result.replica)
-        response.headers["x-truncated-documents"] = str(result.truncated_documents)
+        model = self.models[q.model]
+        # Every chunk is one call in the model's Serve queue: never more than its replicas run at once.
+        max_chunks = min(self.gateway.rerank_max_parallel_chunks, model.capacity)
+        chunks = plan_chunks(len(q.documents), model.batch.max_batch_size, max_chunks)
+        calls = [
+            handle.rerank.remote(RerankRequest(rid, q.query, q.documents[a:b], q.truncate, q.max_tokens_per_doc, offset=a))
+            for a, b in chunks
+        ]
+        results = await with_deadline(gather_all(calls), self.gateway.request_timeout_s, lambda: [c.cancel() for c in calls])
+        scores = [s for r in results for s in r.scores]
+        truncated = sum(r.truncated_documents for r in results)
+        out = shape(rid, q, scores, sum(r.prompt_tokens for r in results), truncated)
+        response = json_response(out, results[0].replica)
+        response.headers["x-served-replica"] = ",".join(dict.fromkeys(r.replica.replica_id for r in results))
+        response.headers["x-truncated-documents"] = str(truncated)
         return response
 
     # --- helpers ---
@@ -177,6 +203,17 @@ class Router:
         if model.kind is not kind:
             raise InvalidRequest(f"model '{name}' is a {model.kind.value} model and cannot serve this endpoint", "model")
         return self.handles[name]
+
+    def _admit(self, request: Request, tokens: int) -> None:
+        self.admission.admit(_principal(request), tokens)
+
+    async def _call(self, response: DeploymentResponse) -> Any:
+        """Await a replica call within the deadline; if the client goes away, cancel the work."""
+        try:
+            return await with_deadline(response, self.gateway.request_timeout_s, response.cancel)
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
 
 
 Ingress = serve.ingress()(Router)
@@ -215,13 +252,8 @@ def _sampling(body: openai.SamplingFields, max_tokens: int | None) -> SamplingOp
     )
 
 
-async def _call(response: DeploymentResponse) -> Any:
-    """Await a replica call; if our caller is cancelled (client gone), cancel the replica's work."""
-    try:
-        return await response
-    except asyncio.CancelledError:
-        response.cancel()
-        raise
+def _principal(request: Request) -> Principal | None:
+    return request.scope.get("state", {}).get("principal")
 
 
 async def _chain(first: GenerationDelta, rest: AsyncIterator[GenerationDelta]) -> AsyncIterator[GenerationDelta]:

@@ -50,6 +50,7 @@ class FakeModel:
         self.replica = ReplicaInfo(name, "fake-replica", "fake-node", "127.0.0.1")
         self.calls: list[tuple[str, Any]] = []
         self.streams: list[_Stream] = []
+        self.responses: list[_Response] = []
         self._stream = False
 
     def options(self, stream: bool = False, **_: Any) -> "FakeModel":
@@ -69,7 +70,9 @@ class FakeModel:
                     s = _Stream(impl(*args))
                     model.streams.append(s)
                     return s
-                return _Response(impl(*args))
+                r = _Response(impl(*args))
+                model.responses.append(r)
+                return r
 
         return _Method()
 

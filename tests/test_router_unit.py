@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from starlette.responses import Response
 from starlette.testclient import TestClient
 
 from serve_app.config import AppConfig
@@ -138,6 +139,9 @@ def test_engine_failure_is_500_in_error_shape_and_backpressure_is_503():
     err = assert_error(c.post("/v1/chat/completions", json=chat()), 500)
     assert "boom" not in err["message"]  # internals are logged, not leaked
     c, _ = make_client(rr=FakeModel("rr", "rerank", fail=BackPressureError()))
+    app = c.app
+    # Serve adds its own plain-text 503 handler for BackPressureError to the ingress app; ours must win.
+    app.add_exception_handler(BackPressureError, lambda req, exc: Response("plain", status_code=503))
     r = c.post("/v1/rerank", json={"model": "rr", "query": "q", "documents": ["a"]})
     assert_error(r, 503)
     assert r.headers["retry-after"] == "1"

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import pathlib
 
-from deployments.engines import Scored
+from deployments.engines import Scored, TokenBudget
 
 
-class TransformersEncoder:
+class TransformersEncoder(TokenBudget):
     def __init__(self, cfg, path: str, *, cross_encoder: bool) -> None:
         import torch
         from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer

@@ -8,10 +8,10 @@ over-long input instead of cutting it.
 
 from __future__ import annotations
 
-from deployments.engines import Scored
+from deployments.engines import Scored, TokenBudget
 
 
-class VLLMPoolingEncoder:
+class VLLMPoolingEncoder(TokenBudget):
     def __init__(self, cfg, path: str) -> None:
         from vllm import LLM
 
@@ -21,7 +21,7 @@ class VLLMPoolingEncoder:
         self.llm = LLM(model=path, runner="pooling", trust_remote_code=cfg.trust_remote_code, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_input_tokens = self.llm.llm_engine.model_config.max_model_len
-        self._is_cross = self.llm.llm_engine.model_config.score_type == "cross-encoder"
+        self.cross_encoder = self.llm.llm_engine.model_config.score_type == "cross-encoder"
 
     def score_pairs(self, pairs: list[tuple[str, str]]) -> list[Scored]:
         fitted = [self._fit_pair(q, d) for q, d in pairs]
@@ -43,7 +43,7 @@ class VLLMPoolingEncoder:
         return self.tokenizer.decode(ids[:keep]), keep + 2, True
 
     def _fit_pair(self, query: str, doc: str) -> tuple[str, str, int, bool]:
-        if not self._is_cross:  # bi-encoder scoring embeds each side on its own
+        if not self.cross_encoder:  # bi-encoder scoring embeds each side on its own
             q, qn, qt = self._fit(query, self.max_input_tokens)
             d, dn, dt = self._fit(doc, self.max_input_tokens)
             return q, d, qn + dn, qt or dt

@@ -29,11 +29,13 @@ class _RerankBase(BaseModel):
 
 class JinaRerankRequest(_RerankBase):
     return_documents: bool = True
+    truncate: bool = Field(True, description="false: an over-long document is a 400, not cut")
 
 
 class CohereRerankRequest(_RerankBase):
-    max_tokens_per_doc: int | None = Field(None, ge=1)
+    max_tokens_per_doc: int | None = Field(None, ge=1, description="cut each document to this many tokens")
     return_documents: bool = False  # Cohere v2 dropped it; accepted for older clients
+    truncate: bool = True
     rank_fields: None = None
 
 
@@ -44,12 +46,15 @@ class RerankQuery:
     documents: list[str]
     top_n: int | None
     return_documents: bool
+    truncate: bool = True
+    max_tokens_per_doc: int | None = None
 
 
 def to_query(req: _RerankBase) -> RerankQuery:
     return RerankQuery(
         model=req.model, query=req.query, documents=req.texts(), top_n=req.top_n,
-        return_documents=getattr(req, "return_documents", False),
+        return_documents=getattr(req, "return_documents", False), truncate=getattr(req, "truncate", True),
+        max_tokens_per_doc=getattr(req, "max_tokens_per_doc", None),
     )
 
 
@@ -66,16 +71,17 @@ def ranked(q: RerankQuery, scores: list[float]) -> list[dict[str, Any]]:
     return results
 
 
-def jina_response(rid: str, q: RerankQuery, scores: list[float], prompt_tokens: int) -> dict[str, Any]:
+def jina_response(rid: str, q: RerankQuery, scores: list[float], prompt_tokens: int, truncated: int) -> dict[str, Any]:
     return {
         "id": f"rerank-{rid}", "model": q.model, "results": ranked(q, scores),
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        "truncated_documents": truncated,
     }
 
 
-def cohere_response(rid: str, q: RerankQuery, scores: list[float], prompt_tokens: int) -> dict[str, Any]:
-    return {
-        "id": rid, "results": ranked(q, scores),
-        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
-                 "tokens": {"input_tokens": prompt_tokens, "output_tokens": 0}},
-    }
+def cohere_response(rid: str, q: RerankQuery, scores: list[float], prompt_tokens: int, truncated: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
+                            "tokens": {"input_tokens": prompt_tokens, "output_tokens": 0}}
+    if truncated:
+        meta["warnings"] = [f"{truncated} document(s) were truncated to fit the model"]
+    return {"id": rid, "results": ranked(q, scores), "meta": meta, "truncated_documents": truncated}

@@ -52,6 +52,31 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path) -> dict:
     }
 
 
+ADMIN_KEY, APP_KEY = "sk-e2e-admin", "sk-e2e-app"
+
+
+def guarded_args(ce: pathlib.Path) -> dict:
+    """Keys, a per-key quota and a deliberately small queue, to see protection answer for real."""
+    from serve_app.config import hash_key
+
+    return {
+        "gateway": {
+            "max_body_bytes": 2 * 1024 * 1024,
+            "api_keys": [
+                {"name": "e2e-admin", "sha256": hash_key(ADMIN_KEY), "admin": True},
+                {"name": "e2e-app", "sha256": hash_key(APP_KEY), "requests_per_minute": 5},
+            ],
+            "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}},
+        },
+        "models": [{
+            "name": "guarded-ce", "kind": "rerank", "engine": "transformers", "source": str(ce),
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.002},
+            # capacity 2 running + 2 queued: a burst of 12 is 3x what it can hold
+            "deployment": {"max_ongoing_requests": 2, "max_queued_requests": 2, "ray_actor_options": {"num_cpus": 0.5}},
+        }],
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,19 +99,27 @@ def stack(tiny_models) -> SimpleNamespace:
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "num_gpus": 1, "include_dashboard": False})
     gpu_node = cluster.add_node(num_cpus=4, num_gpus=2)
-    ray.init(address=cluster.address)
+    ray.init(address=cluster.address, log_to_driver=False)  # replica logs stay in /tmp/ray/session_latest
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    deploy({"default": default_args(), "tiny": tiny_args(tiny_models.llama, tiny_models.ce)})
+    deploy(all_apps(tiny_models))
     try:
         yield SimpleNamespace(
-            base=f"http://127.0.0.1:{port}", tiny=f"http://127.0.0.1:{port}/tiny",
+            base=f"http://127.0.0.1:{port}", tiny=f"http://127.0.0.1:{port}/tiny", guarded=f"http://127.0.0.1:{port}/guarded",
             gpu_node_id=gpu_node.node_id, head_node_id=cluster.head_node.node_id, tiny_models=tiny_models,
         )
     finally:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
+
+
+def all_apps(tiny_models: SimpleNamespace) -> dict[str, dict]:
+    return {
+        "default": default_args(),
+        "tiny": tiny_args(tiny_models.llama, tiny_models.ce),
+        "guarded": guarded_args(tiny_models.ce),
+    }
 
 
 def deploy(apps: dict[str, dict], overrides: dict[str, list[dict]] | None = None) -> None:

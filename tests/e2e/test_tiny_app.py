@@ -66,7 +66,7 @@ def test_pairs_from_concurrent_requests_share_forward_passes(http):
 
 
 def test_batching_is_retuned_in_place_through_user_config(stack):
-    from tests.e2e.conftest import default_args, deploy, tiny_args
+    from tests.e2e.conftest import all_apps, deploy
 
     handle = serve.get_deployment_handle("rerank-tiny-ce", app_name="tiny")
     before = handle.card.remote().result()
@@ -74,8 +74,7 @@ def test_batching_is_retuned_in_place_through_user_config(stack):
     want = {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
     # Same args (same code version), new user_config for one deployment: what an operator puts
     # in serve_config.yaml's `deployments:` section before `serve deploy`.
-    deploy({"default": default_args(), "tiny": tiny_args(stack.tiny_models.llama, stack.tiny_models.ce)},
-           overrides={"tiny": [{"name": "rerank-tiny-ce", "user_config": want}]})
+    deploy(all_apps(stack.tiny_models), overrides={"tiny": [{"name": "rerank-tiny-ce", "user_config": want}]})
     for _ in range(60):  # the app may still read RUNNING before the controller applies the update
         after = handle.card.remote().result()
         if after.batching == want:
