@@ -2,7 +2,8 @@
 
 Token budgets are enforced here, next to the tokenizer: by default an over-long document is cut
 by the engine (and counted); `truncate=False` turns that into a 400 naming the document, and
-`max_tokens_per_doc` cuts every document to that many tokens first.
+`max_tokens_per_doc` cuts every document to that many tokens first. Models with prompt templates
+(Qwen3-Reranker) get documents cut *before* wrapping, so the template's suffix is never cut off.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from serve_app.errors import InvalidRequest
 
 class RerankerServer(EncoderServer):
     async def rerank(self, req: RerankRequest) -> RerankResult:
-        docs, pre_cut = await asyncio.to_thread(self._apply_budget, req)
-        scored = await self._run_all([(req.query, d) for d in docs])
+        query, docs, pre_cut = await asyncio.to_thread(self._fit, req)
+        scored = await self._run_all([(query, d) for d in docs])
         return RerankResult(
             scores=[float(s.value) for s in scored],
             prompt_tokens=sum(s.tokens for s in scored),
@@ -26,13 +27,16 @@ class RerankerServer(EncoderServer):
             replica=self.replica,
         )
 
-    def _apply_budget(self, req: RerankRequest) -> tuple[list[str], set[int]]:
+    def _fit(self, req: RerankRequest) -> tuple[str, list[str], set[int]]:
+        q_tmpl, d_tmpl = self.cfg.query_template, self.cfg.document_template
+        query = q_tmpl.format(query=req.query) if q_tmpl else req.query
         docs, cut = list(req.documents), set()
-        if req.truncate and not req.max_tokens_per_doc:
-            return docs, cut
+        if req.truncate and not req.max_tokens_per_doc and not d_tmpl:
+            return query, docs, cut  # the engine cuts and counts
         counts = self.engine.count_tokens(docs)
+        overhead = self.engine.count_tokens([d_tmpl.format(document="")])[0] if d_tmpl else 0
+        budget = self.engine.doc_budget(query) - overhead
         if not req.truncate:
-            budget = self.engine.doc_budget(req.query)
             for i, n in enumerate(counts):
                 if n > budget:
                     idx = req.offset + i
@@ -41,12 +45,14 @@ class RerankerServer(EncoderServer):
                         f"document tokens ({self.engine.max_input_tokens} in all), and truncate is false",
                         f"documents.{idx}",
                     )
-        if req.max_tokens_per_doc:
-            for i, n in enumerate(counts):
-                if n > req.max_tokens_per_doc:
-                    docs[i] = self.engine.truncate_text(docs[i], req.max_tokens_per_doc)
-                    cut.add(i)
-        return docs, cut
+        limit = min(budget, req.max_tokens_per_doc or budget)
+        for i, n in enumerate(counts):
+            if n > limit:
+                docs[i] = self.engine.truncate_text(docs[i], limit)
+                cut.add(i)
+        if d_tmpl:
+            docs = [d_tmpl.format(document=d) for d in docs]
+        return query, docs, cut
 
     def _forward(self, pairs: list[tuple[str, str]]) -> list[Scored]:
         return self.engine.score_pairs(pairs)

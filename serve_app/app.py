@@ -16,7 +16,11 @@ from ray.serve.deployment import Deployment
 from deployments.embedder import EmbedderServer
 from deployments.llm import LLMServer
 from deployments.reranker import RerankerServer
-from serve_app.config import AppConfig, DeploymentSettings, GatewayConfig, ModelConfig, ModelKind, parse_app_config
+from serve_app.compat import check_model
+from serve_app.config import (
+    AppConfig, ConfigError, DeploymentSettings, GatewayConfig, ModelConfig, ModelKind, parse_app_config,
+)
+from serve_app.presets import apply_preset, find_preset
 from serve_app.router import Ingress
 
 ROUTER_NAME = "router"
@@ -29,6 +33,10 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def build_from_config(cfg: AppConfig) -> Application:
+    cfg = resolve(cfg)
+    problems = [p for m in cfg.models for p in check_model(m, cfg.gateway.models_path)]
+    if problems:
+        raise ConfigError("this config cannot be served:\n  " + "\n  ".join(problems))
     models_dir = str(cfg.gateway.models_path)
     handles = {}
     for model in cfg.models:
@@ -38,6 +46,11 @@ def build_from_config(cfg: AppConfig) -> Application:
         else:
             handles[model.name] = deployment.bind(model, models_dir)
     return router_deployment(cfg.gateway).bind(cfg.gateway, cfg.models, handles)
+
+
+def resolve(cfg: AppConfig) -> AppConfig:
+    """The config with known models' presets applied (serve_app/presets.py)."""
+    return cfg.model_copy(update={"models": [apply_preset(m) for m in cfg.models]})
 
 
 def deployment_name(model: ModelConfig) -> str:
@@ -89,12 +102,14 @@ def _serve_options(d: DeploymentSettings) -> dict[str, Any]:
 
 def describe(cfg: AppConfig) -> list[dict[str, Any]]:
     """What `build_from_config` would deploy, for `python -m serve_app check`."""
+    cfg = resolve(cfg)
     rows = [{"deployment": ROUTER_NAME, "serves": "HTTP ingress", **_brief(_serve_options(cfg.gateway.deployment))}]
     for m in cfg.models:
         d = model_deployment(m)
         rows.append({
             "deployment": d.name, "serves": f"{m.kind.value} '{m.name}' on {m.engine.value}",
             "source": m.resolved_source(cfg.gateway.models_path), "tp": m.tensor_parallel_size,
+            "preset": (p := find_preset(m)) and f"{p.name} ({p.why})",
             **_brief({"ray_actor_options": d.ray_actor_options, "num_replicas": d.num_replicas,
                       "autoscaling_config": m.deployment.autoscaling_config and m.deployment.autoscaling_config.model_dump()}),
         })

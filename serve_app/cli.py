@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 
-from serve_app.config import PREPARED_PREFIX, AppConfig, ConfigError, load_serve_config
+from serve_app.config import PREPARED_PREFIX, AppConfig, ConfigError, hash_key, load_serve_config
 
 RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=max(8, 2 * (os.cpu_count() or 1)))
     p.add_argument("--timeout", type=float, default=900.0)
     sub.add_parser("down", help="shut Serve down and stop the local Ray head")
+    sub.add_parser("hash-key", help="read an API key on stdin, print the sha256 to put in api_keys")
     args = parser.parse_args(argv)
     try:
-        return {"check": cmd_check, "prepare-models": cmd_prepare, "up": cmd_up, "down": cmd_down}[args.cmd](args)
+        commands = {"check": cmd_check, "prepare-models": cmd_prepare, "up": cmd_up, "down": cmd_down, "hash-key": cmd_hash_key}
+        return commands[args.cmd](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -55,7 +57,9 @@ def _apps(path: str) -> list[tuple[str, AppConfig]]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from serve_app.app import describe
+    """Validate, apply presets, check each model against its engine; exit 2 on any problem."""
+    from serve_app.app import describe, resolve
+    from serve_app.compat import check_model
 
     problems = []
     for name, cfg in _apps(args.config):
@@ -64,16 +68,24 @@ def cmd_check(args: argparse.Namespace) -> int:
             extra = f"  source={row['source']}  tp={row['tp']}" if "source" in row else ""
             print(f"  {row['deployment']:<36} {row['serves']:<48} replicas={row['replicas']} "
                   f"cpus={row['cpus']} gpus={row['gpus']}{extra}")
-        for m in cfg.models:
-            src = m.resolved_source(cfg.gateway.models_path)
-            if m.source.startswith(PREPARED_PREFIX) and not pathlib.Path(src).exists():
-                problems.append(f"{m.name}: {src} is not prepared yet; run `make up` or "
-                                f"`python -m serve_app prepare-models {args.config}`")
-            elif src.startswith("/") and not pathlib.Path(src).exists():
-                problems.append(f"{m.name}: source path {src} does not exist")
+            if row.get("preset"):
+                print(f"  {'':<36} preset: {row['preset']}")
+        problems += [p for m in resolve(cfg).models for p in check_model(m, cfg.gateway.models_path)]
     for p in problems:
-        print(f"warning: {p}")
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        return 2
     print("config OK")
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    """The key comes on stdin, not argv, so it stays out of shell history and `ps`."""
+    secret = sys.stdin.readline().strip()
+    if not secret:
+        print("error: no key on stdin", file=sys.stderr)
+        return 2
+    print(hash_key(secret))
     return 0
 
 

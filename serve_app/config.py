@@ -117,6 +117,8 @@ class ModelConfig(_Strict):
     )
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     rerank_mode: RerankMode | None = Field(None, description="rerank models on transformers only")
+    query_template: str | None = Field(None, description="rerank: how the query is written, with {query}")
+    document_template: str | None = Field(None, description="rerank: how a document is written, with {document}")
     trust_remote_code: bool = False
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="passed verbatim to AsyncEngineArgs / LLM / from_pretrained"
@@ -148,6 +150,12 @@ class ModelConfig(_Strict):
             self.kind is ModelKind.rerank and self.engine is EngineKind.transformers
         ):
             raise ValueError("rerank_mode applies to kind 'rerank' with engine 'transformers' only")
+        if (self.query_template or self.document_template) and self.kind is not ModelKind.rerank:
+            raise ValueError("query_template/document_template apply to rerank models only")
+        if self.query_template is not None and "{query}" not in self.query_template:
+            raise ValueError("query_template must contain {query}")
+        if self.document_template is not None and "{document}" not in self.document_template:
+            raise ValueError("document_template must contain {document}")
         if self.tensor_parallel_size > 1 and self.engine is not EngineKind.vllm:
             raise ValueError("tensor_parallel_size > 1 needs engine 'vllm'")
         if self.source.startswith(PREPARED_PREFIX):

@@ -24,9 +24,10 @@ from starlette.routing import Route
 from deployments.protocol import EmbedRequest, GenerateRequest, GenerationDelta, RerankRequest, SamplingOptions
 from serve_app.admission import Admission, Principal, estimate_tokens
 from serve_app.api import openai, rerank
-from serve_app.config import GatewayConfig, ModelConfig, ModelKind
+from deployments.engines.vllm_generate import HONOURED_PARAMS as VLLM_PARAMS
+from serve_app.config import EngineKind, GatewayConfig, ModelConfig, ModelKind
 from serve_app.errors import (
-    ApiError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge, from_exception,
+    ApiError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge, UnsupportedParameter, from_exception,
 )
 from serve_app.fanout import plan_chunks
 from serve_app.replica_calls import gather_all, with_deadline
@@ -34,6 +35,12 @@ from serve_app.http import json_response, parse_body, request_id, sse_response
 from serve_app.middleware import AuthMiddleware, ErrorMiddleware, RequestIdMiddleware
 
 READY_TIMEOUT_S = 5.0
+# What each engine declares it honours (generation only: rerank/embed options are handled by the
+# replica for every engine). Importing the adapter module loads no engine.
+HONOURED_PARAMS: dict[EngineKind, frozenset[str]] = {
+    EngineKind.vllm: VLLM_PARAMS,
+    EngineKind.transformers: frozenset(),
+}
 
 
 class Router:
@@ -97,7 +104,7 @@ class Router:
     # --- generation ---
     async def chat_completions(self, request: Request) -> Response:
         body = await parse_body(request, openai.ChatCompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_CHAT_PARAMS)
-        handle = self._handle(body.model, ModelKind.llm)
+        handle = self._handle(body.model, ModelKind.llm, body.engine_params())
         max_tokens = body.effective_max_tokens()
         self._admit(request, estimate_tokens(*(m.text() for m in body.messages)) + (max_tokens or self.gateway.default_max_tokens))
         rid = request_id(request)
@@ -115,7 +122,7 @@ class Router:
 
     async def completions(self, request: Request) -> Response:
         body = await parse_body(request, openai.CompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_COMPLETION_PARAMS)
-        handle = self._handle(body.model, ModelKind.llm)
+        handle = self._handle(body.model, ModelKind.llm, body.engine_params())
         self._admit(request, estimate_tokens(body.prompt) + (body.max_tokens or self.gateway.default_max_tokens))
         rid = request_id(request)
         gen = GenerateRequest(rid, _sampling(body, body.effective_max_tokens()), prompt=body.prompt)
@@ -157,7 +164,7 @@ class Router:
 
     # --- embeddings and rerank ---
     async def embeddings(self, request: Request) -> Response:
-        body = await parse_body(request, openai.EmbeddingRequest, self.gateway.max_body_bytes)
+        body = await parse_body(request, openai.EmbeddingRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_EMBEDDING_PARAMS)
         handle = self._handle(body.model, ModelKind.embed)
         self._admit(request, estimate_tokens(*body.input))
         result = await self._call(handle.embed.remote(EmbedRequest(request_id(request), body.input)))
@@ -196,12 +203,17 @@ class Router:
         return response
 
     # --- helpers ---
-    def _handle(self, name: str, kind: ModelKind) -> DeploymentHandle:
+    def _handle(self, name: str, kind: ModelKind, params: set[str] = frozenset()) -> DeploymentHandle:
         model = self.models.get(name)
         if model is None:
             raise ModelNotFound(f"model '{name}' does not exist; GET /v1/models lists the served models", "model")
         if model.kind is not kind:
             raise InvalidRequest(f"model '{name}' is a {model.kind.value} model and cannot serve this endpoint", "model")
+        ignored = sorted(params - HONOURED_PARAMS[model.engine])
+        if ignored:
+            raise UnsupportedParameter(
+                f"parameter '{ignored[0]}' is not honoured by engine '{model.engine.value}' of model '{name}'", ignored[0]
+            )
         return self.handles[name]
 
     def _admit(self, request: Request, tokens: int) -> None:

@@ -53,7 +53,7 @@ def test_builder_options_follow_config():
     cfg = parse_app_config({"models": [
         {**LLM, "engine_env": {"A": "1"}, "deployment": {"autoscaling_config": {"min_replicas": 0, "max_replicas": 3},
                                                          "max_queued_requests": 7, "max_replicas_per_node": 1}},
-        {"name": "r", "kind": "rerank", "engine": "transformers", "source": "/x", "batching": {"max_batch_size": 5}},
+        {"name": "r", "kind": "rerank", "engine": "transformers", "source": "org/r", "batching": {"max_batch_size": 5}},
     ]})
     llm, rr = (model_deployment(m) for m in cfg.models)
     assert llm.ray_actor_options["runtime_env"] == {"env_vars": {"A": "1"}}
@@ -78,3 +78,12 @@ def test_check_command(tmp_path, capsys):
     bad.write_text("applications:\n- name: x\n  import_path: serve_app.app:build_app\n  args:\n    models:\n    - {name: m, kind: llm, engine: vllm, source: s, tensor_parallel_size: -1}\n")
     assert cli(["check", str(bad)]) == 2
     assert "models.0.tensor_parallel_size" in capsys.readouterr().err
+
+
+def test_hash_key_reads_stdin(monkeypatch, capsys):
+    import io
+    import hashlib
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("sk-secret\n"))
+    assert cli(["hash-key"]) == 0
+    assert capsys.readouterr().out.strip() == hashlib.sha256(b"sk-secret").hexdigest()

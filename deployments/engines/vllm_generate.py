@@ -15,6 +15,14 @@ from deployments.protocol import Choice, SamplingOptions
 from serve_app.errors import InvalidRequest
 
 
+# The OpenAI request parameters this engine honours; the router rejects any other by name
+# (docs/PARAMETERS.md is the matrix). Keep in step with `sampling_kwargs` and `generate`.
+HONOURED_PARAMS = frozenset({
+    "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "seed",
+    "presence_penalty", "frequency_penalty",
+})
+
+
 class VLLMGenerator:
     def __init__(self, cfg, path: str) -> None:
         from transformers import AutoTokenizer

@@ -21,6 +21,12 @@ UNSUPPORTED_CHAT_PARAMS = (
     "reasoning_effort", "web_search_options", "service_tier", "store", "metadata",
 )
 UNSUPPORTED_COMPLETION_PARAMS = ("logprobs", "logit_bias", "echo", "best_of", "suffix")
+UNSUPPORTED_EMBEDDING_PARAMS = ("dimensions",)
+# Fields of SamplingFields that ask the engine to do something; each engine declares which it honours.
+ENGINE_PARAMS = (
+    "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "seed",
+    "presence_penalty", "frequency_penalty",
+)
 
 
 class _Request(BaseModel):
@@ -83,6 +89,9 @@ class ChatCompletionRequest(SamplingFields):
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def engine_params(self) -> set[str]:
+        return {f for f in ENGINE_PARAMS if f in self.model_fields_set and getattr(self, f) is not None}
+
 
 class CompletionRequest(SamplingFields):
     model: str
@@ -100,12 +109,14 @@ class CompletionRequest(SamplingFields):
     def effective_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def engine_params(self) -> set[str]:
+        return {f for f in ENGINE_PARAMS if f in self.model_fields_set and getattr(self, f) is not None}
+
 
 class EmbeddingRequest(_Request):
     model: str
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64
-    dimensions: None = None
     user: str | None = None
 
     @field_validator("input")

@@ -1,0 +1,65 @@
+"""Start-up compatibility: will this engine serve this model as configured?
+
+Run by `python -m serve_app check` and by the builder, before any replica starts, so a wrong
+config fails in seconds with a message saying what to change, not minutes later in a replica's
+traceback. Reads only the model's `config.json`; hub ids (no local files) are not inspected.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from serve_app.config import EngineKind, ModelConfig, ModelKind, RerankMode
+from serve_app.presets import find_preset
+
+_GENERATIVE = ("ForCausalLM", "ForConditionalGeneration")
+
+
+def check_model(model: ModelConfig, models_dir: pathlib.Path) -> list[str]:
+    """Problems with `model` (after its preset is applied); empty when it looks servable."""
+    problems: list[str] = []
+    preset = find_preset(model)
+    if preset and preset.only_engine and model.engine is not preset.only_engine:
+        problems.append(
+            f"{model.name}: {preset.name} models must use engine '{preset.only_engine.value}' ({preset.why})"
+        )
+    source = model.resolved_source(models_dir)
+    path = pathlib.Path(source)
+    if not path.is_absolute():
+        return problems  # a hub id: its files are not here to inspect
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        hint = " (run `make up` or `python -m serve_app prepare-models CONFIG`)" if model.source.startswith("prepared:") else ""
+        return problems + [f"{model.name}: no model at {path}{hint}"]
+    hf = json.loads(cfg_file.read_text())
+    text = hf.get("text_config", hf)  # multimodal configs nest the language model's
+    archs = hf.get("architectures") or []
+    positions = text.get("max_position_embeddings")
+    if model.max_input_tokens and positions and model.max_input_tokens > positions:
+        problems.append(
+            f"{model.name}: max_input_tokens {model.max_input_tokens} exceeds the model's "
+            f"max_position_embeddings {positions}; lower it to at most {positions}"
+        )
+    if model.kind is ModelKind.llm and archs and not any(a.endswith(_GENERATIVE) for a in archs):
+        problems.append(f"{model.name}: architecture {archs} is not a generative model; use kind 'rerank' or 'embed'")
+    if model.kind is ModelKind.rerank and model.engine is EngineKind.transformers:
+        mode = model.rerank_mode or RerankMode.cross_encoder
+        if mode is RerankMode.cross_encoder and archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+            problems.append(
+                f"{model.name}: architecture {archs} has no classification head, so as a cross-encoder its "
+                "scores would be random; set rerank_mode: bi_encoder (embedding models) or engine: vllm"
+            )
+    tp = model.tensor_parallel_size
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        n = text.get(key)
+        if tp > 1 and isinstance(n, int) and n % tp:
+            problems.append(
+                f"{model.name}: tensor_parallel_size {tp} does not divide {key}={n}; "
+                f"use a divisor of {n} (e.g. {_largest_divisor(n, tp)})"
+            )
+    return problems
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
