@@ -132,3 +132,27 @@ def test_overload_at_three_times_capacity_is_only_200_or_503(stack):
     assert all(ra for c, ra, _ in results if c == 503), results
     with httpx.Client(base_url=stack.guarded, timeout=60) as c:
         assert c.post("/v1/rerank", json=body, headers=headers).status_code == 200  # recovers at once
+
+
+def test_keys_and_prompts_never_reach_the_logs(stack, http):
+    import pathlib
+    import time
+
+    import ray
+
+    marker = "zq-secret-prompt-marker-7731"
+    http.post("/v1/chat/completions", json={"model": "smollm2-135m-instruct", "max_tokens": 2,
+                                            "messages": [{"role": "user", "content": marker}]})
+    http.post("/v1/rerank", json={"model": RR, "query": marker, "documents": [marker]})
+    with httpx.Client(base_url=stack.guarded, timeout=60) as c:
+        c.post("/v1/rerank", json={"model": "guarded-ce", "query": marker, "documents": ["x"]},
+               headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        c.post("/v1/rerank", json={"model": "guarded-ce", "query": "q", "documents": ["x"]},
+               headers={"authorization": "Bearer sk-wrong-key-marker-5512"})
+    time.sleep(2)  # let log handlers flush
+    logs = pathlib.Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert any("router" in p.name for p in files)  # we are looking at the right logs
+    for needle in (marker, ADMIN_KEY, "sk-wrong-key-marker-5512"):
+        hits = [p.name for p in files if needle.encode() in p.read_bytes()]
+        assert not hits, (needle, hits)
