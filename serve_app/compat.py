@@ -20,10 +20,9 @@ def check_model(model: ModelConfig, models_dir: pathlib.Path) -> list[str]:
     """Problems with `model` (after its preset is applied); empty when it looks servable."""
     problems: list[str] = []
     preset = find_preset(model)
-    if preset and preset.only_engine and model.engine is not preset.only_engine:
-        problems.append(
-            f"{model.name}: {preset.name} models must use engine '{preset.only_engine.value}' ({preset.why})"
-        )
+    wanted = preset.transformers_rerank_mode if preset else None
+    if wanted and model.engine is EngineKind.transformers and model.rerank_mode is not wanted:
+        problems.append(f"{model.name}: {preset.name} models need rerank_mode '{wanted.value}' ({preset.why})")
     source = model.resolved_source(models_dir)
     path = pathlib.Path(source)
     if not path.is_absolute():
@@ -45,6 +44,8 @@ def check_model(model: ModelConfig, models_dir: pathlib.Path) -> list[str]:
         problems.append(f"{model.name}: architecture {archs} is not a generative model; use kind 'rerank' or 'embed'")
     if model.kind is ModelKind.rerank and model.engine is EngineKind.transformers:
         mode = model.rerank_mode or RerankMode.cross_encoder
+        if mode is RerankMode.yes_no_logits and archs and not any(a.endswith("ForCausalLM") for a in archs):
+            problems.append(f"{model.name}: rerank_mode yes_no_logits needs a causal LM, not {archs}")
         if mode is RerankMode.cross_encoder and archs and not any(a.endswith("ForSequenceClassification") for a in archs):
             problems.append(
                 f"{model.name}: architecture {archs} has no classification head, so as a cross-encoder its "

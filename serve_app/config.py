@@ -99,6 +99,7 @@ class BatchSettings(_Strict):
 class RerankMode(str, Enum):
     cross_encoder = "cross_encoder"  # AutoModelForSequenceClassification scores the pair
     bi_encoder = "bi_encoder"  # embed query and document apart, cosine similarity
+    yes_no_logits = "yes_no_logits"  # causal LM (Qwen3-Reranker): P("yes") vs P("no") after the pair
 
 
 class ModelConfig(_Strict):

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from typing import Any
 
-from serve_app.config import EngineKind, ModelConfig, ModelKind
+from serve_app.config import EngineKind, ModelConfig, ModelKind, RerankMode
 
 # Qwen3-Reranker is a causal LM scored from the "yes"/"no" logits of its last token. vLLM serves
 # it as a sequence classifier only with these overrides, and only with its instruction template
@@ -33,7 +33,7 @@ class Preset:
     max_input_tokens: int | None = None
     query_template: str | None = None
     document_template: str | None = None
-    only_engine: EngineKind | None = None  # other engines cannot serve it correctly
+    transformers_rerank_mode: RerankMode | None = None  # how the transformers engine must score it
     why: str = ""
 
 
@@ -47,8 +47,9 @@ PRESETS: tuple[Preset, ...] = (
         }},
         query_template=_QWEN3_PREFIX + "<Instruct>: " + _QWEN3_INSTRUCTION + "\n<Query>: {query}\n",
         document_template="<Document>: {document}" + _QWEN3_SUFFIX,
-        only_engine=EngineKind.vllm,
-        why="scored from yes/no logits: vLLM needs hf_overrides and the instruction template",
+        transformers_rerank_mode=RerankMode.yes_no_logits,
+        why="a causal LM scored from yes/no logits: vLLM needs hf_overrides, transformers the yes/no "
+            "scoring, both the instruction template",
     ),
     Preset("bge-reranker", r"bge-reranker", (ModelKind.rerank,), max_input_tokens=512,
            why="BGE rerankers are trained at 512 tokens"),
@@ -78,4 +79,6 @@ def apply_preset(model: ModelConfig) -> ModelConfig:
         update["query_template"] = p.query_template
     if p.document_template and model.document_template is None:
         update["document_template"] = p.document_template
+    if p.transformers_rerank_mode and model.engine is EngineKind.transformers and model.rerank_mode is None:
+        update["rerank_mode"] = p.transformers_rerank_mode
     return model.model_copy(update=update)

@@ -32,9 +32,13 @@ def test_qwen3_reranker_preset_fills_overrides_and_templates_but_config_wins():
     assert resolve(mine).models[0].query_template == "Q: {query}"
 
 
-def test_qwen3_reranker_on_transformers_is_refused_with_advice():
-    m = ModelConfig.model_validate({"name": "q", "kind": "rerank", "engine": "transformers", "source": "Qwen/Qwen3-Reranker-8B"})
-    assert any("must use engine 'vllm'" in p for p in check_model(m, pathlib.Path("/nowhere")))
+def test_qwen3_reranker_on_transformers_is_scored_from_yes_no_logits():
+    cfg = parse_app_config({"models": [{"name": "q", "kind": "rerank", "engine": "transformers", "source": "Qwen/Qwen3-Reranker-8B"}]})
+    m = resolve(cfg).models[0]
+    assert m.rerank_mode.value == "yes_no_logits" and "hf_overrides" not in m.engine_kwargs
+    assert check_model(m, pathlib.Path("/nowhere")) == []
+    wrong = ModelConfig.model_validate({**m.model_dump(mode="json"), "rerank_mode": "cross_encoder"})
+    assert any("need rerank_mode 'yes_no_logits'" in p for p in check_model(wrong, pathlib.Path("/nowhere")))
 
 
 def test_trained_length_presets():

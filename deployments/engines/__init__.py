@@ -69,5 +69,5 @@ def build_encoder(cfg, path: str) -> Encoder:  # cfg: serve_app.config.ModelConf
         return VLLMPoolingEncoder(cfg, path)
     from deployments.engines.transformers_encoder import TransformersEncoder
 
-    cross = cfg.kind is ModelKind.rerank and (cfg.rerank_mode or RerankMode.cross_encoder) is RerankMode.cross_encoder
-    return TransformersEncoder(cfg, path, cross_encoder=cross)
+    mode = (cfg.rerank_mode or RerankMode.cross_encoder) if cfg.kind is ModelKind.rerank else RerankMode.bi_encoder
+    return TransformersEncoder(cfg, path, mode=mode)

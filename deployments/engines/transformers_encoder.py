@@ -1,4 +1,5 @@
-"""transformers engine for encoders: cross-encoder scoring, or bi-encoder embeddings + cosine.
+"""transformers engine for encoders: cross-encoder scoring, bi-encoder embeddings + cosine, or a
+causal LM reranker scored from its "yes"/"no" logits (Qwen3-Reranker).
 
 Inputs are truncated by tokens to the model's limit (from the query side never: the document
 is cut), so a long document can never crash the model; callers get per-input flags.
@@ -13,23 +14,31 @@ from deployments.engines import Scored, TokenBudget
 
 
 class TransformersEncoder(TokenBudget):
-    def __init__(self, cfg, path: str, *, cross_encoder: bool) -> None:
+    def __init__(self, cfg, path: str, *, mode) -> None:  # mode: serve_app.config.RerankMode
         import torch
-        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         self._torch = torch
-        self.cross_encoder = cross_encoder
+        self.mode = mode.value
+        self.cross_encoder = self.mode != "bi_encoder"  # both pair scorers see query and document together
         kwargs = {"trust_remote_code": cfg.trust_remote_code, **cfg.engine_kwargs}
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        cls = AutoModelForSequenceClassification if cross_encoder else AutoModel
+        cls = {"cross_encoder": AutoModelForSequenceClassification, "bi_encoder": AutoModel,
+               "yes_no_logits": AutoModelForCausalLM}[self.mode]
         self.model = cls.from_pretrained(path, **kwargs).eval()
+        if self.mode == "yes_no_logits":
+            self._yes_no = [self.tokenizer.convert_tokens_to_ids(t) for t in ("no", "yes")]
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_input_tokens = _model_limit(self.model.config, path, cfg.max_input_tokens)
         self._pooling = _pooling_mode(path)
 
     # --- rerank ---
     def score_pairs(self, pairs: list[tuple[str, str]]) -> list[Scored]:
-        if not self.cross_encoder:
+        if self.mode == "bi_encoder":
             return self._cosine_pairs(pairs)
+        if self.mode == "yes_no_logits":
+            return self._yes_no_pairs(pairs)
         torch = self._torch
         queries, docs = [p[0] for p in pairs], [p[1] for p in pairs]
         full = self.tokenizer(queries, docs, truncation=False, add_special_tokens=True)["input_ids"]
@@ -44,6 +53,23 @@ class TransformersEncoder(TokenBudget):
             Scored(float(s), min(len(ids), self.max_input_tokens), len(ids) > self.max_input_tokens)
             for s, ids in zip(scores.tolist(), full)
         ]
+
+    def _yes_no_pairs(self, pairs: list[tuple[str, str]]) -> list[Scored]:
+        """P(yes) / (P(yes) + P(no)) at the last position of query + document (templates applied
+        by the replica), as vLLM's converted Qwen3ForSequenceClassification computes it."""
+        torch = self._torch
+        texts = [q + d for q, d in pairs]
+        full = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        keep = [ids[: self.max_input_tokens] for ids in full]  # the replica already fitted templated docs
+        width = max(len(ids) for ids in keep)
+        pad = self.tokenizer.pad_token_id
+        # Left padding: the last position is every row's last real token.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in keep])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in keep])
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, -1, :].float()
+        scores = torch.softmax(logits[:, self._yes_no], dim=-1)[:, 1]
+        return [Scored(float(s), len(k), len(f) > len(k)) for s, k, f in zip(scores.tolist(), keep, full)]
 
     def _cosine_pairs(self, pairs: list[tuple[str, str]]) -> list[Scored]:
         queries = list(dict.fromkeys(p[0] for p in pairs))

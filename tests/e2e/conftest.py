@@ -26,7 +26,7 @@ def default_args() -> dict:
     return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
 
 
-def tiny_args(llama: pathlib.Path, ce: pathlib.Path) -> dict:
+def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dict:
     return {
         "gateway": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}}},
         "models": [
@@ -45,6 +45,17 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path) -> dict:
             },
             {
                 "name": "tiny-ce-vllm", "kind": "rerank", "engine": "vllm", "source": str(ce),
+                "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+                "deployment": {"ray_actor_options": {"num_cpus": 1}},
+            },
+            # A Qwen3-Reranker-shaped causal LM: no rerank settings here, the preset supplies them
+            # (yes/no logits on transformers; hf_overrides conversion on vLLM; the template on both).
+            {
+                "name": "tiny-qwen3-hf", "kind": "rerank", "engine": "transformers", "source": str(qwen3),
+                "deployment": {"ray_actor_options": {"num_cpus": 0.5}},
+            },
+            {
+                "name": "tiny-qwen3-vllm", "kind": "rerank", "engine": "vllm", "source": str(qwen3),
                 "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
                 "deployment": {"ray_actor_options": {"num_cpus": 1}},
             },
@@ -85,10 +96,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> SimpleNamespace:
-    from tests.tiny_models import build_tiny_cross_encoder, build_tiny_llama
+    from tests.tiny_models import build_tiny_cross_encoder, build_tiny_llama, build_tiny_qwen3_reranker
 
     root = tmp_path_factory.mktemp("tiny-models")
-    return SimpleNamespace(llama=build_tiny_llama(root / "llama"), ce=build_tiny_cross_encoder(root / "ce"))
+    return SimpleNamespace(
+        llama=build_tiny_llama(root / "llama"), ce=build_tiny_cross_encoder(root / "ce"),
+        qwen3=build_tiny_qwen3_reranker(root / "tiny-qwen3-reranker"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +131,7 @@ def stack(tiny_models) -> SimpleNamespace:
 def all_apps(tiny_models: SimpleNamespace) -> dict[str, dict]:
     return {
         "default": default_args(),
-        "tiny": tiny_args(tiny_models.llama, tiny_models.ce),
+        "tiny": tiny_args(tiny_models.llama, tiny_models.ce, tiny_models.qwen3),
         "guarded": guarded_args(tiny_models.ce),
     }
 

@@ -47,6 +47,21 @@ def test_cross_encoder_scores_agree_across_engines(http):
         assert h[i] == pytest.approx(v[i], abs=1e-3)  # same weights, two engines
 
 
+def test_qwen3_reranker_conversion_agrees_across_engines(http):
+    """vLLM serves the causal LM only through the preset's hf_overrides conversion; transformers
+    scores it from the yes/no logits. Same weights, same template: the same scores."""
+    body = {"query": "capital of france", "documents": ["paris is the capital city", "green apple", "paris " * 600]}
+    hf = http.post("/v1/rerank", json={**body, "model": "tiny-qwen3-hf"})
+    vl = http.post("/v1/rerank", json={**body, "model": "tiny-qwen3-vllm"})
+    assert hf.status_code == 200 and vl.status_code == 200, (hf.text, vl.text)
+    by_index = lambda rs: {r["index"]: r["relevance_score"] for r in rs}  # noqa: E731
+    h, v = by_index(hf.json()["results"]), by_index(vl.json()["results"])
+    assert set(h) == {0, 1, 2} and len(set(h.values())) == 3
+    for i in h:
+        assert h[i] == pytest.approx(v[i], abs=2e-3)
+    assert hf.json()["truncated_documents"] == vl.json()["truncated_documents"] == 1
+
+
 def test_cross_encoder_truncates_over_long_pairs_on_both_engines(http):
     long_doc = "paris " * 500  # the tiny model has 64 positions
     for model in ("tiny-ce", "tiny-ce-vllm"):
