@@ -58,12 +58,21 @@ def deployment_name(model: ModelConfig) -> str:
 
 
 def model_deployment(model: ModelConfig) -> Deployment:
-    opts = _serve_options(model.deployment)
+    opts = _serve_options(model.deployment, model.batch_capacity)
     actor = opts["ray_actor_options"]
-    if model.tensor_parallel_size > 1 and actor.get("num_gpus"):
+    per_worker = actor.get("num_gpus", 0)
+    if model.pipeline_parallel_size > 1:
+        # Stages across nodes: vLLM's ray executor places its workers in this replica's
+        # placement group (PACK: as few nodes as fit). The replica itself holds no GPU.
+        workers = model.tensor_parallel_size * model.pipeline_parallel_size
+        opts["placement_group_bundles"] = [{"GPU": per_worker, "CPU": actor["num_cpus"]}] + [{"GPU": per_worker}] * (workers - 1)
+        opts["placement_group_strategy"] = "PACK"
+        actor.pop("num_gpus")
+    elif model.tensor_parallel_size > 1 and per_worker:
         # num_gpus is per TP worker; the replica holds them all, so they are on its node and
-        # vLLM's mp workers inherit CUDA_VISIBLE_DEVICES from it.
-        actor["num_gpus"] = actor["num_gpus"] * model.tensor_parallel_size
+        # vLLM's mp workers inherit CUDA_VISIBLE_DEVICES from it (a placement group would leave
+        # the replica itself without GPUs, and Serve cannot combine one with max_replicas_per_node).
+        actor["num_gpus"] = per_worker * model.tensor_parallel_size
     if model.engine_env:
         actor["runtime_env"] = {"env_vars": dict(model.engine_env)}
     if model.kind is not ModelKind.llm:
@@ -72,10 +81,10 @@ def model_deployment(model: ModelConfig) -> Deployment:
 
 
 def router_deployment(gateway: GatewayConfig) -> Deployment:
-    return serve.deployment(Ingress).options(name=ROUTER_NAME, **_serve_options(gateway.deployment))
+    return serve.deployment(Ingress).options(name=ROUTER_NAME, **_serve_options(gateway.deployment, 64))
 
 
-def _serve_options(d: DeploymentSettings) -> dict[str, Any]:
+def _serve_options(d: DeploymentSettings, batch_capacity: int) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": d.ray_actor_options.num_cpus}
     if d.ray_actor_options.num_gpus:
         actor["num_gpus"] = d.ray_actor_options.num_gpus
@@ -92,7 +101,11 @@ def _serve_options(d: DeploymentSettings) -> dict[str, Any]:
         "ray_actor_options": actor,
     }
     if d.autoscaling_config is not None:
-        opts["autoscaling_config"] = d.autoscaling_config.model_dump(exclude_none=True)
+        auto = d.autoscaling_config.model_dump(exclude_none=True)
+        # Scale out when replicas average half of what one batches at once: room for bursts
+        # without queueing behind a full batch.
+        auto.setdefault("target_ongoing_requests", max(1, min(batch_capacity, d.max_ongoing_requests) // 2))
+        opts["autoscaling_config"] = auto
     else:
         opts["num_replicas"] = d.num_replicas
     if d.max_replicas_per_node is not None:
@@ -103,14 +116,16 @@ def _serve_options(d: DeploymentSettings) -> dict[str, Any]:
 def describe(cfg: AppConfig) -> list[dict[str, Any]]:
     """What `build_from_config` would deploy, for `python -m serve_app check`."""
     cfg = resolve(cfg)
-    rows = [{"deployment": ROUTER_NAME, "serves": "HTTP ingress", **_brief(_serve_options(cfg.gateway.deployment))}]
+    rows = [{"deployment": ROUTER_NAME, "serves": "HTTP ingress", **_brief(_serve_options(cfg.gateway.deployment, 64))}]
     for m in cfg.models:
         d = model_deployment(m)
         rows.append({
             "deployment": d.name, "serves": f"{m.kind.value} '{m.name}' on {m.engine.value}",
             "source": m.resolved_source(cfg.gateway.models_path), "tp": m.tensor_parallel_size,
+            "pp": m.pipeline_parallel_size, "gpus_per_replica": m.gpus_per_replica,
             "preset": (p := find_preset(m)) and f"{p.name} ({p.why})",
-            **_brief({"ray_actor_options": d.ray_actor_options, "num_replicas": d.num_replicas,
+            **_brief({"ray_actor_options": {**d.ray_actor_options, "num_gpus": m.gpus_per_replica},
+                      "num_replicas": d.num_replicas,
                       "autoscaling_config": m.deployment.autoscaling_config and m.deployment.autoscaling_config.model_dump()}),
         })
     return rows

@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("check", help="validate a Serve config and print what would be deployed")
     p.add_argument("config")
+    fit = p.add_mutually_exclusive_group()
+    fit.add_argument("--gpus-per-node", type=float, help="also check that every replica fits nodes of this many GPUs")
+    fit.add_argument("--cluster", nargs="?", const="auto", metavar="ADDRESS",
+                     help="also check that every replica fits the running Ray cluster's nodes")
     p = sub.add_parser("prepare-models", help="build the prepared:NAME models a config uses")
     p.add_argument("config")
     p = sub.add_parser("up", help="start a local Ray head, deploy the config, wait until RUNNING")
@@ -40,9 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0)
     sub.add_parser("down", help="shut Serve down and stop the local Ray head")
     sub.add_parser("hash-key", help="read an API key on stdin, print the sha256 to put in api_keys")
+    p = sub.add_parser("kuberay", help="print a KubeRay RayService manifest generated from a Serve config")
+    p.add_argument("config")
+    p.add_argument("--name", default="llm-stack")
+    p.add_argument("--image", default="registry.example.com/rayserve-llm-stack:0.1.0-gpu")
+    p.add_argument("--gpus-per-worker", type=int, default=8)
+    p.add_argument("--max-workers", type=int, default=4)
     args = parser.parse_args(argv)
     try:
-        commands = {"check": cmd_check, "prepare-models": cmd_prepare, "up": cmd_up, "down": cmd_down, "hash-key": cmd_hash_key}
+        commands = {"check": cmd_check, "prepare-models": cmd_prepare, "up": cmd_up, "down": cmd_down,
+                    "hash-key": cmd_hash_key, "kuberay": cmd_kuberay}
         return commands[args.cmd](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -59,9 +70,10 @@ def _apps(path: str) -> list[tuple[str, AppConfig]]:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate, apply presets, check each model against its engine; exit 2 on any problem."""
     from serve_app.app import describe, resolve
-    from serve_app.compat import check_model
+    from serve_app.compat import check_fit, check_model
 
     problems = []
+    node_gpus = _node_gpus(args)
     for name, cfg in _apps(args.config):
         print(f"application '{name}': {len(cfg.models)} model(s)")
         for row in describe(cfg):
@@ -71,11 +83,37 @@ def cmd_check(args: argparse.Namespace) -> int:
             if row.get("preset"):
                 print(f"  {'':<36} preset: {row['preset']}")
         problems += [p for m in resolve(cfg).models for p in check_model(m, cfg.gateway.models_path)]
+        problems += check_fit(cfg.models, node_gpus)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if problems:
         return 2
     print("config OK")
+    return 0
+
+
+def _node_gpus(args: argparse.Namespace) -> list[float]:
+    if args.gpus_per_node is not None:
+        return [args.gpus_per_node]
+    if args.cluster:
+        import ray
+
+        os.environ.update(RAY_ENV)
+        ray.init(address=args.cluster, logging_level="ERROR", log_to_driver=False)
+        try:
+            return [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["Alive"]]
+        finally:
+            ray.shutdown()
+    return []
+
+
+def cmd_kuberay(args: argparse.Namespace) -> int:
+    from serve_app.kuberay import rayservice, render
+
+    _apps(args.config)  # validates first: a manifest is never generated from a broken config
+    manifest = rayservice(args.config, name=args.name, image=args.image,
+                          gpus_per_worker=args.gpus_per_worker, max_workers=args.max_workers)
+    sys.stdout.write(render(manifest, args.config))
     return 0
 
 

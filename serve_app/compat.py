@@ -64,3 +64,25 @@ def check_model(model: ModelConfig, models_dir: pathlib.Path) -> list[str]:
 
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+def check_fit(models: list[ModelConfig], node_gpus: list[float]) -> list[str]:
+    """Will each replica fit the cluster's nodes? A TP replica needs all its GPUs on one node;
+    a PP replica's workers may span nodes. Without this, Serve waits forever for resources."""
+    if not node_gpus:
+        return []
+    problems = []
+    largest, total = max(node_gpus), sum(node_gpus)
+    for m in models:
+        need = m.gpus_per_replica
+        if not need:
+            continue
+        if m.pipeline_parallel_size == 1 and need > largest:
+            problems.append(
+                f"{m.name}: one replica needs {need:g} GPUs on one node (tensor_parallel_size "
+                f"{m.tensor_parallel_size} x {m.deployment.ray_actor_options.num_gpus:g}), but the largest node has "
+                f"{largest:g}; lower tensor_parallel_size, or use pipeline_parallel_size to span nodes"
+            )
+        elif need > total:
+            problems.append(f"{m.name}: one replica needs {need:g} GPUs; the whole cluster has {total:g}")
+    return problems

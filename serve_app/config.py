@@ -49,9 +49,12 @@ class AutoscalingSettings(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
-    target_ongoing_requests: float = Field(2.0, gt=0)
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="default: half of what one replica batches (max_num_seqs / max_batch_size)"
+    )
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingSettings":
@@ -117,6 +120,7 @@ class ModelConfig(_Strict):
         None, ge=8, description="context limit; default: the model's own (max_model_len / max positions)"
     )
     tensor_parallel_size: int = Field(1, ge=1, le=64)
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="> 1: stages across nodes (GPU, vLLM ray executor)")
     rerank_mode: RerankMode | None = Field(None, description="rerank models on transformers only")
     query_template: str | None = Field(None, description="rerank: how the query is written, with {query}")
     document_template: str | None = Field(None, description="rerank: how a document is written, with {document}")
@@ -133,11 +137,11 @@ class ModelConfig(_Strict):
     @field_validator("engine_kwargs")
     @classmethod
     def _no_owned_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
-        owned = {"model", "tensor_parallel_size", "max_model_len", "trust_remote_code"} & v.keys()
+        owned = {"model", "tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "trust_remote_code"} & v.keys()
         if owned:
             raise ValueError(
                 f"{sorted(owned)} are set by the model's own fields "
-                "(source, tensor_parallel_size, max_input_tokens, trust_remote_code)"
+                "(source, tensor_parallel_size, pipeline_parallel_size, max_input_tokens, trust_remote_code)"
             )
         return v
 
@@ -159,6 +163,13 @@ class ModelConfig(_Strict):
             raise ValueError("document_template must contain {document}")
         if self.tensor_parallel_size > 1 and self.engine is not EngineKind.vllm:
             raise ValueError("tensor_parallel_size > 1 needs engine 'vllm'")
+        if self.pipeline_parallel_size > 1:
+            if self.kind is not ModelKind.llm:
+                raise ValueError("pipeline_parallel_size > 1 applies to llm models")
+            if not self.deployment.ray_actor_options.num_gpus:
+                raise ValueError("pipeline_parallel_size > 1 needs GPUs (deployment.ray_actor_options.num_gpus per worker)")
+            if self.deployment.max_replicas_per_node is not None:
+                raise ValueError("pipeline_parallel_size > 1 uses a placement group, which Serve cannot combine with max_replicas_per_node")
         if self.source.startswith(PREPARED_PREFIX):
             name = self.source[len(PREPARED_PREFIX):]
             if name not in PREPARED_MODELS:
@@ -168,6 +179,17 @@ class ModelConfig(_Strict):
     @property
     def batch(self) -> BatchSettings:
         return self.batching or BatchSettings()
+
+    @property
+    def gpus_per_replica(self) -> float:
+        return self.deployment.ray_actor_options.num_gpus * self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def batch_capacity(self) -> int:
+        """What one replica works on at once: vLLM's max_num_seqs, or the encoder's batch."""
+        if self.kind is ModelKind.llm:
+            return int(self.engine_kwargs.get("max_num_seqs") or self.deployment.max_ongoing_requests)
+        return self.batch.max_batch_size
 
     @property
     def capacity(self) -> int:
@@ -212,6 +234,9 @@ class GatewayConfig(_Strict):
     default_max_tokens: int = Field(256, ge=1, description="used when a request sets no max_tokens")
     request_timeout_s: float = Field(
         120.0, gt=0, description="deadline for a model's answer (first token when streaming) -> 504"
+    )
+    cold_start_timeout_s: float = Field(
+        120.0, gt=0, description="min_replicas 0 models: how long a request waits for a first replica -> 503"
     )
     max_documents: int = Field(10_000, ge=1, description="rerank documents per request -> 413 beyond")
     rerank_max_parallel_chunks: int = Field(

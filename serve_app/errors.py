@@ -72,6 +72,11 @@ class PayloadTooLarge(ApiError):
 class ServiceUnavailable(ApiError):
     status, type, code = 503, "service_unavailable", "model_unavailable"
 
+    def __init__(self, message: str, param: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, param)
+        self.args = (message, param, retry_after)
+        self.retry_after = retry_after
+
 
 class GatewayTimeout(ApiError):
     status, type, code = 504, "timeout_error", "deadline_exceeded"

@@ -27,7 +27,8 @@ from serve_app.api import openai, rerank
 from deployments.engines.vllm_generate import HONOURED_PARAMS as VLLM_PARAMS
 from serve_app.config import EngineKind, GatewayConfig, ModelConfig, ModelKind
 from serve_app.errors import (
-    ApiError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge, UnsupportedParameter, from_exception,
+    ApiError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge, ServiceUnavailable,
+    UnsupportedParameter, from_exception,
 )
 from serve_app.fanout import plan_chunks
 from serve_app.replica_calls import gather_all, with_deadline
@@ -50,6 +51,7 @@ class Router:
         self.handles = handles
         self.admission = Admission(gateway.all_api_keys())
         self.started = int(time.time())
+        self._warm_until: dict[str, float] = {}  # scale-to-zero models: known to have a replica until then
 
     def __serve_build_asgi_app__(self) -> Starlette:
         """Called by `@serve.ingress()` on each replica after __init__: the route table."""
@@ -105,6 +107,7 @@ class Router:
     async def chat_completions(self, request: Request) -> Response:
         body = await parse_body(request, openai.ChatCompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_CHAT_PARAMS)
         handle = self._handle(body.model, ModelKind.llm, body.engine_params())
+        await self._ensure_replica(body.model)
         max_tokens = body.effective_max_tokens()
         self._admit(request, estimate_tokens(*(m.text() for m in body.messages)) + (max_tokens or self.gateway.default_max_tokens))
         rid = request_id(request)
@@ -123,6 +126,7 @@ class Router:
     async def completions(self, request: Request) -> Response:
         body = await parse_body(request, openai.CompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_COMPLETION_PARAMS)
         handle = self._handle(body.model, ModelKind.llm, body.engine_params())
+        await self._ensure_replica(body.model)
         self._admit(request, estimate_tokens(body.prompt) + (body.max_tokens or self.gateway.default_max_tokens))
         rid = request_id(request)
         gen = GenerateRequest(rid, _sampling(body, body.effective_max_tokens()), prompt=body.prompt)
@@ -166,6 +170,7 @@ class Router:
     async def embeddings(self, request: Request) -> Response:
         body = await parse_body(request, openai.EmbeddingRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_EMBEDDING_PARAMS)
         handle = self._handle(body.model, ModelKind.embed)
+        await self._ensure_replica(body.model)
         self._admit(request, estimate_tokens(*body.input))
         result = await self._call(handle.embed.remote(EmbedRequest(request_id(request), body.input)))
         return json_response(openai.embedding_list(body.model, result.vectors, body.encoding_format, result.prompt_tokens), result.replica)
@@ -184,6 +189,7 @@ class Router:
         if len(q.documents) > self.gateway.max_documents:
             raise PayloadTooLarge(f"{len(q.documents)} documents exceed the limit of {self.gateway.max_documents} per request", "documents")
         self._admit(request, estimate_tokens(*q.documents) + estimate_tokens(q.query) * len(q.documents))
+        await self._ensure_replica(q.model)
         rid = request_id(request)
         model = self.models[q.model]
         # Every chunk is one call in the model's Serve queue: never more than its replicas run at once.
@@ -203,6 +209,25 @@ class Router:
         return response
 
     # --- helpers ---
+    async def _ensure_replica(self, name: str) -> None:
+        """A model scaled to zero gets a bounded wait for its first replica, then a clear 503,
+        instead of a request hanging until the general deadline."""
+        model = self.models[name]
+        auto = model.deployment.autoscaling_config
+        if auto is None or auto.min_replicas > 0 or time.monotonic() < self._warm_until.get(name, 0.0):
+            return
+        probe = self.handles[name].card.remote()  # queued at the handle, it also triggers the upscale
+        try:
+            await asyncio.wait_for(_await(probe), self.gateway.cold_start_timeout_s)
+        except asyncio.TimeoutError:
+            probe.cancel()
+            raise ServiceUnavailable(
+                f"model '{name}' is scaled to zero and its first replica did not start within "
+                f"{self.gateway.cold_start_timeout_s:g}s; retry shortly", retry_after=10,
+            ) from None
+        # Serve keeps the replica at least for the downscale delay after traffic stops.
+        self._warm_until[name] = time.monotonic() + auto.downscale_delay_s
+
     def _handle(self, name: str, kind: ModelKind, params: set[str] = frozenset()) -> DeploymentHandle:
         model = self.models.get(name)
         if model is None:
@@ -266,6 +291,10 @@ def _sampling(body: openai.SamplingFields, max_tokens: int | None) -> SamplingOp
 
 def _principal(request: Request) -> Principal | None:
     return request.scope.get("state", {}).get("principal")
+
+
+async def _await(response: Any) -> Any:
+    return await response
 
 
 async def _chain(first: GenerationDelta, rest: AsyncIterator[GenerationDelta]) -> AsyncIterator[GenerationDelta]:

@@ -30,13 +30,17 @@ class VLLMGenerator:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs: dict[str, Any] = {"enforce_eager": True, **cfg.engine_kwargs}
-        if cfg.tensor_parallel_size > 1:
+        if cfg.pipeline_parallel_size > 1:
+            # Across nodes: vLLM's ray executor fills the replica's placement group (serve_app/app.py).
+            kwargs.setdefault("distributed_executor_backend", "ray")
+        elif cfg.tensor_parallel_size > 1:
             # One node, workers forked by the replica inside the GPUs it holds (see docs/ARCHITECTURE.md).
             kwargs.setdefault("distributed_executor_backend", "mp")
         if cfg.max_input_tokens:
             kwargs["max_model_len"] = cfg.max_input_tokens
         args = AsyncEngineArgs(
             model=path, tokenizer=path, tensor_parallel_size=cfg.tensor_parallel_size,
+            pipeline_parallel_size=cfg.pipeline_parallel_size,
             trust_remote_code=cfg.trust_remote_code, **kwargs,
         )
         self.engine = AsyncLLM.from_engine_args(args)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Bare metal: start the Ray head on this machine. Run from the repository after `make install`
+# (or `PROFILE=gpu bash scripts/install.sh`). HEAD_IP: the address workers reach (private network).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${HEAD_IP:?set HEAD_IP to the private address of this machine}"
+export RAY_USAGE_STATS_ENABLED=0
+# GCS (6379) binds HEAD_IP for the workers; the dashboard (8265) stays on loopback: reach it with
+# `ssh -L 8265:127.0.0.1:8265 head`. Firewall: 6379 and Ray's node ports from workers only.
+.venv/bin/ray start --head --node-ip-address="$HEAD_IP" --port=6379 \
+  --dashboard-host=127.0.0.1 --num-cpus="${HEAD_CPUS:-0}" --disable-usage-stats
+echo "head up; on each worker: HEAD_IP=$HEAD_IP cluster/join-worker.sh; then: .venv/bin/serve deploy CONFIG"
