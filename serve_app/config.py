@@ -92,6 +92,14 @@ class DeploymentSettings(_Strict):
         return self
 
 
+class HealthSettings(_Strict):
+    """Deep health checks: Serve calls `check_health` every `health_check_period_s`."""
+
+    probe_timeout_s: float = Field(10.0, gt=0, description="budget of the tiny real probe through the engine")
+    fresh_s: float = Field(30.0, ge=0, description="a request completed this recently counts as a passed probe")
+    stall_after_s: float = Field(60.0, gt=0, description="requests in flight but no progress this long -> unhealthy")
+
+
 class BatchSettings(_Strict):
     """`@serve.batch` knobs; retunable in place through the deployment's user_config."""
 
@@ -133,6 +141,13 @@ class ModelConfig(_Strict):
     )
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
     batching: BatchSettings | None = None
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    fallbacks: list[str] = Field(
+        default_factory=list, description="models (same kind) tried in order when this one is unavailable or full"
+    )
+    context_window_fallbacks: list[str] = Field(
+        default_factory=list, description="llm models tried when the input is too long for this one"
+    )
 
     @field_validator("engine_kwargs")
     @classmethod
@@ -242,6 +257,10 @@ class GatewayConfig(_Strict):
     rerank_max_parallel_chunks: int = Field(
         8, ge=1, le=256, description="a long rerank list is split into at most this many concurrent calls"
     )
+    retry_attempts: int = Field(3, ge=1, le=10, description="tries per model when a replica dies mid-request")
+    retry_backoff_s: float = Field(0.1, ge=0, description="first backoff; doubles per retry")
+    breaker_failures: int = Field(5, ge=1, description="consecutive failures that open a model's circuit")
+    breaker_cooldown_s: float = Field(15.0, gt=0, description="how long an open circuit refuses before a trial")
     api_keys: list[ApiKeyConfig] = Field(default_factory=list, description="empty: no authentication")
     api_keys_env: str | None = Field(
         None, description="env var with more keys as 'name=key[:admin],...' (hashed at start-up)"
@@ -280,6 +299,17 @@ class AppConfig(_Strict):
             if m.name in seen:
                 raise ValueError(f"duplicate model name {m.name!r}")
             seen.add(m.name)
+        by_name = {m.name: m for m in v}
+        for m in v:
+            for field in ("fallbacks", "context_window_fallbacks"):
+                for target in getattr(m, field):
+                    other = by_name.get(target)
+                    if other is None or other is m:
+                        raise ValueError(f"{m.name}.{field}: {target!r} is not another model of this app")
+                    if other.kind is not m.kind:
+                        raise ValueError(f"{m.name}.{field}: {target!r} is a {other.kind.value} model, not {m.kind.value}")
+            if m.context_window_fallbacks and m.kind is not ModelKind.llm:
+                raise ValueError(f"{m.name}.context_window_fallbacks: applies to llm models only")
         return v
 
     def model(self, name: str) -> ModelConfig:

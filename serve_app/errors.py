@@ -78,6 +78,24 @@ class ServiceUnavailable(ApiError):
         self.retry_after = retry_after
 
 
+class Overloaded(ServiceUnavailable):
+    """The model's bounded queue is full: try a fallback, do not retry the same model."""
+
+    code = "model_overloaded"
+
+
+class ReplicaFailed(ServiceUnavailable):
+    """The replica died or vanished mid-request: safe to retry on another replica."""
+
+    code = "replica_failed"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The input does not fit this model's context: a context-window fallback may take it."""
+
+    code = "context_length_exceeded"
+
+
 class GatewayTimeout(ApiError):
     status, type, code = 504, "timeout_error", "deadline_exceeded"
 
@@ -97,7 +115,8 @@ def from_exception(exc: BaseException) -> ApiError:
         return cause
     name = type(exc).__name__
     if name in {"BackPressureError", "DeploymentUnavailableError"}:
-        return ServiceUnavailable("the model's queue is full; retry later")
-    if name in {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError"}:
-        return ServiceUnavailable("the replica serving this request died; retry")
+        return Overloaded("the model's queue is full; retry later")
+    if name in {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError",
+                "NodeDiedError", "OwnerDiedError", "ObjectLostError"}:
+        return ReplicaFailed("the replica serving this request died; retry")
     return EngineFailure(f"internal error ({name}); see the server logs with this request id")

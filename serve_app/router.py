@@ -8,12 +8,13 @@ replicas of it are cheap.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -32,6 +33,7 @@ from serve_app.errors import (
 )
 from serve_app.fanout import plan_chunks
 from serve_app.replica_calls import gather_all, with_deadline
+from serve_app.resilience import Dispatcher, call_replica
 from serve_app.http import json_response, parse_body, request_id, sse_response
 from serve_app.middleware import AuthMiddleware, ErrorMiddleware, RequestIdMiddleware
 
@@ -52,6 +54,8 @@ class Router:
         self.admission = Admission(gateway.all_api_keys())
         self.started = int(time.time())
         self._warm_until: dict[str, float] = {}  # scale-to-zero models: known to have a replica until then
+        self.events: dict[tuple[str, str], int] = {}
+        self.dispatch = Dispatcher(gateway, self.models, handles, self._ensure_replica, self._event)
 
     def __serve_build_asgi_app__(self) -> Starlette:
         """Called by `@serve.ingress()` on each replica after __init__: the route table."""
@@ -106,47 +110,50 @@ class Router:
     # --- generation ---
     async def chat_completions(self, request: Request) -> Response:
         body = await parse_body(request, openai.ChatCompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_CHAT_PARAMS)
-        handle = self._handle(body.model, ModelKind.llm, body.engine_params())
-        await self._ensure_replica(body.model)
+        self._check_model(body.model, ModelKind.llm, body.engine_params())
         max_tokens = body.effective_max_tokens()
         self._admit(request, estimate_tokens(*(m.text() for m in body.messages)) + (max_tokens or self.gateway.default_max_tokens))
         rid = request_id(request)
         gen = GenerateRequest(rid, _sampling(body, max_tokens), messages=tuple((m.role, m.text()) for m in body.messages))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(handle, gen, include_usage, _chat_chunks(rid, body.model))
-        result = await self._call(handle.generate.remote(gen))
+            return await self._stream(body.model, gen, include_usage, _chat_chunks)
+        served, result = await self.dispatch.run(body.model, lambda h, left: call_replica(h.generate.remote(gen), left))
         choices = [
             {"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}
             for c in result.choices
         ]
         use = openai.usage(result.prompt_tokens, result.completion_tokens)
-        return json_response(openai.chat_completion(rid, body.model, choices, use), result.replica)
+        return json_response(openai.chat_completion(rid, served, choices, use), result.replica)
 
     async def completions(self, request: Request) -> Response:
         body = await parse_body(request, openai.CompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_COMPLETION_PARAMS)
-        handle = self._handle(body.model, ModelKind.llm, body.engine_params())
-        await self._ensure_replica(body.model)
+        self._check_model(body.model, ModelKind.llm, body.engine_params())
         self._admit(request, estimate_tokens(body.prompt) + (body.max_tokens or self.gateway.default_max_tokens))
         rid = request_id(request)
         gen = GenerateRequest(rid, _sampling(body, body.effective_max_tokens()), prompt=body.prompt)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(handle, gen, include_usage, _completion_chunks(rid, body.model))
-        result = await self._call(handle.generate.remote(gen))
+            return await self._stream(body.model, gen, include_usage, _completion_chunks)
+        served, result = await self.dispatch.run(body.model, lambda h, left: call_replica(h.generate.remote(gen), left))
         choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None} for c in result.choices]
         use = openai.usage(result.prompt_tokens, result.completion_tokens)
-        return json_response(openai.text_completion(rid, body.model, choices, use), result.replica)
+        return json_response(openai.text_completion(rid, served, choices, use), result.replica)
 
-    async def _stream(self, handle: DeploymentHandle, gen: GenerateRequest, include_usage: bool, shape: "_ChunkShaper") -> Response:
-        """SSE stream. The first delta is awaited (within the deadline) before answering, so errors
-        found before any token get a real 4xx/5xx status, not an SSE event."""
-        stream = handle.options(stream=True).generate_stream.remote(gen)
-        try:
-            first: GenerationDelta = await with_deadline(stream.__anext__(), self.gateway.request_timeout_s)
-        except BaseException:
-            stream.cancel()
-            raise
+    async def _stream(self, model: str, gen: GenerateRequest, include_usage: bool, shaper: Callable[[str, str], "_ChunkShaper"]) -> Response:
+        """SSE stream. The first delta is awaited before answering, with retries and fallbacks, so
+        failures before any token get a real status code; later ones end the stream in-band."""
+
+        async def open_stream(handle: DeploymentHandle, left: float) -> tuple[Any, GenerationDelta]:
+            stream = handle.options(stream=True).generate_stream.remote(gen)
+            try:
+                return stream, await with_deadline(stream.__anext__(), left)
+            except BaseException:
+                stream.cancel()
+                raise
+
+        served, (stream, first) = await self.dispatch.run(model, open_stream)
+        shape = shaper(gen.request_id, served)
 
         async def events() -> AsyncIterator[Any]:
             last = first
@@ -169,11 +176,11 @@ class Router:
     # --- embeddings and rerank ---
     async def embeddings(self, request: Request) -> Response:
         body = await parse_body(request, openai.EmbeddingRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_EMBEDDING_PARAMS)
-        handle = self._handle(body.model, ModelKind.embed)
-        await self._ensure_replica(body.model)
+        self._check_model(body.model, ModelKind.embed)
         self._admit(request, estimate_tokens(*body.input))
-        result = await self._call(handle.embed.remote(EmbedRequest(request_id(request), body.input)))
-        return json_response(openai.embedding_list(body.model, result.vectors, body.encoding_format, result.prompt_tokens), result.replica)
+        req = EmbedRequest(request_id(request), body.input)
+        served, result = await self.dispatch.run(body.model, lambda h, left: call_replica(h.embed.remote(req), left))
+        return json_response(openai.embedding_list(served, result.vectors, body.encoding_format, result.prompt_tokens), result.replica)
 
     async def rerank_jina(self, request: Request) -> Response:
         body = await parse_body(request, rerank.JinaRerankRequest, self.gateway.max_body_bytes)
@@ -185,21 +192,24 @@ class Router:
 
     async def _rerank(self, request: Request, q: rerank.RerankQuery, shape: Callable[..., dict[str, Any]]) -> Response:
         """Long lists are split into chunks served concurrently by every replica, then merged."""
-        handle = self._handle(q.model, ModelKind.rerank)
+        self._check_model(q.model, ModelKind.rerank)
         if len(q.documents) > self.gateway.max_documents:
             raise PayloadTooLarge(f"{len(q.documents)} documents exceed the limit of {self.gateway.max_documents} per request", "documents")
         self._admit(request, estimate_tokens(*q.documents) + estimate_tokens(q.query) * len(q.documents))
-        await self._ensure_replica(q.model)
         rid = request_id(request)
         model = self.models[q.model]
         # Every chunk is one call in the model's Serve queue: never more than its replicas run at once.
         max_chunks = min(self.gateway.rerank_max_parallel_chunks, model.capacity)
         chunks = plan_chunks(len(q.documents), model.batch.max_batch_size, max_chunks)
-        calls = [
-            handle.rerank.remote(RerankRequest(rid, q.query, q.documents[a:b], q.truncate, q.max_tokens_per_doc, offset=a))
-            for a, b in chunks
+        # Each chunk retries and falls back on its own; one failing for good cancels the others.
+        chunk_calls = [
+            asyncio.ensure_future(self.dispatch.run(q.model, lambda h, left, r=req: call_replica(h.rerank.remote(r), left)))
+            for req in (RerankRequest(rid, q.query, q.documents[a:b], q.truncate, q.max_tokens_per_doc, offset=a)
+                        for a, b in chunks)
         ]
-        results = await with_deadline(gather_all(calls), self.gateway.request_timeout_s, lambda: [c.cancel() for c in calls])
+        answers = await gather_all(chunk_calls)
+        results = [r for _, r in answers]
+        q = dataclasses.replace(q, model=answers[0][0])
         scores = [s for r in results for s in r.scores]
         truncated = sum(r.truncated_documents for r in results)
         out = shape(rid, q, scores, sum(r.prompt_tokens for r in results), truncated)
@@ -209,7 +219,7 @@ class Router:
         return response
 
     # --- helpers ---
-    async def _ensure_replica(self, name: str) -> None:
+    async def _ensure_replica(self, name: str, seconds_left: float) -> None:
         """A model scaled to zero gets a bounded wait for its first replica, then a clear 503,
         instead of a request hanging until the general deadline."""
         model = self.models[name]
@@ -218,7 +228,7 @@ class Router:
             return
         probe = self.handles[name].card.remote()  # queued at the handle, it also triggers the upscale
         try:
-            await asyncio.wait_for(_await(probe), self.gateway.cold_start_timeout_s)
+            await asyncio.wait_for(_await(probe), min(self.gateway.cold_start_timeout_s, seconds_left))
         except asyncio.TimeoutError:
             probe.cancel()
             raise ServiceUnavailable(
@@ -228,7 +238,7 @@ class Router:
         # Serve keeps the replica at least for the downscale delay after traffic stops.
         self._warm_until[name] = time.monotonic() + auto.downscale_delay_s
 
-    def _handle(self, name: str, kind: ModelKind, params: set[str] = frozenset()) -> DeploymentHandle:
+    def _check_model(self, name: str, kind: ModelKind, params: set[str] = frozenset()) -> None:
         model = self.models.get(name)
         if model is None:
             raise ModelNotFound(f"model '{name}' does not exist; GET /v1/models lists the served models", "model")
@@ -239,18 +249,12 @@ class Router:
             raise UnsupportedParameter(
                 f"parameter '{ignored[0]}' is not honoured by engine '{model.engine.value}' of model '{name}'", ignored[0]
             )
-        return self.handles[name]
 
     def _admit(self, request: Request, tokens: int) -> None:
         self.admission.admit(_principal(request), tokens)
 
-    async def _call(self, response: DeploymentResponse) -> Any:
-        """Await a replica call within the deadline; if the client goes away, cancel the work."""
-        try:
-            return await with_deadline(response, self.gateway.request_timeout_s, response.cancel)
-        except asyncio.CancelledError:
-            response.cancel()
-            raise
+    def _event(self, event: str, model: str) -> None:
+        self.events[(event, model)] = self.events.get((event, model), 0) + 1
 
 
 Ingress = serve.ingress()(Router)

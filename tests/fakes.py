@@ -45,8 +45,10 @@ class _Stream:
 class FakeModel:
     """Echo model: answers with words of the prompt, scores by word overlap."""
 
-    def __init__(self, name: str, kind: str, *, fail: Exception | None = None, delay: float = 0.0) -> None:
+    def __init__(self, name: str, kind: str, *, fail: Exception | None = None, delay: float = 0.0,
+                 fail_times: int | None = None) -> None:
         self.name, self.kind, self.fail, self.delay = name, kind, fail, delay
+        self.fail_times = fail_times  # None: `fail` every time; N: only the first N calls
         self.replica = ReplicaInfo(name, "fake-replica", "fake-node", "127.0.0.1")
         self.calls: list[tuple[str, Any]] = []
         self.streams: list[_Stream] = []
@@ -54,7 +56,7 @@ class FakeModel:
         self._stream = False
 
     def options(self, stream: bool = False, **_: Any) -> "FakeModel":
-        clone = FakeModel.__new__(FakeModel)
+        clone = type(self).__new__(type(self))
         clone.__dict__.update(self.__dict__)
         clone._stream = stream
         return clone
@@ -79,7 +81,9 @@ class FakeModel:
     async def _check(self) -> None:
         if self.delay:
             await asyncio.sleep(self.delay)
-        if self.fail is not None:
+        if self.fail is not None and (self.fail_times is None or self.fail_times > 0):
+            if self.fail_times is not None:
+                self.fail_times -= 1
             raise self.fail
 
     async def _do_card(self) -> ModelCard:

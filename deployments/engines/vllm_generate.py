@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.protocol import Choice, SamplingOptions
-from serve_app.errors import InvalidRequest
+from serve_app.errors import ContextLengthExceeded, InvalidRequest
 
 
 # The OpenAI request parameters this engine honours; the router rejects any other by name
@@ -66,14 +66,14 @@ class VLLMGenerator:
         """Fit the request in the context window, or say exactly why it cannot fit."""
         room = self.max_model_len - prompt_len
         if room < 1:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len}",
                 "messages",
             )
         if requested is None:
             return min(default, room)
         if requested > room:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"prompt ({prompt_len} tokens) + max_tokens ({requested}) exceeds this model's "
                 f"context of {self.max_model_len} tokens",
                 "max_tokens",

@@ -1,0 +1,137 @@
+"""Retries, fallbacks and the circuit breaker, against fake handles."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.testclient import TestClient
+
+from serve_app.config import parse_app_config
+from serve_app.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, Overloaded, ReplicaFailed
+from serve_app.resilience import CircuitBreaker
+from serve_app.router import Router
+from tests.fakes import FakeModel
+from tests.test_router_unit import assert_error
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+
+
+def client(primary: FakeModel, *, backup: FakeModel | None = None, big: FakeModel | None = None, **gateway):
+    models = [
+        {"name": "chat", "kind": "llm", "engine": "vllm", "source": "org/chat", "fallbacks": ["backup"],
+         "context_window_fallbacks": ["big"]},
+        {"name": "backup", "kind": "llm", "engine": "vllm", "source": "org/backup"},
+        {"name": "big", "kind": "llm", "engine": "vllm", "source": "org/big"},
+    ]
+    cfg = parse_app_config({"gateway": {"retry_backoff_s": 0, **gateway}, "models": models})
+    handles = {"chat": primary, "backup": backup or FakeModel("backup", "llm"), "big": big or FakeModel("big", "llm")}
+    router = Router(cfg.gateway, cfg.models, handles)
+    return TestClient(router.__serve_build_asgi_app__(), raise_server_exceptions=False), router
+
+
+def test_breaker_opens_after_n_failures_then_admits_one_trial():
+    now = [0.0]
+    b = CircuitBreaker(failures=2, cooldown_s=10, clock=lambda: now[0])
+    b.failure("x")
+    assert b.state == "closed" and b.allow()
+    b.failure("y")
+    assert b.state == "open" and not b.allow()
+    now[0] = 11
+    assert b.state == "half_open" and b.allow() and not b.allow()  # exactly one trial
+    b.failure("z")
+    assert b.state == "open"
+    now[0] = 22
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and b.snapshot()["consecutive_failures"] == 0
+
+
+def test_a_dead_replica_is_retried_and_the_client_never_sees_it():
+    primary = FakeModel("chat", "llm", fail=ReplicaFailed("died"), fail_times=2)
+    c, router = client(primary)
+    r = c.post("/v1/chat/completions", json={"model": "chat", **CHAT})
+    assert r.status_code == 200 and r.json()["model"] == "chat"
+    assert [n for n, _ in primary.calls].count("generate") == 3
+    assert router.events[("retry", "chat")] == 2
+
+
+def test_full_queue_falls_back_at_once_and_says_who_answered():
+    primary = FakeModel("chat", "llm", fail=Overloaded("full"))
+    c, router = client(primary)
+    r = c.post("/v1/chat/completions", json={"model": "chat", **CHAT})
+    assert r.status_code == 200 and r.json()["model"] == "backup"
+    assert r.headers["x-served-model"] == "backup"
+    assert [n for n, _ in primary.calls].count("generate") == 1  # no retry into a full queue
+    assert router.dispatch.breakers["chat"].state == "closed"  # load is not sickness
+
+
+def test_too_long_input_goes_to_the_context_window_fallback():
+    primary = FakeModel("chat", "llm", fail=ContextLengthExceeded("prompt 9000 > 4096", "messages"))
+    c, _ = client(primary)
+    r = c.post("/v1/chat/completions", json={"model": "chat", **CHAT})
+    assert r.status_code == 200 and r.json()["model"] == "big"
+
+
+def test_client_mistakes_are_final_and_do_not_trip_the_circuit():
+    primary = FakeModel("chat", "llm", fail=InvalidRequest("bad", "messages"))
+    c, router = client(primary)
+    for _ in range(10):
+        assert_error(c.post("/v1/chat/completions", json={"model": "chat", **CHAT}), 400)
+    assert [n for n, _ in primary.calls].count("generate") == 10
+    assert router.dispatch.breakers["chat"].state == "closed"
+
+
+def test_repeated_engine_failures_open_the_circuit_and_traffic_moves_to_the_fallback():
+    primary = FakeModel("chat", "llm", fail=EngineFailure("boom"))
+    c, router = client(primary, breaker_failures=3, breaker_cooldown_s=60)
+    for _ in range(6):
+        r = c.post("/v1/chat/completions", json={"model": "chat", **CHAT})
+        assert r.status_code == 200 and r.json()["model"] == "backup"
+    assert [n for n, _ in primary.calls].count("generate") == 3  # then the circuit kept traffic away
+    snap = router.dispatch.breakers["chat"].snapshot()
+    assert snap["state"] == "open" and snap["last_error"] == "boom"
+
+
+def test_everything_down_is_a_clear_503():
+    c, _ = client(FakeModel("chat", "llm", fail=Overloaded("full")), backup=FakeModel("backup", "llm", fail=Overloaded("full")))
+    r = c.post("/v1/chat/completions", json={"model": "chat", **CHAT})
+    assert_error(r, 503)
+    assert r.json()["error"]["code"] == "model_overloaded"
+
+
+def test_stream_retries_before_the_first_token():
+    primary = FakeModel("chat", "llm", fail=ReplicaFailed("died"), fail_times=1)
+    c, _ = client(primary)
+    r = c.post("/v1/chat/completions", json={"model": "chat", "stream": True, **CHAT})
+    assert r.status_code == 200
+    chunks = [json.loads(line[6:]) for line in r.text.split("\n") if line.startswith("data: {")]
+    assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]) == "hello"
+
+
+def test_stream_failing_mid_way_ends_with_an_error_event_carrying_the_request_id():
+    class DiesMidStream(FakeModel):
+        async def _do_generate_stream(self, req):
+            from deployments.protocol import Choice, GenerationDelta
+
+            yield GenerationDelta([Choice(0, "partial ", None)], 3, 1, self.replica)
+            raise ReplicaFailed("died mid-stream")
+
+    c, _ = client(DiesMidStream("chat", "llm"))
+    r = c.post("/v1/chat/completions", json={"model": "chat", "stream": True, **CHAT}, headers={"x-request-id": "rid-77"})
+    events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["request_id"] == "rid-77" and err["code"] == "replica_failed"
+
+
+def test_fallbacks_must_be_models_of_the_same_kind():
+    import pytest
+
+    from serve_app.config import ConfigError
+
+    with pytest.raises(ConfigError, match="is a rerank model"):
+        parse_app_config({"models": [
+            {"name": "a", "kind": "llm", "engine": "vllm", "source": "o/a", "fallbacks": ["r"]},
+            {"name": "r", "kind": "rerank", "engine": "transformers", "source": "o/r"}]})
+    with pytest.raises(ConfigError, match="not another model"):
+        parse_app_config({"models": [{"name": "a", "kind": "llm", "engine": "vllm", "source": "o/a", "fallbacks": ["a"]}]})
