@@ -19,3 +19,6 @@ class EmbedderServer(EncoderServer):
 
     def _forward(self, texts: list[str]) -> list[Scored]:
         return self.engine.embed(texts)
+
+    def _probe_item(self) -> str:
+        return "ping"

@@ -56,3 +56,6 @@ class RerankerServer(EncoderServer):
 
     def _forward(self, pairs: list[tuple[str, str]]) -> list[Scored]:
         return self.engine.score_pairs(pairs)
+
+    def _probe_item(self) -> tuple[str, str]:
+        return ("ping", "pong")

@@ -6,7 +6,6 @@ plus the router, which receives their handles. Deployment classes never see YAML
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from ray import serve
@@ -53,10 +52,6 @@ def resolve(cfg: AppConfig) -> AppConfig:
     return cfg.model_copy(update={"models": [apply_preset(m) for m in cfg.models]})
 
 
-def deployment_name(model: ModelConfig) -> str:
-    return f"{model.kind.value}-{re.sub(r'[^A-Za-z0-9_-]', '_', model.name)}"
-
-
 def model_deployment(model: ModelConfig) -> Deployment:
     opts = _serve_options(model.deployment, model.batch_capacity)
     actor = opts["ray_actor_options"]
@@ -77,7 +72,7 @@ def model_deployment(model: ModelConfig) -> Deployment:
         actor["runtime_env"] = {"env_vars": dict(model.engine_env)}
     if model.kind is not ModelKind.llm:
         opts["user_config"] = model.batch.model_dump()
-    return serve.deployment(_REPLICA_CLASS[model.kind]).options(name=deployment_name(model), **opts)
+    return serve.deployment(_REPLICA_CLASS[model.kind]).options(name=model.deployment_name, **opts)
 
 
 def router_deployment(gateway: GatewayConfig) -> Deployment:

@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0)
     sub.add_parser("down", help="shut Serve down and stop the local Ray head")
     sub.add_parser("hash-key", help="read an API key on stdin, print the sha256 to put in api_keys")
+    p = sub.add_parser("status", help="print every model and replica: health, node, circuit, autoscaling")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--key-env", default="SERVE_APP_ADMIN_KEY", help="env var holding an admin API key, if keys are on")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("kuberay", help="print a KubeRay RayService manifest generated from a Serve config")
     p.add_argument("config")
     p.add_argument("--name", default="llm-stack")
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"check": cmd_check, "prepare-models": cmd_prepare, "up": cmd_up, "down": cmd_down,
-                    "hash-key": cmd_hash_key, "kuberay": cmd_kuberay}
+                    "hash-key": cmd_hash_key, "kuberay": cmd_kuberay, "status": cmd_status}
         return commands[args.cmd](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -105,6 +109,54 @@ def _node_gpus(args: argparse.Namespace) -> list[float]:
         finally:
             ray.shutdown()
     return []
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    headers = {"x-request-id": f"cli-status-{int(time.time())}"}
+    key = os.environ.get(args.key_env)
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(f"{args.url.rstrip('/')}/v1/status", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            view = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        print(f"error: {e.code} {e.read().decode(errors='replace')[:300]}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(view, indent=2) if args.json else render_status(view))
+    return 0
+
+
+def render_status(view: dict) -> str:
+    """The status view as a table a person reads at 3 a.m.: sick things say why and where."""
+    lines = [f"application {view.get('app')}"]
+    for name, m in view.get("models", {}).items():
+        circuit = m.get("circuit") or {}
+        states = ", ".join(f"{k}={v}" for k, v in (m.get("replica_states") or {}).items()) or "-"
+        auto = m.get("autoscaling") or {}
+        scale = (f"autoscale {auto.get('min_replicas')}..{auto.get('max_replicas')} target {auto.get('target_ongoing_requests')}"
+                 if "max_replicas" in auto else f"replicas {auto.get('num_replicas')}")
+        events = ", ".join(f"{k}={v}" for k, v in (m.get("router_events") or {}).items())
+        lines.append(f"\n{name} [{m['kind']}/{m['engine']}] {m['serve_status']}  replicas: {states}  {scale}  "
+                     f"circuit: {circuit.get('state', '-')}" + (f"  router: {events}" if events else ""))
+        if circuit.get("last_error"):
+            lines.append(f"  circuit last error: {circuit['last_error']} at {_ts(circuit.get('last_error_at'))}")
+        if m.get("serve_message"):
+            lines.append(f"  serve: {m['serve_message'][:200]}")
+        lines.append(f"  {'replica':<10} {'state':<10} {'node':<14} {'ip':<15} {'inflight':>8} {'probe':>12}  last error")
+        for r in m.get("replicas", []):
+            probe = "-" if r.get("last_probe_ms") is None else f"{r['last_probe_ms']:.0f}ms {'ok' if r.get('last_probe_ok') else 'FAIL'}"
+            err = f"{r['last_error'][:60]} ({_ts(r.get('last_error_at'))})" if r.get("last_error") else "-"
+            lines.append(f"  {r.get('replica_id', '?'):<10} {r.get('state', '?'):<10} {str(r.get('node_id', '?'))[:12]:<14} "
+                         f"{r.get('node_ip', '?'):<15} {r.get('in_flight', 0):>8} {probe:>12}  {err}")
+    return "\n".join(lines)
+
+
+def _ts(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"
 
 
 def cmd_kuberay(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
 from enum import Enum
 from typing import Any
 
@@ -142,6 +143,7 @@ class ModelConfig(_Strict):
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
     batching: BatchSettings | None = None
     health: HealthSettings = Field(default_factory=HealthSettings)
+    allow_fault_injection: bool = Field(False, description="chaos tests and failover drills only")
     fallbacks: list[str] = Field(
         default_factory=list, description="models (same kind) tried in order when this one is unavailable or full"
     )
@@ -194,6 +196,10 @@ class ModelConfig(_Strict):
     @property
     def batch(self) -> BatchSettings:
         return self.batching or BatchSettings()
+
+    @property
+    def deployment_name(self) -> str:
+        return f"{self.kind.value}-{re.sub(r'[^A-Za-z0-9_-]', '_', self.name)}"
 
     @property
     def gpus_per_replica(self) -> float:

@@ -34,6 +34,7 @@ from serve_app.errors import (
 from serve_app.fanout import plan_chunks
 from serve_app.replica_calls import gather_all, with_deadline
 from serve_app.resilience import Dispatcher, call_replica
+from serve_app.status import status_view
 from serve_app.http import json_response, parse_body, request_id, sse_response
 from serve_app.middleware import AuthMiddleware, ErrorMiddleware, RequestIdMiddleware
 
@@ -64,6 +65,7 @@ class Router:
                 Route("/health", self.health, methods=["GET"]),
                 Route("/ready", self.ready, methods=["GET"]),
                 Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/v1/status", self.status, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
@@ -106,6 +108,11 @@ class Router:
             for m in self.models.values()
         ]
         return JSONResponse(openai.model_list(cards))
+
+    async def status(self, request: Request) -> Response:
+        """Every model → every replica, with health, circuit and autoscaling (admin only with keys)."""
+        Admission.require_admin(_principal(request), self.admission.enabled)
+        return JSONResponse(await status_view(self.models, self.dispatch.breakers, self.events))
 
     # --- generation ---
     async def chat_completions(self, request: Request) -> Response:

@@ -135,3 +135,26 @@ def test_fallbacks_must_be_models_of_the_same_kind():
             {"name": "r", "kind": "rerank", "engine": "transformers", "source": "o/r"}]})
     with pytest.raises(ConfigError, match="not another model"):
         parse_app_config({"models": [{"name": "a", "kind": "llm", "engine": "vllm", "source": "o/a", "fallbacks": ["a"]}]})
+
+
+def test_status_view_is_admin_only_and_shows_circuits():
+    from serve_app.config import hash_key
+
+    models = [{"name": "chat", "kind": "llm", "engine": "vllm", "source": "org/chat"}]
+    keys = [{"name": "ops", "sha256": hash_key("sk-ops"), "admin": True}, {"name": "app", "sha256": hash_key("sk-app")}]
+    cfg = parse_app_config({"gateway": {"api_keys": keys, "breaker_failures": 1}, "models": models})
+    fake = FakeModel("chat", "llm", fail=EngineFailure("boom"))
+    c = TestClient(Router(cfg.gateway, cfg.models, {"chat": fake}).__serve_build_asgi_app__(), raise_server_exceptions=False)
+    assert_error(c.get("/v1/status", headers={"authorization": "Bearer sk-app"}), 403)
+    c.post("/v1/chat/completions", json={"model": "chat", **CHAT}, headers={"authorization": "Bearer sk-app"})
+    view = c.get("/v1/status", headers={"authorization": "Bearer sk-ops"}).json()
+    assert view["models"]["chat"]["circuit"]["state"] == "open"
+    assert view["models"]["chat"]["circuit"]["last_error"] == "boom"
+
+    from serve_app.cli import render_status
+
+    view["models"]["chat"]["replicas"] = [{"replica_id": "abc123", "state": "silent", "node_id": "n" * 40, "node_ip": "10.0.0.7",
+                                           "in_flight": 2, "last_probe_ms": 12.5, "last_probe_ok": False,
+                                           "last_error": "stalled: 2 request(s) in flight", "last_error_at": 1.0}]
+    table = render_status(view)
+    assert "circuit: open" in table and "abc123" in table and "10.0.0.7" in table and "12ms FAIL" in table and "stalled" in table

@@ -1,0 +1,151 @@
+"""Deep health of one replica: can it really serve, and is it making progress?
+
+Serve calls `check_health` every `health_check_period_s`; raising makes Serve replace the
+replica. An engine ping misses stalls (ray #61263) and a probe stuck behind a long queue has
+killed healthy vLLM replicas (ray #54070), so:
+- stalled (requests in flight, no progress for `stall_after_s`) → unhealthy, whatever else;
+- a real request completed within `fresh_s` → healthy, no probe needed;
+- otherwise a tiny real probe through the engine must finish within `probe_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class ReplicaUnhealthy(RuntimeError):
+    pass
+
+
+class HealthMonitor:
+    def __init__(self, settings, clock: Callable[[], float] = time.monotonic) -> None:  # settings: HealthSettings
+        self.settings, self.clock = settings, clock
+        self.in_flight = 0
+        self.completed = 0
+        self.last_progress = clock()
+        self.last_success: float | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None  # wall clock, for people
+        self.last_probe_at: float | None = None
+        self.last_probe_ms: float | None = None
+        self.last_probe_ok: bool | None = None
+
+    def started(self) -> None:
+        if self.in_flight == 0:
+            self.last_progress = self.clock()  # idle time is not a stall
+        self.in_flight += 1
+
+    def progress(self) -> None:
+        self.last_progress = self.clock()
+
+    def finished(self, error: BaseException | None = None) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        self.progress()
+        if error is None:
+            self.completed += 1
+            self.last_success = self.clock()
+        elif not isinstance(error, asyncio.CancelledError) and getattr(error, "status", 500) >= 500:
+            self.last_error, self.last_error_at = f"{type(error).__name__}: {str(error)[:200]}", time.time()
+
+    def stalled_for(self) -> float:
+        return self.clock() - self.last_progress if self.in_flight else 0.0
+
+    async def check(self, probe: Callable[[], Awaitable[Any]]) -> None:
+        stalled = self.stalled_for()
+        if stalled > self.settings.stall_after_s:
+            raise self._fail(f"stalled: {self.in_flight} request(s) in flight, no progress for {stalled:.0f}s")
+        if self.last_success is not None and self.clock() - self.last_success < self.settings.fresh_s:
+            return
+        t0 = self.clock()
+        try:
+            await asyncio.wait_for(probe(), self.settings.probe_timeout_s)
+        except asyncio.TimeoutError:
+            self._probe_done(t0, False)
+            raise self._fail(f"probe did not finish within {self.settings.probe_timeout_s:g}s") from None
+        except Exception as exc:
+            self._probe_done(t0, False)
+            raise self._fail(f"probe failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        self._probe_done(t0, True)
+
+    def _probe_done(self, t0: float, ok: bool) -> None:
+        self.last_probe_at, self.last_probe_ms, self.last_probe_ok = time.time(), (self.clock() - t0) * 1000, ok
+
+    def _fail(self, message: str) -> ReplicaUnhealthy:
+        self.last_error, self.last_error_at = message, time.time()
+        return ReplicaUnhealthy(message)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "in_flight": self.in_flight, "completed": self.completed,
+            "stalled_for_s": round(self.stalled_for(), 1),
+            "last_probe_at": self.last_probe_at, "last_probe_ms": self.last_probe_ms and round(self.last_probe_ms, 1),
+            "last_probe_ok": self.last_probe_ok, "last_error": self.last_error, "last_error_at": self.last_error_at,
+        }
+
+
+class MonitoredReplica:
+    """What every replica kind shares: tracked requests, deep `check_health`, a status snapshot
+    posted to the app's status board, and (only when the model's config allows it) fault injection
+    for chaos tests and failover drills."""
+
+    def _init_health(self) -> None:
+        self.health = HealthMonitor(self.cfg.health)
+        self.fault: str | None = None
+
+    def tracked(self):
+        return _Tracked(self.health)
+
+    async def _probe(self) -> None:
+        raise NotImplementedError
+
+    async def check_health(self) -> None:
+        try:
+            if self.fault == "unhealthy":
+                raise self.health._fail("fault injected: unhealthy")
+            await self.health.check(self._probe)
+        finally:
+            self._post_status()
+
+    async def status(self) -> dict[str, Any]:
+        import dataclasses
+
+        return {**dataclasses.asdict(self.replica), **self.health.snapshot(), "fault": self.fault}
+
+    async def inject_fault(self, kind: str | None) -> None:
+        """kind: "stall" (work stops progressing), "unhealthy" (health check fails), None (clear)."""
+        if not self.cfg.allow_fault_injection:
+            raise PermissionError(f"model '{self.cfg.name}' does not allow fault injection")
+        if kind not in (None, "stall", "unhealthy"):
+            raise ValueError(f"unknown fault {kind!r}")
+        self.fault = kind
+
+    def _post_status(self) -> None:
+        try:
+            import dataclasses
+
+            from ray import serve
+
+            from deployments.status_board import board
+
+            app = serve.get_replica_context().app_name
+            board(app).post.remote(self.cfg.name, self.replica.replica_id,
+                                   {**dataclasses.asdict(self.replica), **self.health.snapshot(), "fault": self.fault})
+        except Exception:  # noqa: BLE001 - status is best effort; health must not depend on it
+            pass
+
+
+class _Tracked:
+    """`with replica.tracked():` around a request, in coroutines and async generators alike."""
+
+    def __init__(self, monitor: HealthMonitor) -> None:
+        self.monitor = monitor
+
+    def __enter__(self) -> HealthMonitor:
+        self.monitor.started()
+        return self.monitor
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.monitor.finished(None if exc is None or isinstance(exc, GeneratorExit) else exc)
