@@ -113,3 +113,35 @@ class AuthMiddleware:
             else:
                 state["principal"] = self.admission.authenticate(auth)  # raises 401
         await self.app(scope, receive, send)
+
+
+class MetricsMiddleware:
+    """Requests by model, route and status, and their latency (streams: until the last byte)."""
+
+    def __init__(self, app: ASGIApp, metrics) -> None:  # metrics: serve_app.metrics.RouterMetrics
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        import time
+
+        t0 = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["started"] = t0
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.response(state.get("model", "-"), path, status, (time.perf_counter() - t0) * 1000)

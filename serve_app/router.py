@@ -36,7 +36,8 @@ from serve_app.replica_calls import gather_all, with_deadline
 from serve_app.resilience import Dispatcher, call_replica
 from serve_app.status import status_view
 from serve_app.http import json_response, parse_body, request_id, sse_response
-from serve_app.middleware import AuthMiddleware, ErrorMiddleware, RequestIdMiddleware
+from serve_app.metrics import RouterMetrics
+from serve_app.middleware import AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
 
 READY_TIMEOUT_S = 5.0
 # What each engine declares it honours (generation only: rerank/embed options are handled by the
@@ -48,7 +49,8 @@ HONOURED_PARAMS: dict[EngineKind, frozenset[str]] = {
 
 
 class Router:
-    def __init__(self, gateway: GatewayConfig, models: list[ModelConfig], handles: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, gateway: GatewayConfig, models: list[ModelConfig], handles: dict[str, DeploymentHandle],
+                 metrics: RouterMetrics | None = None) -> None:
         self.gateway = gateway
         self.models = {m.name: m for m in models}
         self.handles = handles
@@ -56,6 +58,7 @@ class Router:
         self.started = int(time.time())
         self._warm_until: dict[str, float] = {}  # scale-to-zero models: known to have a replica until then
         self.events: dict[tuple[str, str], int] = {}
+        self.metrics = metrics or RouterMetrics()
         self.dispatch = Dispatcher(gateway, self.models, handles, self._ensure_replica, self._event)
 
     def __serve_build_asgi_app__(self) -> Starlette:
@@ -75,7 +78,8 @@ class Router:
             ],
             # Inside Starlette's ServerErrorMiddleware, so we shape errors before it answers 500.
             middleware=[
-                Middleware(RequestIdMiddleware), Middleware(ErrorMiddleware), Middleware(AuthMiddleware, self.admission),
+                Middleware(RequestIdMiddleware), Middleware(MetricsMiddleware, self.metrics), Middleware(ErrorMiddleware),
+                Middleware(AuthMiddleware, self.admission),
             ],
             exception_handlers={HTTPException: _http_exception},
         )
@@ -117,37 +121,39 @@ class Router:
     # --- generation ---
     async def chat_completions(self, request: Request) -> Response:
         body = await parse_body(request, openai.ChatCompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_CHAT_PARAMS)
-        self._check_model(body.model, ModelKind.llm, body.engine_params())
+        self._check_model(request, body.model, ModelKind.llm, body.engine_params())
         max_tokens = body.effective_max_tokens()
         self._admit(request, estimate_tokens(*(m.text() for m in body.messages)) + (max_tokens or self.gateway.default_max_tokens))
         rid = request_id(request)
         gen = GenerateRequest(rid, _sampling(body, max_tokens), messages=tuple((m.role, m.text()) for m in body.messages))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(body.model, gen, include_usage, _chat_chunks)
+            return await self._stream(request, body.model, gen, include_usage, _chat_chunks)
         served, result = await self.dispatch.run(body.model, lambda h, left: call_replica(h.generate.remote(gen), left))
         choices = [
             {"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}
             for c in result.choices
         ]
         use = openai.usage(result.prompt_tokens, result.completion_tokens)
+        self._served(request, served, result.prompt_tokens, result.completion_tokens)
         return json_response(openai.chat_completion(rid, served, choices, use), result.replica)
 
     async def completions(self, request: Request) -> Response:
         body = await parse_body(request, openai.CompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_COMPLETION_PARAMS)
-        self._check_model(body.model, ModelKind.llm, body.engine_params())
+        self._check_model(request, body.model, ModelKind.llm, body.engine_params())
         self._admit(request, estimate_tokens(body.prompt) + (body.max_tokens or self.gateway.default_max_tokens))
         rid = request_id(request)
         gen = GenerateRequest(rid, _sampling(body, body.effective_max_tokens()), prompt=body.prompt)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(body.model, gen, include_usage, _completion_chunks)
+            return await self._stream(request, body.model, gen, include_usage, _completion_chunks)
         served, result = await self.dispatch.run(body.model, lambda h, left: call_replica(h.generate.remote(gen), left))
         choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None} for c in result.choices]
         use = openai.usage(result.prompt_tokens, result.completion_tokens)
+        self._served(request, served, result.prompt_tokens, result.completion_tokens)
         return json_response(openai.text_completion(rid, served, choices, use), result.replica)
 
-    async def _stream(self, model: str, gen: GenerateRequest, include_usage: bool, shaper: Callable[[str, str], "_ChunkShaper"]) -> Response:
+    async def _stream(self, request: Request, model: str, gen: GenerateRequest, include_usage: bool, shaper: Callable[[str, str], "_ChunkShaper"]) -> Response:
         """SSE stream. The first delta is awaited before answering, with retries and fallbacks, so
         failures before any token get a real status code; later ones end the stream in-band."""
 
@@ -160,6 +166,9 @@ class Router:
                 raise
 
         served, (stream, first) = await self.dispatch.run(model, open_stream)
+        started = request.scope["state"].get("started")
+        if started is not None:
+            self.metrics.ttft.observe((time.perf_counter() - started) * 1000, {"model": served})
         shape = shaper(gen.request_id, served)
 
         async def events() -> AsyncIterator[Any]:
@@ -171,6 +180,7 @@ class Router:
                     yield shape.delta(delta)
                 if include_usage:
                     yield shape.usage(openai.usage(last.prompt_tokens, last.completion_tokens))
+                self._served(request, served, last.prompt_tokens, last.completion_tokens)
                 yield "[DONE]"
             except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band with the request id
                 yield from_exception(exc).body(gen.request_id)
@@ -183,10 +193,11 @@ class Router:
     # --- embeddings and rerank ---
     async def embeddings(self, request: Request) -> Response:
         body = await parse_body(request, openai.EmbeddingRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_EMBEDDING_PARAMS)
-        self._check_model(body.model, ModelKind.embed)
+        self._check_model(request, body.model, ModelKind.embed)
         self._admit(request, estimate_tokens(*body.input))
         req = EmbedRequest(request_id(request), body.input)
         served, result = await self.dispatch.run(body.model, lambda h, left: call_replica(h.embed.remote(req), left))
+        self._served(request, served, result.prompt_tokens, truncated=result.truncated_inputs)
         return json_response(openai.embedding_list(served, result.vectors, body.encoding_format, result.prompt_tokens), result.replica)
 
     async def rerank_jina(self, request: Request) -> Response:
@@ -199,7 +210,7 @@ class Router:
 
     async def _rerank(self, request: Request, q: rerank.RerankQuery, shape: Callable[..., dict[str, Any]]) -> Response:
         """Long lists are split into chunks served concurrently by every replica, then merged."""
-        self._check_model(q.model, ModelKind.rerank)
+        self._check_model(request, q.model, ModelKind.rerank)
         if len(q.documents) > self.gateway.max_documents:
             raise PayloadTooLarge(f"{len(q.documents)} documents exceed the limit of {self.gateway.max_documents} per request", "documents")
         self._admit(request, estimate_tokens(*q.documents) + estimate_tokens(q.query) * len(q.documents))
@@ -219,6 +230,7 @@ class Router:
         q = dataclasses.replace(q, model=answers[0][0])
         scores = [s for r in results for s in r.scores]
         truncated = sum(r.truncated_documents for r in results)
+        self._served(request, q.model, sum(r.prompt_tokens for r in results), truncated=truncated)
         out = shape(rid, q, scores, sum(r.prompt_tokens for r in results), truncated)
         response = json_response(out, results[0].replica)
         response.headers["x-served-replica"] = ",".join(dict.fromkeys(r.replica.replica_id for r in results))
@@ -245,8 +257,10 @@ class Router:
         # Serve keeps the replica at least for the downscale delay after traffic stops.
         self._warm_until[name] = time.monotonic() + auto.downscale_delay_s
 
-    def _check_model(self, name: str, kind: ModelKind, params: set[str] = frozenset()) -> None:
+    def _check_model(self, request: Request, name: str, kind: ModelKind, params: set[str] = frozenset()) -> None:
         model = self.models.get(name)
+        if model is not None:
+            request.scope["state"]["model"] = name  # metrics label: only names we serve
         if model is None:
             raise ModelNotFound(f"model '{name}' does not exist; GET /v1/models lists the served models", "model")
         if model.kind is not kind:
@@ -262,6 +276,15 @@ class Router:
 
     def _event(self, event: str, model: str) -> None:
         self.events[(event, model)] = self.events.get((event, model), 0) + 1
+        self.metrics.event(event, model)
+
+    def _served(self, request: Request, model: str, prompt_tokens: int, completion_tokens: int = 0, truncated: int = 0) -> None:
+        request.scope["state"]["model"] = model
+        self.metrics.tokens.inc(prompt_tokens, {"model": model, "type": "prompt"})
+        if completion_tokens:
+            self.metrics.tokens.inc(completion_tokens, {"model": model, "type": "completion"})
+        if truncated:
+            self.metrics.truncations.inc(truncated, {"model": model})
 
 
 Ingress = serve.ingress()(Router)

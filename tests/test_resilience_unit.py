@@ -158,3 +158,50 @@ def test_status_view_is_admin_only_and_shows_circuits():
                                            "last_error": "stalled: 2 request(s) in flight", "last_error_at": 1.0}]
     table = render_status(view)
     assert "circuit: open" in table and "abc123" in table and "10.0.0.7" in table and "12ms FAIL" in table and "stalled" in table
+
+
+def test_metrics_count_requests_tokens_retries_and_rejections():
+    from collections import Counter as Tally
+
+    from serve_app.metrics import RouterMetrics
+
+    recorded: Tally = Tally()
+
+    class Mem:
+        def __init__(self, name):
+            self.name = name
+
+        def inc(self, value=1.0, tags=None):
+            recorded[(self.name, tuple(sorted((tags or {}).items())))] += value
+
+        def observe(self, value, tags=None):
+            recorded[(self.name + ":count", tuple(sorted((tags or {}).items())))] += 1
+
+    metrics = RouterMetrics(factory=lambda kind, name, desc, tags: Mem(name))
+    models = [{"name": "chat", "kind": "llm", "engine": "vllm", "source": "org/chat"}]
+    cfg = parse_app_config({"gateway": {"retry_backoff_s": 0}, "models": models})
+    fake = FakeModel("chat", "llm", fail=ReplicaFailed("died"), fail_times=1)
+    c = TestClient(Router(cfg.gateway, cfg.models, {"chat": fake}, metrics=metrics).__serve_build_asgi_app__(),
+                   raise_server_exceptions=False)
+    assert c.post("/v1/chat/completions", json={"model": "chat", **CHAT}).status_code == 200
+    assert c.post("/v1/chat/completions", json={"model": "nope", **CHAT}).status_code == 404
+    route = "/v1/chat/completions"
+    assert recorded[("serve_app_requests", (("model", "chat"), ("route", route), ("status", "200")))] == 1
+    assert recorded[("serve_app_requests", (("model", "-"), ("route", route), ("status", "404")))] == 1
+    assert recorded[("serve_app_retries", (("model", "chat"),))] == 1
+    assert recorded[("serve_app_tokens", (("model", "chat"), ("type", "prompt")))] == 3
+    assert recorded[("serve_app_request_latency_ms:count", (("model", "chat"), ("route", route)))] == 1
+
+
+def test_grafana_dashboard_charts_only_metrics_we_export():
+    import pathlib
+    import re
+
+    from serve_app.metrics import RouterMetrics
+
+    names = []
+    RouterMetrics(factory=lambda kind, name, desc, tags: names.append(name) or type("M", (), {"inc": None, "observe": None})())
+    dash = json.loads((pathlib.Path(__file__).resolve().parents[1] / "docs" / "grafana" / "serve_app.json").read_text())
+    ours = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"ray_(serve_app_\w+?)(?:_total|_bucket)\b", t["expr"])}
+    assert ours and ours <= set(names), ours - set(names)
+    assert set(names) - {"serve_app_circuit_rejections"} <= ours | {"serve_app_circuit_rejections"}

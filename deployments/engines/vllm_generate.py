@@ -43,7 +43,10 @@ class VLLMGenerator:
             pipeline_parallel_size=cfg.pipeline_parallel_size,
             trust_remote_code=cfg.trust_remote_code, **kwargs,
         )
-        self.engine = AsyncLLM.from_engine_args(args)
+        # vLLM's own metrics (queue, KV cache use, tokens/s) into Ray's Prometheus export.
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger])
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         self.max_model_len: int = self.engine.model_config.max_model_len
         # The model's own sampling defaults (generation_config.json), applied where a request is

@@ -1,0 +1,58 @@
+"""Prometheus metrics from the router, through Ray's metrics API (exported by every Ray node's
+metrics agent as `ray_serve_app_*`; docs/grafana/serve_app.json charts them).
+
+The metric objects are made by a factory so unit tests can count in memory; outside a Ray
+worker the factory falls back to no-ops rather than failing a request over a metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
+
+
+def ray_factory(kind: str, name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
+    try:
+        from ray.util import metrics
+
+        if kind == "histogram":
+            return metrics.Histogram(name, description=description, boundaries=LATENCY_MS, tag_keys=tag_keys)
+        return metrics.Counter(name, description=description, tag_keys=tag_keys)
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return _NoOp()
+
+
+class _NoOp:
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None: ...
+
+
+class RouterMetrics:
+    def __init__(self, factory: Callable[..., Any] = ray_factory) -> None:
+        c = lambda n, d, t: factory("counter", n, d, t)  # noqa: E731
+        h = lambda n, d, t: factory("histogram", n, d, t)  # noqa: E731
+        self.requests = c("serve_app_requests", "HTTP requests by model, route and status", ("model", "route", "status"))
+        self.latency = h("serve_app_request_latency_ms", "time to the full response (streams: to the last byte)", ("model", "route"))
+        self.ttft = h("serve_app_time_to_first_token_ms", "time to the first streamed token", ("model",))
+        self.tokens = c("serve_app_tokens", "tokens by model and type (prompt, completion)", ("model", "type"))
+        self.rejections = c("serve_app_rejections", "requests refused before a model ran them, by reason", ("model", "reason"))
+        self.retries = c("serve_app_retries", "retries after a replica died mid-request", ("model",))
+        self.fallbacks = c("serve_app_fallbacks", "requests served by a fallback model", ("model",))
+        self.circuit_open = c("serve_app_circuit_rejections", "requests kept away from a model by its open circuit", ("model",))
+        self.truncations = c("serve_app_truncated_inputs", "documents or inputs cut to fit the model", ("model",))
+
+    def response(self, model: str, route: str, status: int, latency_ms: float) -> None:
+        self.requests.inc(1, {"model": model, "route": route, "status": str(status)})
+        self.latency.observe(latency_ms, {"model": model, "route": route})
+        reason = _REJECTIONS.get(status)
+        if reason:
+            self.rejections.inc(1, {"model": model, "reason": reason})
+
+    def event(self, event: str, model: str) -> None:
+        {"retry": self.retries, "fallback": self.fallbacks, "circuit_open": self.circuit_open}[event].inc(1, {"model": model})
+
+
+_REJECTIONS = {401: "unauthorized", 403: "forbidden", 413: "too_large", 429: "quota", 503: "overloaded", 504: "deadline"}
