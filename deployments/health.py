@@ -114,13 +114,15 @@ class MonitoredReplica:
 
         return {**dataclasses.asdict(self.replica), **self.health.snapshot(), "fault": self.fault}
 
-    async def inject_fault(self, kind: str | None) -> None:
-        """kind: "stall" (work stops progressing), "unhealthy" (health check fails), None (clear)."""
+    async def inject_fault(self, kind: str | None) -> str:
+        """kind: "stall" (work stops progressing), "unhealthy" (health check fails), None (clear).
+        Returns the replica id, since a handle call lands on any one replica."""
         if not self.cfg.allow_fault_injection:
             raise PermissionError(f"model '{self.cfg.name}' does not allow fault injection")
         if kind not in (None, "stall", "unhealthy"):
             raise ValueError(f"unknown fault {kind!r}")
         self.fault = kind
+        return self.replica.replica_id
 
     def _post_status(self) -> None:
         try:

@@ -115,8 +115,8 @@ def stack(tiny_models) -> SimpleNamespace:
     # Autoscaling decisions every second instead of every 10 s (test speed only; read at Ray start).
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "num_gpus": 1, "include_dashboard": False})
-    gpu_node = cluster.add_node(num_cpus=4, num_gpus=2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 16, "num_gpus": 1, "include_dashboard": False})
+    gpu_node = cluster.add_node(num_cpus=12, num_gpus=2)
     ray.init(address=cluster.address, log_to_driver=False)  # replica logs stay in /tmp/ray/session_latest
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
@@ -125,6 +125,7 @@ def stack(tiny_models) -> SimpleNamespace:
         yield SimpleNamespace(
             base=f"http://127.0.0.1:{port}", tiny=f"http://127.0.0.1:{port}/tiny", guarded=f"http://127.0.0.1:{port}/guarded",
             gpu_node_id=gpu_node.node_id, head_node_id=cluster.head_node.node_id, tiny_models=tiny_models,
+            cluster=cluster,
         )
     finally:
         serve.shutdown()
@@ -149,6 +150,7 @@ def deploy(apps: dict[str, dict], overrides: dict[str, list[dict]] | None = None
     schema = ServeDeploySchema.parse_obj({"applications": [
         {"name": name, "route_prefix": "/" if name == "default" else f"/{name}",
          "import_path": "serve_app.app:build_app", "args": args,
+         "logging_config": {"encoding": "JSON"},
          "deployments": (overrides or {}).get(name, [])}
         for name, args in apps.items()
     ]})

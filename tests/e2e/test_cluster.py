@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 def ce_app(ce, deployment: dict, gateway: dict | None = None) -> dict:
     return {
-        "gateway": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}, **(gateway or {})},
+        "gateway": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}, **(gateway or {})},
         "models": [{"name": "ce", "kind": "rerank", "engine": "transformers", "source": str(ce),
                     "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.001}, "deployment": deployment}],
     }
@@ -43,7 +43,7 @@ def wait_for(predicate, timeout: float, what: str):
 def test_replicas_of_one_model_never_share_a_node(stack):
     """3 replicas, max_replicas_per_node 1, 2 nodes: two run on different nodes, the third waits."""
     apps = {**all_apps(stack.tiny_models), "spread": ce_app(stack.tiny_models.ce, {
-        "num_replicas": 3, "max_replicas_per_node": 1, "ray_actor_options": {"num_cpus": 0.1}})}
+        "num_replicas": 3, "max_replicas_per_node": 1, "ray_actor_options": {"num_cpus": 0}})}
     deploy(apps, wait=False)
     try:
         wait_for(lambda: replica_states("spread").get("RUNNING") == 2, 120, "2 running replicas")
@@ -61,7 +61,7 @@ def test_replicas_of_one_model_never_share_a_node(stack):
 
 def test_load_scales_up_and_idleness_scales_down(stack):
     apps = {**all_apps(stack.tiny_models), "scale": ce_app(stack.tiny_models.ce, {
-        "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0.1},
+        "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0},
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                "upscale_delay_s": 0, "downscale_delay_s": 3, "look_back_period_s": 1}})}
     deploy(apps)
@@ -87,7 +87,7 @@ def test_load_scales_up_and_idleness_scales_down(stack):
 
 def test_scale_from_zero_serves_the_first_request_after_a_cold_start(stack):
     apps = {**all_apps(stack.tiny_models), "zero": ce_app(stack.tiny_models.ce, {
-        "ray_actor_options": {"num_cpus": 0.1},
+        "ray_actor_options": {"num_cpus": 0},
         "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
                                "upscale_delay_s": 0, "downscale_delay_s": 600}},
         gateway={"cold_start_timeout_s": 120})}

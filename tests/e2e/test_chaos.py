@@ -1,0 +1,159 @@
+"""Chaos on a real Ray cluster: replicas killed, failing health checks, stalls, a node removed.
+Non-streaming traffic keeps flowing with zero failed requests, and the status view shows each
+fault while it lasts."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from tests.e2e.conftest import all_apps, deploy
+
+pytestmark = pytest.mark.e2e
+DEPLOYMENT = "rerank-ce"
+
+
+def chaos_app(ce, deployment: dict) -> dict:
+    return {
+        "gateway": {"retry_attempts": 6, "retry_backoff_s": 0.2, "request_timeout_s": 60,
+                    "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
+        "models": [{
+            "name": "ce", "kind": "rerank", "engine": "transformers", "source": str(ce),
+            "allow_fault_injection": True,
+            "health": {"probe_timeout_s": 2, "fresh_s": 0, "stall_after_s": 1},
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.001},
+            "deployment": {"num_replicas": 2, "health_check_period_s": 1, "health_check_timeout_s": 5,
+                           "graceful_shutdown_timeout_s": 1, **deployment},
+        }],
+    }
+
+
+class Load:
+    """Non-streaming requests from a few threads until stopped; every status is kept."""
+
+    def __init__(self, base: str, threads: int = 4) -> None:
+        self.base, self.codes, self.errors = base, [], []
+        self._stop = threading.Event()
+        self._pool = cf.ThreadPoolExecutor(threads)
+        self._futures = [self._pool.submit(self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        body = {"model": "ce", "query": "paris", "documents": [f"doc {i} paris" for i in range(16)]}
+        with httpx.Client(base_url=self.base, timeout=90) as c:
+            while not self._stop.is_set():
+                r = c.post("/v1/rerank", json=body)
+                self.codes.append(r.status_code)
+                if r.status_code != 200:
+                    self.errors.append(r.text[:300])
+
+    def stop(self) -> None:
+        self._stop.set()
+        for f in self._futures:
+            f.result()
+        self._pool.shutdown()
+
+
+def replica_ids(app: str, tries: int = 30) -> set[str]:
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=app)
+    return {handle.card.remote().result().replica.replica_id for _ in range(tries)}
+
+
+def status(stack, app: str) -> dict:
+    with httpx.Client(base_url=f"{stack.base}/{app}", timeout=30) as c:
+        return c.get("/v1/status").json()["models"]["ce"]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def chaos(stack):
+    deploy({**all_apps(stack.tiny_models), "chaos": chaos_app(stack.tiny_models.ce, {})})
+    yield f"{stack.base}/chaos"
+    deploy(all_apps(stack.tiny_models))
+
+
+def test_killing_a_replica_under_load_loses_no_request(stack, chaos):
+    before = replica_ids("chaos")
+    assert len(before) == 2
+    load = Load(chaos)
+    time.sleep(2)
+    victim = sorted(before)[0]
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::chaos#{DEPLOYMENT}#{victim}", namespace="serve"), no_restart=True)
+    time.sleep(6)
+    load.stop()
+    assert load.codes and set(load.codes) == {200}, load.errors[:3]
+    view = status(stack, "chaos")
+    assert view["router_events"].get("retry", 0) >= 1  # the router, not luck, saved them
+    wait_for(lambda: len(replica_ids("chaos")) == 2 and victim not in replica_ids("chaos"), 60, "a replacement replica")
+
+
+def test_failing_health_check_gets_the_replica_replaced_while_traffic_continues(stack, chaos):
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name="chaos")
+    sick = handle.inject_fault.remote("unhealthy").result()
+    load = Load(chaos, threads=2)
+    try:
+        seen = wait_for(lambda: next((r for r in status(stack, "chaos")["replicas"]
+                                      if r["replica_id"] == sick and r.get("last_error")), None), 20, "the fault in the status view")
+        assert "fault injected" in seen["last_error"]
+        wait_for(lambda: sick not in replica_ids("chaos", 20), 60, "the unhealthy replica to be replaced")
+    finally:
+        load.stop()
+    assert set(load.codes) == {200}, load.errors[:3]
+
+
+def test_a_stalled_replica_is_detected_within_two_health_periods(stack, chaos):
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name="chaos")
+    stalled = handle.inject_fault.remote("stall").result()
+    t0 = time.time()
+    load = Load(chaos, threads=4)  # some requests land on the stalled replica and stop progressing
+    try:
+        seen = wait_for(lambda: next((r for r in status(stack, "chaos")["replicas"]
+                                      if r["replica_id"] == stalled and "stalled" in (r.get("last_error") or "")), None),
+                        30, "the stall in the status view")
+        detected_after = seen["last_error_at"] - t0
+        assert detected_after <= 2 * 1 + 1 + 1  # 2 health periods + stall_after_s + report slack
+        wait_for(lambda: stalled not in replica_ids("chaos", 20), 60, "the stalled replica to be replaced")
+    finally:
+        load.stop()
+    assert set(load.codes) == {200}, load.errors[:3]
+
+
+def test_removing_a_node_that_hosts_a_replica_loses_no_admitted_request(stack):
+
+    cluster = stack.cluster
+    nodes = [cluster.add_node(num_cpus=2, resources={"chaos_slot": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    pinned = {"max_replicas_per_node": 1, "ray_actor_options": {"num_cpus": 0, "resources": {"chaos_slot": 1}}}
+    deploy({**all_apps(stack.tiny_models), "chaosnode": chaos_app(stack.tiny_models.ce, pinned)})
+    try:
+        handle = serve.get_deployment_handle(DEPLOYMENT, app_name="chaosnode")
+        homes = {}
+        for _ in range(30):
+            card = handle.card.remote().result()
+            homes[card.replica.replica_id] = card.replica.node_id
+        assert set(homes.values()) == {n.node_id for n in nodes}
+        load = Load(f"{stack.base}/chaosnode")
+        time.sleep(2)
+        cluster.remove_node(nodes[0])
+        time.sleep(8)
+        load.stop()
+        assert load.codes and set(load.codes) == {200}, load.errors[:3]
+        survivors = {handle.card.remote().result().replica.node_id for _ in range(10)}
+        assert survivors == {nodes[1].node_id}
+    finally:
+        deploy(all_apps(stack.tiny_models))
+        cluster.remove_node(nodes[1])
