@@ -8,7 +8,8 @@ deadline for the whole walk:
   fallback at once;
 - an input too long for the model (`ContextLengthExceeded`) moves to `context_window_fallbacks`;
 - any other client mistake (4xx) is final: retrying cannot fix it;
-- an engine failure (500) counts against the model's circuit and moves on.
+- an engine failure (500) or a missed deadline counts against the model's circuit; an engine
+  failure moves on to the next fallback. Dead replicas do not count: they are Serve's to replace.
 """
 
 from __future__ import annotations
@@ -113,9 +114,12 @@ class Dispatcher:
                     last, chain, context_chain = err, context_chain, []
                     break
                 except ReplicaFailed as err:
-                    breaker.failure(err.message)
+                    # One replica died; the model's other replicas are fine and Serve replaces the
+                    # dead one. Not a circuit failure: a crash with many requests in flight would
+                    # otherwise open the circuit for a healthy model (seen in the stall chaos test).
+                    breaker.release()
                     last = err
-                    if attempt + 1 < self.gateway.retry_attempts and breaker.allow():
+                    if attempt + 1 < self.gateway.retry_attempts:
                         self.on_event("retry", candidate)
                         await asyncio.sleep(self.gateway.retry_backoff_s * 2**attempt)
                         continue

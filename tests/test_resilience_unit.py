@@ -53,6 +53,15 @@ def test_a_dead_replica_is_retried_and_the_client_never_sees_it():
     assert r.status_code == 200 and r.json()["model"] == "chat"
     assert [n for n, _ in primary.calls].count("generate") == 3
     assert router.events[("retry", "chat")] == 2
+    assert router.dispatch.breakers["chat"].state == "closed"  # a dead replica is not a sick model
+
+
+def test_many_requests_failing_with_one_dead_replica_do_not_open_the_circuit():
+    primary = FakeModel("chat", "llm", fail=ReplicaFailed("died"), fail_times=8)
+    c, router = client(primary, breaker_failures=2, retry_attempts=10)
+    for _ in range(4):
+        assert c.post("/v1/chat/completions", json={"model": "chat", **CHAT}).json()["model"] == "chat"
+    assert router.dispatch.breakers["chat"].state == "closed"
 
 
 def test_full_queue_falls_back_at_once_and_says_who_answered():
