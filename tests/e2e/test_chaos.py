@@ -37,14 +37,14 @@ def chaos_app(ce, deployment: dict) -> dict:
 class Load:
     """Non-streaming requests from a few threads until stopped; every status is kept."""
 
-    def __init__(self, base: str, threads: int = 4) -> None:
-        self.base, self.codes, self.errors = base, [], []
+    def __init__(self, base: str, threads: int = 4, documents: int = 16) -> None:
+        self.base, self.codes, self.errors, self.documents = base, [], [], documents
         self._stop = threading.Event()
         self._pool = cf.ThreadPoolExecutor(threads)
         self._futures = [self._pool.submit(self._run) for _ in range(threads)]
 
     def _run(self) -> None:
-        body = {"model": "ce", "query": "paris", "documents": [f"doc {i} paris" for i in range(16)]}
+        body = {"model": "ce", "query": "paris", "documents": [f"doc {i} paris" for i in range(self.documents)]}
         with httpx.Client(base_url=self.base, timeout=90) as c:
             while not self._stop.is_set():
                 r = c.post("/v1/rerank", json=body)
@@ -89,8 +89,8 @@ def chaos(stack):
 def test_killing_a_replica_under_load_loses_no_request(stack, chaos):
     before = replica_ids("chaos")
     assert len(before) == 2
-    load = Load(chaos)
-    time.sleep(2)
+    load = Load(chaos, threads=6, documents=400)  # long enough that both replicas always have work in flight
+    time.sleep(3)
     victim = sorted(before)[0]
     ray.kill(ray.get_actor(f"SERVE_REPLICA::chaos#{DEPLOYMENT}#{victim}", namespace="serve"), no_restart=True)
     time.sleep(6)
@@ -98,6 +98,8 @@ def test_killing_a_replica_under_load_loses_no_request(stack, chaos):
     assert load.codes and set(load.codes) == {200}, load.errors[:3]
     view = status(stack, "chaos")
     assert view["router_events"].get("retry", 0) >= 1  # the router, not luck, saved them
+    wait_for(lambda: any(r["replica_id"] == victim and r["state"] == "silent" for r in status(stack, "chaos")["replicas"]),
+             20, "the killed replica shown as silent")
     wait_for(lambda: len(replica_ids("chaos")) == 2 and victim not in replica_ids("chaos"), 60, "a replacement replica")
 
 

@@ -115,6 +115,22 @@ def test_errors_reach_the_openai_client_as_4xx(oa, http):
 def test_request_id_round_trip(http):
     r = http.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"}, headers={"x-request-id": "trace-me-42"})
     assert r.headers["x-request-id"] == "trace-me-42"
+    # ...and into the JSON logs of the router and the replica that served it, with node and replica.
+    import pathlib
+    import time
+
+    import ray
+
+    logs = pathlib.Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    deadline = time.time() + 10
+    records = []
+    want = {"default_router", "default_embed-all-minilm-l6-v2"}  # Serve's JSON logs name app_deployment
+    while time.time() < deadline and not want <= {r.get("deployment") for r in records}:
+        records = [json.loads(line) for p in logs.glob("replica_default_*.log")
+                   for line in p.read_text(errors="replace").splitlines() if "trace-me-42" in line and line.startswith("{")]
+        time.sleep(0.5)
+    assert want <= {r.get("deployment") for r in records}, records[:2]
+    assert all(r.get("request_id") == "trace-me-42" and r.get("replica") and r.get("node_id") for r in records), sorted(records[0])
     r = http.post("/v1/embeddings", json={"model": "nope", "input": "x"}, headers={"x-request-id": "trace-me-43"})
     assert r.status_code == 404 and r.json()["error"]["request_id"] == "trace-me-43"
 
