@@ -15,10 +15,11 @@ class ApiError(Exception):
     type: str = "internal_error"
     code: str | None = None
 
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message, param)  # args must mirror __init__ for pickling across Ray
+    def __init__(self, message: str, param: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message, param, retry_after)  # args must mirror __init__ for pickling across Ray
         self.message = message
         self.param = param
+        self.retry_after = retry_after  # seconds, sent as Retry-After with 429/503
 
     def body(self, request_id: str | None) -> dict[str, Any]:
         """OpenAI's error shape, plus the request id so a client report can be traced."""
@@ -47,11 +48,6 @@ class Forbidden(ApiError):
 class RateLimited(ApiError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
-    def __init__(self, message: str, param: str | None = None, retry_after: int = 1) -> None:
-        super().__init__(message, param)
-        self.args = (message, param, retry_after)
-        self.retry_after = retry_after
-
 
 class ModelNotFound(ApiError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
@@ -71,11 +67,6 @@ class PayloadTooLarge(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, type, code = 503, "service_unavailable", "model_unavailable"
-
-    def __init__(self, message: str, param: str | None = None, retry_after: int = 1) -> None:
-        super().__init__(message, param)
-        self.args = (message, param, retry_after)
-        self.retry_after = retry_after
 
 
 class Overloaded(ServiceUnavailable):

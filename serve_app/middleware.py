@@ -80,7 +80,7 @@ async def send_error(send: Send, err: ApiError, rid: str | None) -> None:
     body = json.dumps(err.body(rid)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if err.status in (429, 503):
-        headers.append((b"retry-after", str(getattr(err, "retry_after", 1)).encode()))
+        headers.append((b"retry-after", str(err.retry_after or 1).encode()))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

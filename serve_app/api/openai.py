@@ -147,20 +147,15 @@ def chat_completion(rid: str, model: str, choices: list[dict[str, Any]], use: di
 
 
 def chat_chunk(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> dict[str, Any]:
-    out = {
-        "id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": int(time.time()),
-        "model": model, "choices": choices,
-    }
-    if use is not None:
-        out["usage"] = use
-    return out
+    return _envelope(f"chatcmpl-{rid}", "chat.completion.chunk", model, choices, use)
 
 
 def text_completion(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int] | None) -> dict[str, Any]:
-    out = {
-        "id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
-        "model": model, "choices": choices,
-    }
+    return _envelope(f"cmpl-{rid}", "text_completion", model, choices, use)
+
+
+def _envelope(oid: str, obj: str, model: str, choices: list[dict[str, Any]], use: dict[str, int] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": oid, "object": obj, "created": int(time.time()), "model": model, "choices": choices}
     if use is not None:
         out["usage"] = use
     return out

@@ -174,3 +174,14 @@ def _wait_running(apps: list[str]) -> None:
             return
         time.sleep(2)
     pytest.fail(f"apps not RUNNING after {DEPLOY_TIMEOUT_S}s: {states}")
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll until `predicate()` is truthy (and return it), or fail the test saying what was awaited."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")

@@ -13,7 +13,7 @@ import pytest
 import ray
 from ray import serve
 
-from tests.e2e.conftest import all_apps, deploy
+from tests.e2e.conftest import all_apps, deploy, wait_for
 
 pytestmark = pytest.mark.e2e
 DEPLOYMENT = "rerank-ce"
@@ -67,16 +67,6 @@ def replica_ids(app: str, tries: int = 30) -> set[str]:
 def status(stack, app: str) -> dict:
     with httpx.Client(base_url=f"{stack.base}/{app}", timeout=30) as c:
         return c.get("/v1/status").json()["models"]["ce"]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

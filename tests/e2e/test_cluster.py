@@ -10,7 +10,7 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.e2e.conftest import all_apps, deploy
+from tests.e2e.conftest import all_apps, deploy, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -28,16 +28,6 @@ def replica_states(app: str) -> dict:
     if status is None or "rerank-ce" not in status.deployments:
         return {}
     return {str(k.value if hasattr(k, "value") else k): v for k, v in status.deployments["rerank-ce"].replica_states.items()}
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_replicas_of_one_model_never_share_a_node(stack):
