@@ -85,10 +85,14 @@ class Dispatcher:
         self.on_event = on_event  # ("retry" | "fallback" | "circuit_open", model): metrics hook
         self.breakers = {n: CircuitBreaker(gateway.breaker_failures, gateway.breaker_cooldown_s) for n in models}
 
-    async def run(self, name: str, call: Callable[[DeploymentHandle, float], Awaitable[Any]]) -> tuple[str, Any]:
-        """`call(handle, seconds_left)` makes one attempt; returns (model that answered, result)."""
+    async def run(self, name: str, call: Callable[[DeploymentHandle, float], Awaitable[Any]],
+                  fallbacks: bool = True) -> tuple[str, Any]:
+        """`call(handle, seconds_left)` makes one attempt; returns (model that answered, result).
+        `fallbacks=False` pins the request to `name` (retries only)."""
         deadline = time.monotonic() + self.gateway.request_timeout_s
-        chain, context_chain = [name, *self.models[name].fallbacks], list(self.models[name].context_window_fallbacks)
+        model = self.models[name]
+        chain = [name, *model.fallbacks] if fallbacks else [name]
+        context_chain = list(model.context_window_fallbacks) if fallbacks else []
         last: ApiError = ServiceUnavailable(f"model '{name}' is unavailable")
         while chain:
             candidate = chain.pop(0)

@@ -22,22 +22,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from deployments.engines.vllm_generate import HONOURED_PARAMS as VLLM_PARAMS
 from deployments.protocol import EmbedRequest, GenerateRequest, GenerationDelta, RerankRequest, SamplingOptions
 from serve_app.admission import Admission, Principal, estimate_tokens
 from serve_app.api import openai, rerank
-from deployments.engines.vllm_generate import HONOURED_PARAMS as VLLM_PARAMS
 from serve_app.config import EngineKind, GatewayConfig, ModelConfig, ModelKind
 from serve_app.errors import (
     ApiError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge, ServiceUnavailable,
     UnsupportedParameter, from_exception,
 )
 from serve_app.fanout import plan_chunks
-from serve_app.replica_calls import gather_all, with_deadline
-from serve_app.resilience import Dispatcher, call_replica
-from serve_app.status import status_view
 from serve_app.http import json_response, parse_body, request_id, sse_response
 from serve_app.metrics import RouterMetrics
 from serve_app.middleware import AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
+from serve_app.replica_calls import gather_all, with_deadline
+from serve_app.resilience import Dispatcher, call_replica
+from serve_app.status import status_view
 
 READY_TIMEOUT_S = 5.0
 # What each engine declares it honours (generation only: rerank/embed options are handled by the
@@ -102,7 +102,7 @@ class Router:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def _probe(self, name: str) -> dict[str, Any]:
-        card = await asyncio.wait_for(self.handles[name].card.remote(), READY_TIMEOUT_S)
+        card = await call_replica(self.handles[name].card.remote(), READY_TIMEOUT_S)
         return {"ready": True, "kind": card.kind, "max_input_tokens": card.max_input_tokens, "replica": card.replica.replica_id}
 
     async def list_models(self, request: Request) -> Response:
@@ -219,13 +219,12 @@ class Router:
         # Every chunk is one call in the model's Serve queue: never more than its replicas run at once.
         max_chunks = min(self.gateway.rerank_max_parallel_chunks, model.capacity)
         chunks = plan_chunks(len(q.documents), model.batch.max_batch_size, max_chunks)
-        # Each chunk retries and falls back on its own; one failing for good cancels the others.
-        chunk_calls = [
-            asyncio.ensure_future(self.dispatch.run(q.model, lambda h, left, r=req: call_replica(h.rerank.remote(r), left)))
-            for req in (RerankRequest(rid, q.query, q.documents[a:b], q.truncate, q.max_tokens_per_doc, offset=a)
-                        for a, b in chunks)
-        ]
-        answers = await gather_all(chunk_calls)
+        requests = [RerankRequest(rid, q.query, q.documents[a:b], q.truncate, q.max_tokens_per_doc, offset=a) for a, b in chunks]
+        answers = await self._rerank_chunks(q.model, requests, fallbacks=True)
+        served = {m for m, _ in answers}
+        if len(served) > 1:
+            # Some chunks fell back: scores of two models are not comparable, so one model scores all.
+            answers = await self._rerank_chunks(next(m for m in served if m != q.model), requests, fallbacks=False)
         results = [r for _, r in answers]
         q = dataclasses.replace(q, model=answers[0][0])
         scores = [s for r in results for s in r.scores]
@@ -236,6 +235,14 @@ class Router:
         response.headers["x-served-replica"] = ",".join(dict.fromkeys(r.replica.replica_id for r in results))
         response.headers["x-truncated-documents"] = str(truncated)
         return response
+
+    async def _rerank_chunks(self, model: str, requests: list[RerankRequest], fallbacks: bool) -> list[tuple[str, Any]]:
+        """Each chunk retries (and may fall back) on its own; one failing for good cancels the others."""
+        calls = [
+            asyncio.ensure_future(self.dispatch.run(model, lambda h, left, r=r: call_replica(h.rerank.remote(r), left), fallbacks))
+            for r in requests
+        ]
+        return await gather_all(calls)
 
     # --- helpers ---
     async def _ensure_replica(self, name: str, seconds_left: float) -> None:
@@ -259,10 +266,9 @@ class Router:
 
     def _check_model(self, request: Request, name: str, kind: ModelKind, params: set[str] = frozenset()) -> None:
         model = self.models.get(name)
-        if model is not None:
-            request.scope["state"]["model"] = name  # metrics label: only names we serve
         if model is None:
             raise ModelNotFound(f"model '{name}' does not exist; GET /v1/models lists the served models", "model")
+        request.scope["state"]["model"] = name  # metrics label: only names we serve
         if model.kind is not kind:
             raise InvalidRequest(f"model '{name}' is a {model.kind.value} model and cannot serve this endpoint", "model")
         ignored = sorted(params - HONOURED_PARAMS[model.engine])
@@ -356,6 +362,6 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
 
 
 def _short(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return f"no replica answered within {READY_TIMEOUT_S:.0f}s"
+    if isinstance(exc, ApiError):
+        return exc.message
     return f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -214,3 +214,27 @@ def test_grafana_dashboard_charts_only_metrics_we_export():
     ours = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"ray_(serve_app_\w+?)(?:_total|_bucket)\b", t["expr"])}
     assert ours and ours <= set(names), ours - set(names)
     assert set(names) - {"serve_app_circuit_rejections"} <= ours | {"serve_app_circuit_rejections"}
+
+
+def test_a_split_rerank_list_is_never_scored_by_two_models():
+    class FullOnce(FakeModel):
+        """The primary's queue is full for one chunk only."""
+
+        async def _do_rerank(self, req):
+            if req.offset == 8 and not getattr(self, "refused", False):
+                self.refused = True
+                raise Overloaded("full")
+            return await super()._do_rerank(req)
+
+    models = [
+        {"name": "rr", "kind": "rerank", "engine": "transformers", "source": "o/rr", "fallbacks": ["rr2"],
+         "batching": {"max_batch_size": 8}},
+        {"name": "rr2", "kind": "rerank", "engine": "transformers", "source": "o/rr2", "batching": {"max_batch_size": 8}},
+    ]
+    cfg = parse_app_config({"gateway": {"retry_backoff_s": 0, "rerank_max_parallel_chunks": 4}, "models": models})
+    primary, backup = FullOnce("rr", "rerank"), FakeModel("rr2", "rerank")
+    c = TestClient(Router(cfg.gateway, cfg.models, {"rr": primary, "rr2": backup}).__serve_build_asgi_app__())
+    r = c.post("/v1/rerank", json={"model": "rr", "query": "q", "documents": [f"d{i}" for i in range(24)]})
+    assert r.status_code == 200 and r.json()["model"] == "rr2"
+    # the fallback first took the refused chunk (8), then rescored every chunk so one model ranks all
+    assert sorted(args[0].offset for name, args in backup.calls if name == "rerank") == [0, 8, 8, 16]
