@@ -16,10 +16,11 @@ import time
 
 STEPS = [
     ("uvicorn", "plain uvicorn, same handler (baseline)", ["bench.baselines", "uvicorn"], {}),
-    ("serve-default", "full stack, Serve's default proxy", ["bench.stack", "--scenario", "gateway"], {}),
+    ("serve-default", "full stack, Serve's default proxy", ["bench.stack", "--scenario", "gateway"], {"RAY_SERVE_ENABLE_HA_PROXY": "0"}),
     ("serve-haproxy", "full stack, Serve's HAProxy ingress", ["bench.stack", "--scenario", "gateway"], {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
     ("raw-rerank", "MiniLM in-process, batch 32 (baseline)", ["bench.baselines", "raw-rerank"], {}),
-    ("http-rerank", "MiniLM through the stack, 32 docs/request, c=8", ["bench.stack", "--scenario", "rerank"], {}),
+    ("http-rerank", "MiniLM through the stack (HAProxy), 32 docs/request, c=8", ["bench.stack", "--scenario", "rerank"],
+     {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
 ]
 
 
