@@ -23,7 +23,7 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps Ray on 127.0.0.1 instead of eth0
     "RAY_AUTH_MODE": "disabled",  # else `serve deploy` fails with "Missing authentication token"
-    # Serve's HAProxy ingress: ~2.5x the default proxy's throughput here (docs/benchmarks.md).
+    # Serve's HAProxy ingress: 1.9-2.5x the default proxy's throughput here (docs/benchmarks.md).
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
 DASHBOARD = "http://127.0.0.1:8265"
