@@ -11,6 +11,7 @@ killed healthy vLLM replicas (ray #54070), so:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -110,8 +111,9 @@ class MonitoredReplica:
             self._post_status()
 
     async def status(self) -> dict[str, Any]:
-        import dataclasses
+        return self._snapshot()
 
+    def _snapshot(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.replica), **self.health.snapshot(), "fault": self.fault}
 
     async def inject_fault(self, kind: str | None) -> str:
@@ -126,15 +128,11 @@ class MonitoredReplica:
 
     def _post_status(self) -> None:
         try:
-            import dataclasses
-
             from ray import serve
 
             from deployments.status_board import board
 
-            app = serve.get_replica_context().app_name
-            board(app).post.remote(self.cfg.name, self.replica.replica_id,
-                                   {**dataclasses.asdict(self.replica), **self.health.snapshot(), "fault": self.fault})
+            board(serve.get_replica_context().app_name).post.remote(self.cfg.name, self.replica.replica_id, self._snapshot())
         except Exception:  # noqa: BLE001 - status is best effort; health must not depend on it
             pass
 

@@ -318,9 +318,6 @@ class AppConfig(_Strict):
                 raise ValueError(f"{m.name}.context_window_fallbacks: applies to llm models only")
         return v
 
-    def model(self, name: str) -> ModelConfig:
-        return next(m for m in self.models if m.name == name)
-
 
 class ConfigError(ValueError):
     """A config that cannot be deployed, with a message a newcomer can act on."""

@@ -28,7 +28,7 @@ from serve_app.admission import Admission, Principal, estimate_tokens
 from serve_app.api import openai, rerank
 from serve_app.config import EngineKind, GatewayConfig, ModelConfig, ModelKind
 from serve_app.errors import (
-    ApiError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge, ServiceUnavailable,
+    ApiError, GatewayTimeout, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge, ServiceUnavailable,
     UnsupportedParameter, from_exception,
 )
 from serve_app.fanout import plan_chunks
@@ -254,9 +254,8 @@ class Router:
             return
         probe = self.handles[name].card.remote()  # queued at the handle, it also triggers the upscale
         try:
-            await asyncio.wait_for(_await(probe), min(self.gateway.cold_start_timeout_s, seconds_left))
-        except asyncio.TimeoutError:
-            probe.cancel()
+            await with_deadline(probe, min(self.gateway.cold_start_timeout_s, seconds_left), probe.cancel)
+        except GatewayTimeout:
             raise ServiceUnavailable(
                 f"model '{name}' is scaled to zero and its first replica did not start within "
                 f"{self.gateway.cold_start_timeout_s:g}s; retry shortly", retry_after=10,
@@ -331,10 +330,6 @@ def _sampling(body: openai.SamplingFields, max_tokens: int | None) -> SamplingOp
 
 def _principal(request: Request) -> Principal | None:
     return request.scope.get("state", {}).get("principal")
-
-
-async def _await(response: Any) -> Any:
-    return await response
 
 
 async def _chain(first: GenerationDelta, rest: AsyncIterator[GenerationDelta]) -> AsyncIterator[GenerationDelta]:

@@ -11,7 +11,8 @@ from serve_app.config import ModelConfig
 
 
 async def status_view(models: dict[str, ModelConfig], breakers: dict[str, Any], events: dict[tuple[str, str], int]) -> dict[str, Any]:
-    serve_state, reports, app = await asyncio.gather(_serve_state(), _board_reports(), _app_name())
+    app = _app_name()
+    serve_state, reports = await asyncio.gather(_serve_state(app), _board_reports(app))
     out: dict[str, Any] = {"app": app, "generated_at": time.time(), "models": {}}
     for name, m in models.items():
         dep = serve_state.get(m.deployment_name, {})
@@ -34,11 +35,21 @@ async def status_view(models: dict[str, ModelConfig], breakers: dict[str, Any], 
     return out
 
 
-async def _serve_state() -> dict[str, dict[str, Any]]:
+def _app_name() -> str | None:
     try:
         from ray import serve
 
-        app = serve.get_replica_context().app_name
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside Serve (unit tests): the view shows what the router knows
+        return None
+
+
+async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
+    if app is None:
+        return {}
+    try:
+        from ray import serve
+
         status = await asyncio.to_thread(serve.status)
         deps = status.applications[app].deployments
         return {
@@ -46,25 +57,16 @@ async def _serve_state() -> dict[str, dict[str, Any]]:
                 "replica_states": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}}
             for n, d in deps.items()
         }
-    except Exception:  # noqa: BLE001 - outside Serve (unit tests) or controller busy: show what we have
+    except Exception:  # noqa: BLE001 - controller busy or app going away: show what we have
         return {}
 
 
-async def _board_reports() -> dict[str, dict[str, dict[str, Any]]]:
+async def _board_reports(app: str | None) -> dict[str, dict[str, dict[str, Any]]]:
+    if app is None:
+        return {}
     try:
-        from ray import serve
-
         from deployments.status_board import board
 
-        return await board(serve.get_replica_context().app_name).read.remote()
+        return await board(app).read.remote()
     except Exception:  # noqa: BLE001
         return {}
-
-
-async def _app_name() -> str | None:
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().app_name
-    except Exception:  # noqa: BLE001
-        return None
