@@ -1,7 +1,6 @@
 """`python -m serve_app ...`: check a config, prepare models, bring the stack up and down.
 
-This is the one place that launches Ray processes, so it is also where their environment is
-set: every Ray listener on loopback, no usage stats, no token auth (shared/ENVIRONMENT.md).
+It launches the local Ray processes, with the environment from `serve_app/ray_env.py`.
 """
 
 from __future__ import annotations
@@ -18,14 +17,8 @@ import urllib.error
 import urllib.request
 
 from serve_app.config import PREPARED_PREFIX, AppConfig, ConfigError, hash_key, load_serve_config
+from serve_app.ray_env import RAY_ENV
 
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps Ray on 127.0.0.1 instead of eth0
-    "RAY_AUTH_MODE": "disabled",  # else `serve deploy` fails with "Missing authentication token"
-    # Serve's HAProxy ingress: 1.9-2.5x the default proxy's throughput here (docs/benchmarks.md).
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-}
 DASHBOARD = "http://127.0.0.1:8265"
 
 

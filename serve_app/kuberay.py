@@ -13,8 +13,11 @@ from typing import Any
 import yaml
 
 from serve_app.config import load_serve_config
+from serve_app.ray_env import SERVE_ENV
 
 RAY_VERSION = "2.60.0"
+# Every node: Serve starts an ingress on each (serve_app/ray_env.py).
+POD_ENV = [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}] + [{"name": k, "value": v} for k, v in SERVE_ENV.items()]
 
 
 def rayservice(config_path: str, *, name: str, image: str, gpus_per_worker: int, max_workers: int) -> dict[str, Any]:
@@ -40,7 +43,7 @@ def rayservice(config_path: str, *, name: str, image: str, gpus_per_worker: int,
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                     "template": {"spec": {"containers": [{
                         "name": "ray-head", "image": image, "ports": container_ports,
-                        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}],
+                        "env": POD_ENV,
                         "resources": {"limits": {"cpu": "8", "memory": "32Gi"}, "requests": {"cpu": "8", "memory": "32Gi"}},
                     }]}},
                 },
@@ -49,7 +52,7 @@ def rayservice(config_path: str, *, name: str, image: str, gpus_per_worker: int,
                     "rayStartParams": {},
                     "template": {"spec": {"containers": [{
                         "name": "ray-worker", "image": image,
-                        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}],
+                        "env": POD_ENV,
                         "resources": {
                             "limits": {"cpu": str(8 * gpus_per_worker), "memory": f"{64 * gpus_per_worker}Gi", "nvidia.com/gpu": str(gpus_per_worker)},
                             "requests": {"cpu": str(8 * gpus_per_worker), "memory": f"{64 * gpus_per_worker}Gi", "nvidia.com/gpu": str(gpus_per_worker)},

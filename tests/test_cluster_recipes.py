@@ -43,3 +43,21 @@ def test_launcher_and_scripts_keep_dashboard_on_loopback():
         path = ROOT / "cluster" / script
         subprocess.run(["bash", "-n", str(path)], check=True)
     assert "--dashboard-host=127.0.0.1" in (ROOT / "cluster" / "start-head.sh").read_text()
+
+
+def test_every_recipe_starts_ray_with_the_serve_ingress_settings():
+    """The HAProxy ingress and its replay policy are read where `ray start` runs, on every node."""
+    from serve_app.ray_env import SERVE_ENV
+
+    texts = {name: (ROOT / "cluster" / name).read_text() for name in ("start-head.sh", "join-worker.sh", "Dockerfile")}
+    launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster-aws.yaml").read_text())
+    texts["launcher head"] = " ".join(launcher["head_start_ray_commands"])
+    texts["launcher worker"] = " ".join(launcher["worker_start_ray_commands"])
+    for name, text in texts.items():
+        for key, value in SERVE_ENV.items():
+            assert f'{key}={value}' in text or f'{key}="{value}"' in text, (name, key)
+    m = rayservice(str(ROOT / "cluster" / "gpu_serve_config.yaml"), name="x", image="img", gpus_per_worker=1, max_workers=2)
+    cluster = m["spec"]["rayClusterConfig"]
+    for spec in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e["value"] for e in spec["template"]["spec"]["containers"][0]["env"]}
+        assert SERVE_ENV.items() <= env.items()

@@ -112,8 +112,11 @@ def stack(tiny_models) -> SimpleNamespace:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    # The same ingress `make up` uses (serve_app/cli.py RAY_ENV); read when Serve starts.
-    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    from serve_app.ray_env import SERVE_ENV
+
+    # The same ingress settings `make up` uses; read when Serve starts.
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
     # Autoscaling decisions every second instead of every 10 s (test speed only; read at Ray start).
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")

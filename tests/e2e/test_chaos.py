@@ -19,10 +19,10 @@ pytestmark = pytest.mark.e2e
 DEPLOYMENT = "rerank-ce"
 
 
-def chaos_app(ce, deployment: dict) -> dict:
+def chaos_app(ce, deployment: dict, router: dict | None = None) -> dict:
     return {
         "gateway": {"retry_attempts": 6, "retry_backoff_s": 0.2, "request_timeout_s": 60,
-                    "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
+                    "deployment": router or {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
         "models": [{
             "name": "ce", "kind": "rerank", "engine": "transformers", "source": str(ce),
             "allow_fault_injection": True,
@@ -39,6 +39,7 @@ class Load:
 
     def __init__(self, base: str, threads: int = 4, documents: int = 16) -> None:
         self.base, self.codes, self.errors, self.documents = base, [], [], documents
+        self.failures: list[str] = []  # no HTTP response at all (connection dropped)
         self._stop = threading.Event()
         self._pool = cf.ThreadPoolExecutor(threads)
         self._futures = [self._pool.submit(self._run) for _ in range(threads)]
@@ -47,7 +48,12 @@ class Load:
         body = {"model": "ce", "query": "paris", "documents": [f"doc {i} paris" for i in range(self.documents)]}
         with httpx.Client(base_url=self.base, timeout=90) as c:
             while not self._stop.is_set():
-                r = c.post("/v1/rerank", json=body)
+                try:
+                    r = c.post("/v1/rerank", json=body)
+                except httpx.TransportError as e:
+                    self.codes.append(0)
+                    self.failures.append(repr(e))
+                    continue
                 self.codes.append(r.status_code)
                 if r.status_code != 200:
                     self.errors.append(r.text[:300])
@@ -62,6 +68,13 @@ class Load:
 def replica_ids(app: str, tries: int = 30) -> set[str]:
     handle = serve.get_deployment_handle(DEPLOYMENT, app_name=app)
     return {handle.card.remote().result().replica.replica_id for _ in range(tries)}
+
+
+def router_nodes(app: str) -> set[str]:
+    from ray._private.state import actors  # the GCS actor table; the state API needs the dashboard
+
+    alive = actors(actor_state_name="ALIVE").values()
+    return {a["Address"]["NodeID"] for a in alive if a["ActorClassName"] == f"ServeReplica:{app}:router"}
 
 
 def status(stack, app: str) -> dict:
@@ -124,13 +137,16 @@ def test_a_stalled_replica_is_detected_within_two_health_periods(stack, chaos):
     assert set(load.codes) == {200}, load.errors[:3]
 
 
-def test_removing_a_node_that_hosts_a_replica_loses_no_admitted_request(stack):
-
+def test_removing_a_node_that_hosts_a_router_and_a_model_replica_loses_no_request(stack):
+    """Each of two nodes holds one router replica and one model replica; one node goes. The router
+    retries the model call on the survivor, and HAProxy replays requests whose router died before
+    answering (RAY_SERVE_HAPROXY_RETRY_ON) on the other router replica."""
     cluster = stack.cluster
     nodes = [cluster.add_node(num_cpus=2, resources={"chaos_slot": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
-    pinned = {"max_replicas_per_node": 1, "ray_actor_options": {"num_cpus": 0, "resources": {"chaos_slot": 1}}}
-    deploy({**all_apps(stack.tiny_models), "chaosnode": chaos_app(stack.tiny_models.ce, pinned)})
+    pinned = {"max_replicas_per_node": 1, "ray_actor_options": {"num_cpus": 0, "resources": {"chaos_slot": 0.5}}}
+    router = {"num_replicas": 2, **pinned}
+    deploy({**all_apps(stack.tiny_models), "chaosnode": chaos_app(stack.tiny_models.ce, pinned, router)})
     try:
         handle = serve.get_deployment_handle(DEPLOYMENT, app_name="chaosnode")
         homes = {}
@@ -138,12 +154,13 @@ def test_removing_a_node_that_hosts_a_replica_loses_no_admitted_request(stack):
             card = handle.card.remote().result()
             homes[card.replica.replica_id] = card.replica.node_id
         assert set(homes.values()) == {n.node_id for n in nodes}
+        assert router_nodes("chaosnode") == {n.node_id for n in nodes}
         load = Load(f"{stack.base}/chaosnode")
         time.sleep(2)
         cluster.remove_node(nodes[0])
         time.sleep(8)
         load.stop()
-        assert load.codes and set(load.codes) == {200}, load.errors[:3]
+        assert load.codes and set(load.codes) == {200}, (load.errors[:3], load.failures[:3])
         survivors = {handle.card.remote().result().replica.node_id for _ in range(10)}
         assert survivors == {nodes[1].node_id}
     finally:

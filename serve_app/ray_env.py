@@ -1,0 +1,25 @@
+"""The environment every Ray process of ours starts with, in one place (CLI, tests, cluster recipes).
+
+Serve reads these when its controller and ingress start, so they must be in the environment of
+`ray start` on every node, not only of `serve deploy`.
+"""
+
+from __future__ import annotations
+
+# Ingress: Serve's HAProxy instead of the Python proxy (1.9-2.5x the throughput, docs/benchmarks.md).
+# HAProxy replays a request on another router replica when it got no response at all: a refused
+# connection, or a router that died (its node went) before answering. Without `empty-response` those
+# requests are lost to their clients (test_removing_a_node_that_hosts_a_router_and_a_model_replica_...).
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+}
+
+# A single machine: every Ray listener on loopback, no usage stats, no token auth (shared/ENVIRONMENT.md).
+LOCAL_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps Ray on 127.0.0.1 instead of eth0
+    "RAY_AUTH_MODE": "disabled",  # else `serve deploy` fails with "Missing authentication token"
+}
+
+RAY_ENV = {**LOCAL_ENV, **SERVE_ENV}
