@@ -6,7 +6,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install models up down test check
+.PHONY: install models up down test check bench
 
 install:
 	@bash scripts/install.sh
@@ -25,3 +25,7 @@ down:
 
 test: models
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every benchmark against its baselines, same run (~10 min; docs/benchmarks.md). Not part of `make test`.
+bench: models
+	@$(PY) -m bench.run $(BENCH_ARGS)

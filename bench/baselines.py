@@ -1,11 +1,22 @@
-"""Baselines measured in the same run: the same handler on plain uvicorn, and the raw model."""
+"""Baselines measured in the same run: the same handler on plain uvicorn, the raw model in-process,
+bare `vllm serve`, and Infinity (in its own venv)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
+
+from bench.workloads import RERANK_BODY, RERANK_CONCURRENCY, RERANK_MAX_BATCH, llm_load, llm_model, rerank_pairs
+
+INFINITY_VENV = pathlib.Path(".bench-venvs") / "infinity"
 
 
 def uvicorn_app():
@@ -24,52 +35,131 @@ def uvicorn_app():
 
 
 def raw_rerank(seconds: float) -> dict:
-    """MiniLM bi-encoder in-process, batches of 32 pairs, as the replica runs it."""
-    import pathlib
-
+    """The bench cross-encoder in-process through our own engine class, at each batch size; the
+    best one is the baseline. torch uses every core, as it does by default."""
+    from bench.models import ensure_cross_encoder
     from deployments.engines.transformers_encoder import TransformersEncoder
     from serve_app.config import ModelConfig, RerankMode
 
-    cfg = ModelConfig.model_validate({"name": "m", "kind": "rerank", "engine": "transformers", "rerank_mode": "bi_encoder",
-                                      "source": "prepared:all-minilm-l6-v2", "max_input_tokens": 256})
-    path = str(pathlib.Path("models") / "all-minilm-l6-v2")
-    enc = TransformersEncoder(cfg, path, mode=RerankMode.bi_encoder)
-    pairs = [("What is the capital of France?", f"Document {i} talks about the capital city of a European country.") for i in range(32)]
-    enc.score_pairs(pairs)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    path = ensure_cross_encoder()
+    cfg = ModelConfig.model_validate({"name": "m", "kind": "rerank", "engine": "transformers", "source": str(path)})
+    enc = TransformersEncoder(cfg, str(path), mode=RerankMode.cross_encoder)
+    import torch
+
+    out: dict = {"threads": torch.get_num_threads(), "by_batch": {}}
+    for batch in (8, 16, 32, 64, 128):
+        pairs = rerank_pairs(batch)
         enc.score_pairs(pairs)
-        n += len(pairs)
-    return {"pairs_per_s": n / (time.perf_counter() - t0)}
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 4:
+            enc.score_pairs(pairs)
+            n += len(pairs)
+        out["by_batch"][batch] = n / (time.perf_counter() - t0)
+    out["best_batch"], out["pairs_per_s"] = max(out["by_batch"].items(), key=lambda kv: kv[1])
+    return out
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return time.time() - t0
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"{url} did not answer within {timeout:.0f}s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ends the server's whole process group (started with start_new_session): only what we started."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def vllm_serve(seconds: float, port: int) -> dict:
+    """Bare `vllm serve` on the default LLM with the engine settings serve_config.yaml gives it."""
+    model, path = llm_model()
+    cmd = [str(pathlib.Path(sys.executable).parent / "vllm"), "serve", str(path), "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", model.name, "--max-model-len", str(model.max_input_tokens)]
+    for key, value in model.engine_kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        cmd += [flag] if value is True else [flag, str(value)]
+    env = {**os.environ, **model.engine_env}
+    log = open("bench/results/vllm-serve.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        ready_s = _wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 300)
+        return {"ready_s": ready_s, **llm_load(f"http://127.0.0.1:{port}/v1/chat/completions", seconds)}
+    finally:
+        _stop(proc)
+
+
+def infinity(seconds: float, port: int) -> dict:
+    """Infinity (infinity-emb) serving the same cross-encoder from its own venv (it pins old
+    numpy/transformers); installed on first use."""
+    from bench.load import run
+    from bench.models import ensure_cross_encoder
+
+    path = ensure_cross_encoder()
+    binary = INFINITY_VENV / "bin" / "infinity_emb"
+    if not binary.exists():
+        print("[bench] installing Infinity into .bench-venvs/infinity (first run only) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(INFINITY_VENV)], check=True)
+        subprocess.run([str(INFINITY_VENV / "bin" / "pip"), "install", "-q", "torch==2.13.0", "infinity-emb[server,torch]"], check=True)
+    log = open("bench/results/infinity.log", "w")
+    cmd = [str(binary), "v2", "--model-id", str(path), "--served-model-name", RERANK_BODY["model"], "--engine", "torch",
+           "--device", "cpu", "--batch-size", str(RERANK_MAX_BATCH), "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 300)
+        r = asyncio.run(run(f"http://127.0.0.1:{port}/rerank", RERANK_BODY, RERANK_CONCURRENCY, seconds))
+        return {"pairs_per_s": r.rps * len(RERANK_BODY["documents"]), **r.summary()}
+    finally:
+        _stop(proc)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["uvicorn", "raw-rerank"])
+    p.add_argument("what", choices=["uvicorn", "raw-rerank", "vllm-serve", "infinity"])
     p.add_argument("--port", type=int, default=8032)
     p.add_argument("--seconds", type=float, default=8)
     args = p.parse_args()
+    os.makedirs("bench/results", exist_ok=True)
     if args.what == "raw-rerank":
-        print("RESULT " + json.dumps(raw_rerank(args.seconds)), flush=True)
-        return
+        out = raw_rerank(args.seconds)
+    elif args.what == "vllm-serve":
+        out = vllm_serve(args.seconds, args.port)
+    elif args.what == "infinity":
+        out = infinity(args.seconds, args.port)
+    else:
+        out = _uvicorn(args.seconds, args.port)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _uvicorn(seconds: float, port: int) -> dict:
     import threading
 
     import uvicorn
 
     from bench.load import run
 
-    server = uvicorn.Server(uvicorn.Config(uvicorn_app(), host="127.0.0.1", port=args.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(uvicorn_app(), host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
     out = {}
-    body = {"model": "null", "query": "q", "documents": ["a"]}
     for c in (1, 32):
-        r = asyncio.run(run(f"http://127.0.0.1:{args.port}/v1/rerank", body, c, args.seconds))
-        out[f"c{c}"] = {"rps": r.rps, "p50": r.pct(0.5), "p99": r.pct(0.99), "codes": r.codes}
+        out[f"c{c}"] = asyncio.run(run(f"http://127.0.0.1:{port}/v1/rerank", NULL_BODY, c, seconds)).summary()
     server.should_exit = True
-    print("RESULT " + json.dumps(out), flush=True)
+    return out
 
+
+NULL_BODY = {"model": "null", "query": "q", "documents": ["a"]}
 
 if __name__ == "__main__":
     main()

@@ -1,13 +1,14 @@
 """A small closed-loop HTTP load generator (aiohttp, which Ray already installs).
 
-`concurrency` workers each send requests back to back for `seconds`; latencies of every
-request are kept, so p50/p99 come from real samples, not estimates.
+`concurrency` workers each send requests back to back for `seconds`; the latency of every request
+is kept per status code, so p50/p99 come from real samples, and admitted and rejected requests can
+be told apart. Streaming requests also record time to first token and the tokens generated.
 """
 
 from __future__ import annotations
 
 import asyncio
-import statistics
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -17,46 +18,86 @@ import aiohttp
 @dataclass
 class Result:
     latencies_ms: list[float] = field(default_factory=list)
-    codes: dict[int, int] = field(default_factory=dict)
+    by_code: dict[int, list[float]] = field(default_factory=dict)
+    ttft_ms: list[float] = field(default_factory=list)
+    tokens: int = 0
     seconds: float = 0.0
+
+    @property
+    def codes(self) -> dict[int, int]:
+        return {k: len(v) for k, v in sorted(self.by_code.items())}
 
     @property
     def rps(self) -> float:
         return len(self.latencies_ms) / self.seconds if self.seconds else 0.0
 
-    def pct(self, q: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        xs = sorted(self.latencies_ms)
-        return xs[min(len(xs) - 1, int(q * len(xs)))]
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
 
-    def summary(self) -> str:
-        codes = ", ".join(f"{k}:{v}" for k, v in sorted(self.codes.items()))
-        return f"{self.rps:8.1f} req/s  p50 {self.pct(0.5):7.2f} ms  p99 {self.pct(0.99):7.2f} ms  [{codes}]"
+    def pct(self, q: float, code: int | None = None, ttft: bool = False) -> float:
+        xs = self.ttft_ms if ttft else (self.by_code.get(code, []) if code is not None else self.latencies_ms)
+        return pct(xs, q)
+
+    def summary(self) -> dict:
+        out = {"rps": self.rps, "p50": self.pct(0.5), "p99": self.pct(0.99), "codes": self.codes}
+        if self.ttft_ms:
+            out |= {"ttft_p50": self.pct(0.5, ttft=True), "ttft_p99": self.pct(0.99, ttft=True), "tokens_per_s": self.tokens_per_s}
+        return out
 
 
-async def run(url: str, body: dict, concurrency: int, seconds: float, warmup_s: float = 1.0) -> Result:
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def run(url: str, body: dict, concurrency: int, seconds: float, warmup_s: float = 1.0, stream: bool = False,
+              honour_retry_after: bool = False) -> Result:
+    """`stream=True`: an OpenAI SSE stream; the first `content` delta is the first token, and the
+    final usage chunk (`stream_options.include_usage`) gives the tokens generated.
+    `honour_retry_after=True`: after a 429/503 a worker waits Retry-After seconds, as the openai
+    SDK does, instead of sending again at once."""
     result = Result()
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        stop_warm = time.perf_counter() + warmup_s
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(record: bool) -> None:
+            t0 = time.perf_counter()
+            first, tokens = None, 0
+            async with session.post(url, json=body) as r:
+                if stream and r.status == 200:
+                    async for raw in r.content:
+                        line = raw.decode().strip()
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                            first = time.perf_counter()
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                else:
+                    await r.read()
+                status, retry_after = r.status, r.headers.get("retry-after")
+            if record:
+                ms = (time.perf_counter() - t0) * 1000
+                result.latencies_ms.append(ms)
+                result.by_code.setdefault(status, []).append(ms)
+                result.tokens += tokens
+                if first is not None:
+                    result.ttft_ms.append((first - t0) * 1000)
+            if honour_retry_after and status in (429, 503) and retry_after:
+                await asyncio.sleep(min(float(retry_after), 60))
 
         async def worker(record: bool, until: float) -> None:
             while time.perf_counter() < until:
-                t0 = time.perf_counter()
-                async with session.post(url, json=body) as r:
-                    await r.read()
-                    status = r.status
-                if record:
-                    result.latencies_ms.append((time.perf_counter() - t0) * 1000)
-                    result.codes[status] = result.codes.get(status, 0) + 1
+                await one(record)
 
+        stop_warm = time.perf_counter() + warmup_s
         await asyncio.gather(*(worker(False, stop_warm) for _ in range(concurrency)))
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(True, t0 + seconds) for _ in range(concurrency)))
         result.seconds = time.perf_counter() - t0
     return result
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")

@@ -1,5 +1,5 @@
-"""Runs one Serve configuration in this process and measures it (called by bench/run.py in a
-subprocess per configuration, because the proxy choice is read when Serve starts)."""
+"""Runs one Serve configuration in this process and measures it (bench/run.py calls it in a
+subprocess per step: Serve reads its ingress choice when it starts)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,20 @@ import argparse
 import asyncio
 import json
 import os
+import time
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from bench.load import run  # noqa: E402
+from bench.workloads import (  # noqa: E402
+    QUERY, RERANK_BODY, RERANK_CONCURRENCY, app_args, cross_encoder_model, default_models, llm_load,
+)
 from deployments.protocol import ModelCard, RerankResult, ReplicaInfo  # noqa: E402
 
 NULL_BODY = {"model": "null", "query": "q", "documents": ["a"]}
+CORES = os.cpu_count() or 1
 
 
 class NullReranker:
@@ -31,46 +36,102 @@ class NullReranker:
         return ModelCard("null", "rerank", "transformers", 512, self.replica)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=["gateway", "rerank"], required=True)
-    p.add_argument("--port", type=int, default=8031)
-    p.add_argument("--seconds", type=float, default=8)
-    args = p.parse_args()
-
-    import ray
-    import yaml
+def gateway(base: str, seconds: float) -> dict:
     from ray import serve
 
     from serve_app.config import parse_app_config
     from serve_app.router import Ingress
 
+    cfg = parse_app_config({"models": [{"name": "null", "kind": "rerank", "engine": "transformers", "source": "org/null",
+                                        "deployment": {"max_ongoing_requests": 256, "max_queued_requests": -1}}]})
+    null = serve.deployment(NullReranker).options(name="null", max_ongoing_requests=256).bind()
+    router = serve.deployment(Ingress).options(name="router", max_ongoing_requests=256)
+    serve.run(router.bind(cfg.gateway, cfg.models, {"null": null}), name="bench", route_prefix="/")
+    return {f"c{c}": asyncio.run(run(f"{base}/v1/rerank", NULL_BODY, c, seconds)).summary() for c in (1, 32)}
+
+
+def rerank(base: str, seconds: float, replicas: int) -> dict:
+    """The machine's cores split among `replicas` (Ray gives a replica as many torch threads as its
+    num_cpus): one replica with every core, as the raw baseline and Infinity run, or one
+    single-threaded replica per core."""
+    from bench.models import ensure_cross_encoder
+
+    _deploy([cross_encoder_model(str(ensure_cross_encoder()), replicas=replicas, cpus=CORES / replicas)])
+    r = asyncio.run(run(f"{base}/v1/rerank", RERANK_BODY, RERANK_CONCURRENCY, seconds))
+    return {"pairs_per_s": r.rps * len(RERANK_BODY["documents"]), **r.summary()}
+
+
+def long_list(base: str, seconds: float, replicas: int) -> dict:
+    """A 1,000-document list, one request at a time: the router splits it across the replicas,
+    which share the machine's cores."""
+    from bench.models import ensure_cross_encoder
+
+    _deploy([cross_encoder_model(str(ensure_cross_encoder()), replicas=replicas, cpus=CORES / replicas)])
+    body = {"model": "minilm-ce", "query": QUERY, "return_documents": False,
+            "documents": [f"Document {i} is about one of the many cities of Europe and their museums." for i in range(1000)]}
+    # A request takes seconds: measure long enough for several of them.
+    r = asyncio.run(run(f"{base}/v1/rerank", body, 1, max(3 * seconds, 24), warmup_s=0.1))
+    return {"docs_per_s": r.rps * 1000, **r.summary()}
+
+
+def overload(base: str, seconds: float) -> dict:
+    """Capacity is max_ongoing + max_queued = 8 requests; 24 clients keep sending (3x). Twice: clients
+    that resend a rejected request at once (a storm), and clients that wait Retry-After as the
+    openai SDK does."""
+    from bench.models import ensure_cross_encoder
+
+    _deploy([cross_encoder_model(str(ensure_cross_encoder()), cpus=CORES, max_ongoing_requests=4, max_queued_requests=4)])
+    body = {**RERANK_BODY, "documents": RERANK_BODY["documents"][:8]}
+    out: dict = {"capacity": 8, "clients": 24, "unloaded": asyncio.run(run(f"{base}/v1/rerank", body, 1, seconds)).summary()}
+    for name, polite in (("storm", False), ("sdk", True)):
+        loaded = asyncio.run(run(f"{base}/v1/rerank", body, 24, seconds, honour_retry_after=polite))
+        out[name] = {**loaded.summary(), "admitted_p50": loaded.pct(0.5, 200), "admitted_p99": loaded.pct(0.99, 200),
+                     "rejected_p50": loaded.pct(0.5, 503), "rejected_p99": loaded.pct(0.99, 503),
+                     "admitted_per_s": len(loaded.by_code.get(200, [])) / loaded.seconds}
+    return out
+
+
+def llm(base: str, seconds: float) -> dict:
+    """serve_config.yaml's LLM alone, the same engine settings bare `vllm serve` gets."""
+    t0 = time.time()
+    _deploy([_llm_raw()])
+    return {"ready_s": time.time() - t0, **llm_load(f"{base}/v1/chat/completions", seconds)}
+
+
+def _llm_raw() -> dict:
+    return next(m for m in default_models() if m["kind"] == "llm")
+
+
+def _deploy(models: list[dict]) -> None:
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app(app_args(models)), name="bench", route_prefix="/")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm"], required=True)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--port", type=int, default=8031)
+    p.add_argument("--seconds", type=float, default=8)
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    out: dict = {}
-    if args.scenario == "gateway":
-        cfg = parse_app_config({"models": [{"name": "null", "kind": "rerank", "engine": "transformers", "source": "org/null",
-                                            "deployment": {"max_ongoing_requests": 256, "max_queued_requests": -1}}]})
-        null = serve.deployment(NullReranker).options(name="null", max_ongoing_requests=256).bind()
-        router = serve.deployment(Ingress).options(name="router", max_ongoing_requests=256)
-        serve.run(router.bind(cfg.gateway, cfg.models, {"null": null}), name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{args.port}/v1/rerank"
-        for c in (1, 32):
-            r = asyncio.run(run(url, NULL_BODY, c, args.seconds))
-            out[f"c{c}"] = {"rps": r.rps, "p50": r.pct(0.5), "p99": r.pct(0.99), "codes": r.codes}
-    else:
-        from serve_app.app import build_app
-
-        app_args = yaml.safe_load(open("serve_config.yaml"))["applications"][0]["args"]
-        app_args["models"] = [m for m in app_args["models"] if m["kind"] == "rerank"]
-        serve.run(build_app(app_args), name="bench", route_prefix="/")
-        model = app_args["models"][0]["name"]
-        docs = [f"Document {i} talks about the capital city of a European country." for i in range(32)]
-        body = {"model": model, "query": "What is the capital of France?", "documents": docs, "return_documents": False}
-        r = asyncio.run(run(f"http://127.0.0.1:{args.port}/v1/rerank", body, 8, args.seconds))
-        out["http"] = {"pairs_per_s": r.rps * len(docs), "p50": r.pct(0.5), "p99": r.pct(0.99), "codes": r.codes}
-    serve.shutdown()
-    ray.shutdown()
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        if args.scenario in ("long-list", "rerank"):
+            out = {"long-list": long_list, "rerank": rerank}[args.scenario](base, args.seconds, args.replicas)
+        else:
+            out = {"gateway": gateway, "overload": overload, "llm": llm}[args.scenario](base, args.seconds)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     print("RESULT " + json.dumps(out), flush=True)
 
 
