@@ -6,20 +6,20 @@ Serve reads these when its controller and ingress start, so they must be in the 
 
 from __future__ import annotations
 
-# Ingress: Serve's HAProxy instead of the Python proxy (1.9-2.5x the throughput, docs/benchmarks.md).
-# HAProxy replays a request on another router replica when it got no response at all: a refused
-# connection, or a router that died (its node went) before answering. Without `empty-response` those
-# requests are lost to their clients (test_removing_a_node_that_hosts_a_router_and_a_model_replica_...).
-# Serve's throughput profile: user code on the replica's own event loop (no thread hop), the
-# handle's router on the caller's loop, gRPC between deployments, GC frozen after start: 2.5x the
-# gateway's throughput and half its latency here (docs/benchmarks.md). Our replicas never block
-# their loop (forward passes run in threads, vLLM in its own process), which this requires.
 SERVE_ENV = {
+    # Serve's HAProxy ingress instead of its Python proxy: ~2x the throughput here (docs/benchmarks.md).
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # HAProxy replays a request on another router replica when it got no response at all: a refused
+    # connection, or a router that died with its node before answering. Without `empty-response`
+    # those requests are lost to their clients (test_removing_a_node_that_hosts_a_router_and_...).
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    # Serve's throughput profile: user code on the replica's own event loop (no thread hop), the
+    # handle's router on the caller's loop, gRPC between deployments, GC frozen after start: 2.5x
+    # the gateway's throughput and half its latency here. It needs replicas that never block their
+    # loop; ours don't (forward passes run in threads, vLLM in its own process).
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    # ...except its log buffering: it holds up to 1,000 request log lines per replica, so a request
-    # id could not be found in the logs until much later. Operators get every line at once.
+    # ...except its log buffering (up to 1,000 request log lines per replica): a request id must be
+    # findable in the logs at once. Buffering was worth only 1.06x.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 
