@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.request
 
-from bench.workloads import RERANK_BODY, RERANK_CONCURRENCY, RERANK_MAX_BATCH, llm_load, llm_model, rerank_pairs
+from bench.workloads import NULL_BODY, RERANK_BODY, RERANK_CONCURRENCY, RERANK_MAX_BATCH, llm_load, llm_model, rerank_pairs
 
 INFINITY_VENV = pathlib.Path(".bench-venvs") / "infinity"
 
@@ -158,8 +158,6 @@ def _uvicorn(seconds: float, port: int) -> dict:
     server.should_exit = True
     return out
 
-
-NULL_BODY = {"model": "null", "query": "q", "documents": ["a"]}
 
 if __name__ == "__main__":
     main()

@@ -9,17 +9,18 @@ import json
 import os
 import time
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from serve_app.ray_env import LOCAL_ENV
+
+# Before anything imports Ray: a step run by hand gets the loopback settings bench/run.py gives it.
+for _key, _value in LOCAL_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 from bench.load import run  # noqa: E402
 from bench.workloads import (  # noqa: E402
-    QUERY, RERANK_BODY, RERANK_CONCURRENCY, app_args, cross_encoder_model, default_models, llm_load,
+    NULL_BODY, QUERY, RERANK_BODY, RERANK_CONCURRENCY, app_args, cross_encoder_model, llm_entry, llm_load,
 )
 from deployments.protocol import ModelCard, RerankResult, ReplicaInfo  # noqa: E402
 
-NULL_BODY = {"model": "null", "query": "q", "documents": ["a"]}
 CORES = os.cpu_count() or 1
 
 
@@ -94,12 +95,8 @@ def overload(base: str, seconds: float) -> dict:
 def llm(base: str, seconds: float) -> dict:
     """serve_config.yaml's LLM alone, the same engine settings bare `vllm serve` gets."""
     t0 = time.time()
-    _deploy([_llm_raw()])
+    _deploy([llm_entry()])
     return {"ready_s": time.time() - t0, **llm_load(f"{base}/v1/chat/completions", seconds)}
-
-
-def _llm_raw() -> dict:
-    return next(m for m in default_models() if m["kind"] == "llm")
 
 
 def _deploy(models: list[dict]) -> None:

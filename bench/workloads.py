@@ -16,6 +16,8 @@ def rerank_pairs(n: int) -> list[tuple[str, str]]:
     return [(QUERY, f"Document {i} talks about the capital city of a European country.") for i in range(n)]
 
 
+# The trivial backend's request: the gateway steps measure the stack around it.
+NULL_BODY = {"model": "null", "query": "q", "documents": ["a"]}
 RERANK_BODY = {"model": "minilm-ce", "query": QUERY, "documents": [d for _, d in rerank_pairs(RERANK_DOCS)],
                "return_documents": False}
 
@@ -35,12 +37,16 @@ def default_models() -> list[dict]:
     return yaml.safe_load(pathlib.Path("serve_config.yaml").read_text())["applications"][0]["args"]["models"]
 
 
+def llm_entry() -> dict:
+    """serve_config.yaml's LLM entry, as the stack deploys it."""
+    return next(m for m in default_models() if m["kind"] == "llm")
+
+
 def llm_model():
     """serve_config.yaml's LLM as a validated ModelConfig, and its prepared path."""
     from serve_app.config import ModelConfig
 
-    raw = next(m for m in default_models() if m["kind"] == "llm")
-    model = ModelConfig.model_validate(raw)
+    model = ModelConfig.model_validate(llm_entry())
     return model, model.resolved_source(pathlib.Path("models"))
 
 

@@ -23,6 +23,8 @@ from serve_app.presets import apply_preset, find_preset
 from serve_app.router import Ingress
 
 ROUTER_NAME = "router"
+# The router has no batch; its autoscaling target is sized as if it batched this many requests.
+ROUTER_BATCH_CAPACITY = 64
 _REPLICA_CLASS = {ModelKind.llm: LLMServer, ModelKind.rerank: RerankerServer, ModelKind.embed: EmbedderServer}
 
 
@@ -76,7 +78,7 @@ def model_deployment(model: ModelConfig) -> Deployment:
 
 
 def router_deployment(gateway: GatewayConfig) -> Deployment:
-    return serve.deployment(Ingress).options(name=ROUTER_NAME, **_serve_options(gateway.deployment, 64))
+    return serve.deployment(Ingress).options(name=ROUTER_NAME, **_serve_options(gateway.deployment, ROUTER_BATCH_CAPACITY))
 
 
 def _serve_options(d: DeploymentSettings, batch_capacity: int) -> dict[str, Any]:
@@ -111,7 +113,7 @@ def _serve_options(d: DeploymentSettings, batch_capacity: int) -> dict[str, Any]
 def describe(cfg: AppConfig) -> list[dict[str, Any]]:
     """What `build_from_config` would deploy, for `python -m serve_app check`."""
     cfg = resolve(cfg)
-    rows = [{"deployment": ROUTER_NAME, "serves": "HTTP ingress", **_brief(_serve_options(cfg.gateway.deployment, 64))}]
+    rows = [{"deployment": ROUTER_NAME, "serves": "HTTP ingress", **_brief(_serve_options(cfg.gateway.deployment, ROUTER_BATCH_CAPACITY))}]
     for m in cfg.models:
         d = model_deployment(m)
         rows.append({

@@ -229,8 +229,9 @@ class Router:
         q = dataclasses.replace(q, model=answers[0][0])
         scores = [s for r in results for s in r.scores]
         truncated = sum(r.truncated_documents for r in results)
-        self._served(request, q.model, sum(r.prompt_tokens for r in results), truncated=truncated)
-        out = shape(rid, q, scores, sum(r.prompt_tokens for r in results), truncated)
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        self._served(request, q.model, prompt_tokens, truncated=truncated)
+        out = shape(rid, q, scores, prompt_tokens, truncated)
         response = json_response(out, results[0].replica)
         response.headers["x-served-replica"] = ",".join(dict.fromkeys(r.replica.replica_id for r in results))
         response.headers["x-truncated-documents"] = str(truncated)

@@ -49,24 +49,23 @@ class Load:
         body = {"model": "ce", "query": "paris", "documents": [f"doc {i} paris" for i in range(self.documents)]}
         with httpx.Client(base_url=self.base, timeout=90) as c:
             while not self._stop.is_set():
-                try:
-                    r = c.post("/v1/rerank", json=body)
-                except httpx.TransportError as e:
-                    if not self.retry_dropped:
-                        self.codes.append(0)
-                        self.failures.append(repr(e))
-                        continue
-                    # What the openai and cohere clients do with a dropped connection: send it again.
-                    self.dropped.append(repr(e))
-                    try:
-                        r = c.post("/v1/rerank", json=body)
-                    except httpx.TransportError as e2:
-                        self.codes.append(0)
-                        self.failures.append(repr(e2))
-                        continue
+                r = self._post(c, body)
+                if r is None:
+                    continue
                 self.codes.append(r.status_code)
                 if r.status_code != 200:
                     self.errors.append(r.text[:300])
+
+    def _post(self, c: httpx.Client, body: dict) -> httpx.Response | None:
+        """One request. With `retry_dropped`, a dropped connection is sent once more, as the openai
+        and cohere clients do; a request that never gets a response is recorded as status 0."""
+        for attempt in range(2 if self.retry_dropped else 1):
+            try:
+                return c.post("/v1/rerank", json=body)
+            except httpx.TransportError as e:
+                (self.dropped if self.retry_dropped and attempt == 0 else self.failures).append(repr(e))
+        self.codes.append(0)
+        return None
 
     def stop(self) -> None:
         self._stop.set()
