@@ -17,6 +17,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 
+POISON_MARKER = "\u2620poison\u2620"  # with the "poison" fault injected, inputs holding it fail
+
+
 class ReplicaUnhealthy(RuntimeError):
     pass
 
@@ -102,6 +105,11 @@ class MonitoredReplica:
     async def _probe(self) -> None:
         raise NotImplementedError
 
+    async def probe(self) -> None:
+        """The deep probe on demand: the router asks for it to tell a poison input (the probe
+        passes) from a sick model (it fails) after a request failed twice."""
+        await asyncio.wait_for(self._probe(), self.cfg.health.probe_timeout_s)
+
     async def check_health(self) -> None:
         try:
             if self.fault == "unhealthy":
@@ -114,14 +122,17 @@ class MonitoredReplica:
         return self._snapshot()
 
     def _snapshot(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.replica), **self.health.snapshot(), "fault": self.fault}
+        engine = getattr(self, "engine", None)
+        where = {"device": getattr(engine, "device", None), "dtype": getattr(engine, "dtype", None)}
+        return {**dataclasses.asdict(self.replica), **where, **self.health.snapshot(), "fault": self.fault}
 
     async def inject_fault(self, kind: str | None) -> str:
-        """kind: "stall" (work stops progressing), "unhealthy" (health check fails), None (clear).
+        """kind: "stall" (work stops progressing), "unhealthy" (health check fails), "poison" (inputs
+        holding POISON_MARKER fail in the engine, as inputs that crash a tokenizer do), None (clear).
         Returns the replica id, since a handle call lands on any one replica."""
         if not self.cfg.allow_fault_injection:
             raise PermissionError(f"model '{self.cfg.name}' does not allow fault injection")
-        if kind not in (None, "stall", "unhealthy"):
+        if kind not in (None, "stall", "unhealthy", "poison"):
             raise ValueError(f"unknown fault {kind!r}")
         self.fault = kind
         return self.replica.replica_id

@@ -10,6 +10,7 @@ from deployments.health import MonitoredReplica
 from deployments.protocol import Choice, GenerateRequest, GenerationDelta, GenerationResult, ModelCard, SamplingOptions
 from deployments.runtime import replica_info
 from serve_app.config import ModelConfig
+from serve_app.errors import preparing
 
 
 class LLMServer(MonitoredReplica):
@@ -22,7 +23,7 @@ class LLMServer(MonitoredReplica):
 
     async def card(self) -> ModelCard:
         return ModelCard(self.cfg.name, "llm", "vllm", self.engine.max_model_len, self.replica,
-                         sampling_defaults=self.engine.model_defaults)
+                         sampling_defaults=self.engine.model_defaults, device=self.engine.device, dtype=self.engine.dtype)
 
     async def generate(self, req: GenerateRequest) -> GenerationResult:
         prompt_ids, max_tokens = self._prepare(req)
@@ -48,9 +49,11 @@ class LLMServer(MonitoredReplica):
 
     def _prepare(self, req: GenerateRequest) -> tuple[list[int], int]:
         if req.messages is not None:
-            ids = self.engine.encode_chat(req.messages)
+            with preparing("the messages (chat template)", "messages"):
+                ids = self.engine.encode_chat(req.messages)
         else:
-            ids = self.engine.encode_prompt(req.prompt or "")
+            with preparing("the prompt", "prompt"):
+                ids = self.engine.encode_prompt(req.prompt or "")
         return ids, self.engine.plan_max_tokens(len(ids), req.sampling.max_tokens, self.default_max_tokens)
 
     async def unfinished_requests(self) -> int:

@@ -109,4 +109,7 @@ class ModelCard:
     replica: ReplicaInfo
     batching: dict[str, float] | None = None  # encoders: current max_batch_size / batch_wait_timeout_s
     largest_batch: int = 0  # encoders: the most inputs one forward pass has carried
+    forward_passes: int = 0  # encoders: forward passes so far (mark for `batch_sizes(since)`)
     sampling_defaults: dict[str, float] | None = None  # LLMs: what the model's generation_config sets
+    device: str | None = None  # where the model runs ("cuda", "cpu")
+    dtype: str | None = None  # its weights' dtype ("float16", "float32", ...)

@@ -13,13 +13,14 @@ import asyncio
 from deployments.encoder_server import EncoderServer
 from deployments.engines import Scored
 from deployments.protocol import RerankRequest, RerankResult
-from serve_app.errors import InvalidRequest
+from serve_app.errors import InvalidRequest, preparing
 
 
 class RerankerServer(EncoderServer):
     async def rerank(self, req: RerankRequest) -> RerankResult:
-        query, docs, pre_cut = await asyncio.to_thread(self._fit, req)
-        scored = await self._run_all([(query, d) for d in docs])
+        with preparing("the query and documents", "documents"):
+            query, docs, pre_cut = await asyncio.to_thread(self._fit, req)
+        scored = await self._run_all([(query, d) for d in docs], "documents", req.offset)
         return RerankResult(
             scores=[float(s.value) for s in scored],
             prompt_tokens=sum(s.tokens for s in scored),

@@ -69,9 +69,9 @@ def _apps(path: str) -> list[tuple[str, AppConfig]]:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate, apply presets, check each model against its engine; exit 2 on any problem."""
     from serve_app.app import describe, resolve
-    from serve_app.compat import check_fit, check_model
+    from serve_app.compat import check_engine_kwargs, check_fit, check_model
 
-    problems = []
+    problems, notes = [], []
     node_gpus = _node_gpus(args)
     for name, cfg in _apps(args.config):
         print(f"application '{name}': {len(cfg.models)} model(s)")
@@ -81,8 +81,13 @@ def cmd_check(args: argparse.Namespace) -> int:
                   f"cpus={row['cpus']} gpus={row['gpus']}{extra}")
             if row.get("preset"):
                 print(f"  {'':<36} preset: {row['preset']}")
-        problems += [p for m in resolve(cfg).models for p in check_model(m, cfg.gateway.models_path)]
+        for m in resolve(cfg).models:
+            problems += check_model(m, cfg.gateway.models_path)
+            found, noted = check_engine_kwargs(m)
+            problems, notes = problems + found, notes + noted
         problems += check_fit(cfg.models, node_gpus)
+    for n in notes:
+        print(f"note: {n}")
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if problems:
@@ -141,13 +146,21 @@ def render_status(view: dict) -> str:
             lines.append(f"  circuit last error: {circuit['last_error']} at {_ts(circuit.get('last_error_at'))}")
         if m.get("serve_message"):
             lines.append(f"  serve: {m['serve_message'][:200]}")
-        lines.append(f"  {'replica':<10} {'state':<10} {'node':<14} {'ip':<15} {'inflight':>8} {'probe':>12}  last error")
+        lines.append(f"  {'replica':<10} {'state':<10} {'node':<14} {'ip':<15} {'device':<14} {'inflight':>8} {'probe':>12}  last error")
         for r in m.get("replicas", []):
             probe = "-" if r.get("last_probe_ms") is None else f"{r['last_probe_ms']:.0f}ms {'ok' if r.get('last_probe_ok') else 'FAIL'}"
             err = f"{r['last_error'][:60]} ({_ts(r.get('last_error_at'))})" if r.get("last_error") else "-"
+            if r.get("state") == "gone":
+                err = f"gone since {_ts(r.get('gone_at'))}; Serve no longer lists it" + ("" if err == "-" else f"; last error {err}")
             lines.append(f"  {r.get('replica_id', '?'):<10} {r.get('state', '?'):<10} {str(r.get('node_id', '?'))[:12]:<14} "
-                         f"{r.get('node_ip', '?'):<15} {r.get('in_flight', 0):>8} {probe:>12}  {err}")
+                         f"{r.get('node_ip', '?'):<15} {_device(r):<14} {r.get('in_flight', 0):>8} {probe:>12}  {err}")
     return "\n".join(lines)
+
+
+def _device(r: dict) -> str:
+    gpus = ",".join(r.get("gpu_ids") or ())
+    where = f"{r.get('device') or '?'}{':' + gpus if gpus else ''}"
+    return f"{where} {r['dtype']}" if r.get("dtype") else where
 
 
 def _ts(t: float | None) -> str:

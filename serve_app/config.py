@@ -12,7 +12,7 @@ import os
 import pathlib
 import re
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,6 +106,11 @@ class BatchSettings(_Strict):
 
     max_batch_size: int = Field(16, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    max_batch_tokens: int = Field(
+        32768, ge=256, le=1 << 22,
+        description="transformers engine: one forward pass pads at most this many tokens; a batch is "
+        "sorted by length and split, so one long document pads only its own pass",
+    )
 
 
 class RerankMode(str, Enum):
@@ -134,6 +139,14 @@ class ModelConfig(_Strict):
     query_template: str | None = Field(None, description="rerank: how the query is written, with {query}")
     document_template: str | None = Field(None, description="rerank: how a document is written, with {document}")
     trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="transformers engine: auto = CUDA when the replica holds a GPU "
+        "(ray_actor_options.num_gpus), else CPU; cuda = fail at start rather than fall back to the CPU",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="transformers engine: weights and activations; auto = float16 on CUDA, "
+        "float32 on CPU (vLLM engines take engine_kwargs.dtype, vLLM's own)",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="passed verbatim to AsyncEngineArgs / LLM / from_pretrained"
     )
@@ -180,6 +193,14 @@ class ModelConfig(_Strict):
             raise ValueError("document_template must contain {document}")
         if self.tensor_parallel_size > 1 and self.engine is not EngineKind.vllm:
             raise ValueError("tensor_parallel_size > 1 needs engine 'vllm'")
+        if self.engine is EngineKind.vllm and (self.device != "auto" or self.dtype != "auto"):
+            raise ValueError("device/dtype apply to engine 'transformers'; vLLM places itself and takes engine_kwargs.dtype")
+        if self.engine is EngineKind.transformers:
+            owned = {"device_map", "dtype", "torch_dtype"} & self.engine_kwargs.keys()
+            if owned:
+                raise ValueError(f"engine_kwargs {sorted(owned)}: set the model's device and dtype fields instead")
+        if self.device == "cuda" and not self.deployment.ray_actor_options.num_gpus:
+            raise ValueError("device 'cuda' needs deployment.ray_actor_options.num_gpus > 0 (Ray assigns the GPU)")
         if self.pipeline_parallel_size > 1:
             if self.kind is not ModelKind.llm:
                 raise ValueError("pipeline_parallel_size > 1 applies to llm models")
@@ -259,7 +280,7 @@ class GatewayConfig(_Strict):
     cold_start_timeout_s: float = Field(
         120.0, gt=0, description="min_replicas 0 models: how long a request waits for a first replica -> 503"
     )
-    max_documents: int = Field(10_000, ge=1, description="rerank documents per request -> 413 beyond")
+    max_documents: int = Field(10_000, ge=1, description="rerank documents / embedding inputs per request -> 413 beyond")
     rerank_max_parallel_chunks: int = Field(
         8, ge=1, le=256, description="a long rerank list is split into at most this many concurrent calls"
     )
@@ -267,6 +288,9 @@ class GatewayConfig(_Strict):
     retry_backoff_s: float = Field(0.1, ge=0, description="first backoff; doubles per retry")
     breaker_failures: int = Field(5, ge=1, description="consecutive failures that open a model's circuit")
     breaker_cooldown_s: float = Field(15.0, gt=0, description="how long an open circuit refuses before a trial")
+    status_gone_retention_s: float = Field(
+        300.0, ge=0, description="a replica Serve no longer lists is shown as gone this long, then dropped"
+    )
     api_keys: list[ApiKeyConfig] = Field(default_factory=list, description="empty: no authentication")
     api_keys_env: str | None = Field(
         None, description="env var with more keys as 'name=key[:admin],...' (hashed at start-up)"

@@ -2,11 +2,13 @@
 
 Replicas raise these too (they pickle through Ray), so a client mistake detected next to the
 tokenizer reaches the client as the same 4xx the router would have produced. No starlette here:
-replicas import this module.
+replicas import this module. Ray's exceptions are matched by type (`from_exception`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -97,17 +99,45 @@ class EngineFailure(ApiError):
     status, type, code = 500, "internal_error", "engine_error"
 
 
+class InputFailed(InvalidRequest):
+    """The model fails on this input while it serves others (and its own probe): the request is
+    the cause, so it is the client's 4xx and never counts against the model's circuit."""
+
+    code = "input_failed"
+
+
+@contextlib.contextmanager
+def preparing(what: str, param: str | None = None) -> Iterator[None]:
+    """Around a replica's preparation of one request (templating, tokenizing, truncating): what
+    fails there fails because of that request, so it is the request's 400, not an engine failure."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the request's own input is the cause
+        raise InvalidRequest(f"could not prepare {what} for this model: {type(exc).__name__}: {str(exc)[:200]}", param) from None
+
+
 def from_exception(exc: BaseException) -> ApiError:
-    """Map anything raised on the request path to an ApiError; Ray's wrappers are unwrapped."""
+    """Map anything raised on the request path to an ApiError, by type; Ray's wrappers are unwrapped."""
+    from ray import exceptions as rx
+    from ray.serve import exceptions as sx
+
     if isinstance(exc, ApiError):
         return exc
-    cause = getattr(exc, "cause", None)  # RayTaskError keeps the replica's exception here
-    if isinstance(cause, ApiError):
-        return cause
-    name = type(exc).__name__
-    if name in {"BackPressureError", "DeploymentUnavailableError"}:
-        return Overloaded("the model's queue is full; retry later")
-    if name in {"ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError",
-                "NodeDiedError", "OwnerDiedError", "ObjectLostError"}:
+    if isinstance(exc, rx.RayTaskError) and isinstance(exc.cause, ApiError):
+        return exc.cause  # the replica's own typed error
+    if isinstance(exc, sx.BackPressureError):
+        return Overloaded("the model's queue is full; retry later", retry_after=_retry_after(exc.retry_after_s))
+    if isinstance(exc, sx.DeploymentUnavailableError):
+        return ServiceUnavailable("the model's deployment is unavailable (it failed to deploy); retry later", retry_after=10)
+    if isinstance(exc, (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError,
+                        sx.ReplicaUnavailableError)):
+        # ActorDiedError, ActorUnavailableError are RayActorErrors; OwnerDiedError an ObjectLostError.
         return ReplicaFailed("the replica serving this request died; retry")
-    return EngineFailure(f"internal error ({name}); see the server logs with this request id")
+    cause = exc.cause if isinstance(exc, rx.RayTaskError) else exc
+    return EngineFailure(f"internal error ({type(cause).__name__}); see the server logs with this request id")
+
+
+def _retry_after(seconds: float | None) -> int:
+    return max(1, round(seconds)) if seconds else 1

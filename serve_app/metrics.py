@@ -41,6 +41,8 @@ class RouterMetrics:
         self.rejections = c("serve_app_rejections", "requests refused before a model ran them, by reason", ("model", "reason"))
         self.retries = c("serve_app_retries", "retries after a replica died mid-request", ("model",))
         self.fallbacks = c("serve_app_fallbacks", "requests served by a fallback model", ("model",))
+        self.input_failures = c("serve_app_input_failures",
+                                "requests whose input failed in the model while its probe passed (poison inputs)", ("model",))
         self.circuit_open = c("serve_app_circuit_rejections", "requests kept away from a model by its open circuit", ("model",))
         self.truncations = c("serve_app_truncated_inputs", "documents or inputs cut to fit the model", ("model",))
 
@@ -52,7 +54,8 @@ class RouterMetrics:
             self.rejections.inc(1, {"model": model, "reason": reason})
 
     def event(self, event: str, model: str) -> None:
-        {"retry": self.retries, "fallback": self.fallbacks, "circuit_open": self.circuit_open}[event].inc(1, {"model": model})
+        {"retry": self.retries, "fallback": self.fallbacks, "circuit_open": self.circuit_open,
+         "input_failed": self.input_failures}[event].inc(1, {"model": model})
 
 
 _REJECTIONS = {401: "unauthorized", 403: "forbidden", 413: "too_large", 429: "quota", 503: "overloaded", 504: "deadline"}

@@ -13,17 +13,20 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.errors import ApiError, from_exception
+from serve_app.errors import ApiError, InvalidRequest, from_exception
 
 logger = logging.getLogger("ray.serve")
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_VALID_ID = re.compile(rb"[\x21-\x7e]{1,256}")
 
 
 class RequestIdMiddleware:
     """Puts the request id in `scope["state"]` and guarantees an `X-Request-ID` response header.
 
-    Serve's proxy (and its HAProxy ingress) already assigns one and echoes it back, so the
-    header is only added here when it was missing from the request, e.g. in unit tests.
+    Serve's proxy (and its HAProxy ingress) already assigns one and echoes the client's back, so
+    the header is only added here when it was missing from the request, e.g. in unit tests. A
+    client id we would not write into logs (not 1-256 visible ASCII characters) is refused with a
+    400 rather than replaced: Serve echoes the client's header whatever we do, so a replacement
+    would leave the body and the header naming two different ids.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -33,17 +36,24 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _VALID_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        given = [v for k, v in scope.get("headers") or [] if k == b"x-request-id"]
+        state = scope.setdefault("state", {})
+        if not given:
+            rid = state["request_id"] = uuid.uuid4().hex
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start" and not given:
-                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
-            await send(message)
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+                await send(message)
 
-        await self.app(scope, receive, send_with_id if not given else send)
+            await self.app(scope, receive, send_with_id)
+            return
+        if len(given) > 1 or not _VALID_ID.fullmatch(given[0]):
+            await send_error(send, InvalidRequest(
+                "header X-Request-ID must be one value of 1 to 256 visible ASCII characters", "X-Request-ID"), None)
+            return
+        state["request_id"] = given[0].decode("ascii")
+        await self.app(scope, receive, send)
 
 
 class ErrorMiddleware:

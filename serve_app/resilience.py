@@ -8,8 +8,14 @@ deadline for the whole walk:
   fallback at once;
 - an input too long for the model (`ContextLengthExceeded`) moves to `context_window_fallbacks`;
 - any other client mistake (4xx) is final: retrying cannot fix it;
-- an engine failure (500) or a missed deadline counts against the model's circuit; an engine
-  failure moves on to the next fallback. Dead replicas do not count: they are Serve's to replace.
+- an engine failure (500) is tried once more; failing again, the model's own probe decides whose
+  fault it is: the probe passes → the input is the cause (`InputFailed`, a 400, no circuit
+  penalty, so no client can open a circuit for everyone); the probe fails → the model is sick: the
+  failure counts against its circuit and the request moves to the next fallback;
+- a missed deadline counts against the circuit. Dead replicas do not: they are Serve's to replace.
+
+A circuit's half-open trial is released whatever happens to the request that holds it
+(success, failure, client error, cancellation), so it can never stay taken.
 """
 
 from __future__ import annotations
@@ -23,9 +29,21 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.errors import (
-    ApiError, ContextLengthExceeded, GatewayTimeout, Overloaded, ReplicaFailed, ServiceUnavailable,
+    ApiError, ContextLengthExceeded, EngineFailure, GatewayTimeout, InputFailed, Overloaded, ReplicaFailed,
+    ServiceUnavailable,
 )
 from serve_app.replica_calls import with_deadline
+
+PROBE_TIMEOUT_S = 10.0
+
+
+class Ticket:
+    """Admission through a breaker; `trial` when it holds the half-open state's one trial."""
+
+    __slots__ = ("trial",)
+
+    def __init__(self, trial: bool) -> None:
+        self.trial = trial
 
 
 class CircuitBreaker:
@@ -35,7 +53,7 @@ class CircuitBreaker:
         self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
         self.consecutive = 0
         self.opened_at: float | None = None
-        self.trial_running = False
+        self.trial: Ticket | None = None  # the request holding the half-open trial
         self.last_error: str | None = None
         self.last_error_at: float | None = None  # wall clock, for the status view
 
@@ -45,27 +63,33 @@ class CircuitBreaker:
             return "closed"
         return "half_open" if self.clock() - self.opened_at >= self.cooldown_s else "open"
 
-    def allow(self) -> bool:
+    def acquire(self) -> Ticket | None:
+        """A ticket to try the model, or None while the circuit refuses."""
         state = self.state
         if state == "closed":
-            return True
-        if state == "half_open" and not self.trial_running:
-            self.trial_running = True
-            return True
-        return False
+            return Ticket(trial=False)
+        if state == "half_open" and self.trial is None:
+            self.trial = Ticket(trial=True)
+            return self.trial
+        return None
 
     def success(self) -> None:
-        self.consecutive, self.opened_at, self.trial_running = 0, None, False
+        self.consecutive, self.opened_at, self.trial = 0, None, None
 
-    def failure(self, error: str) -> None:
+    def failure(self, error: str, ticket: Ticket | None = None) -> None:
         self.consecutive += 1
-        self.last_error, self.last_error_at = error, time.time()
-        if self.trial_running or self.consecutive >= self.failures:
-            self.opened_at, self.trial_running = self.clock(), False
+        self.note(error)
+        if (ticket is not None and ticket is self.trial) or self.consecutive >= self.failures:
+            self.opened_at, self.trial = self.clock(), None
 
-    def release(self) -> None:
-        """A trial that ended neither in success nor failure (e.g. a client error)."""
-        self.trial_running = False
+    def note(self, error: str) -> None:
+        self.last_error, self.last_error_at = error, time.time()
+
+    def release(self, ticket: Ticket) -> None:
+        """The request is done with the model, however it ended: free its trial if it held one
+        and the trial was not settled by success() or failure()."""
+        if ticket is self.trial:
+            self.trial = None
 
     def snapshot(self) -> dict[str, Any]:
         retry_in = None
@@ -82,7 +106,8 @@ class Dispatcher:
     ) -> None:
         self.gateway, self.models, self.handles = gateway, models, handles
         self.ensure_replica = ensure_replica
-        self.on_event = on_event  # ("retry" | "fallback" | "circuit_open", model): metrics hook
+        # ("retry" | "fallback" | "circuit_open" | "input_failed", model): metrics hook
+        self.on_event = on_event
         self.breakers = {n: CircuitBreaker(gateway.breaker_failures, gateway.breaker_cooldown_s) for n in models}
 
     async def run(self, name: str, call: Callable[[DeploymentHandle, float], Awaitable[Any]],
@@ -99,53 +124,75 @@ class Dispatcher:
             if candidate != name:
                 self.on_event("fallback", candidate)
             breaker = self.breakers[candidate]
-            if not breaker.allow():
+            ticket = breaker.acquire()
+            if ticket is None:
                 self.on_event("circuit_open", candidate)
                 last = ServiceUnavailable(f"model '{candidate}' is failing; its circuit is open", retry_after=5)
                 continue
-            for attempt in range(self.gateway.retry_attempts):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    breaker.release()
-                    raise GatewayTimeout(f"no model answered within {self.gateway.request_timeout_s:g}s")
-                try:
-                    await self.ensure_replica(candidate, left)
-                    result = await call(self.handles[candidate], left)
-                except ContextLengthExceeded as err:
-                    breaker.release()
-                    if not context_chain:
-                        raise
-                    last, chain, context_chain = err, context_chain, []
-                    break
-                except ReplicaFailed as err:
-                    # One replica died; the model's other replicas are fine and Serve replaces the
-                    # dead one. Not a circuit failure: a crash with many requests in flight would
-                    # otherwise open the circuit for a healthy model (seen in the stall chaos test).
-                    breaker.release()
-                    last = err
-                    if attempt + 1 < self.gateway.retry_attempts:
-                        self.on_event("retry", candidate)
-                        await asyncio.sleep(self.gateway.retry_backoff_s * 2**attempt)
-                        continue
-                    break
-                except (Overloaded, ServiceUnavailable) as err:
-                    breaker.release()  # load, not sickness: no circuit penalty
-                    last = err
-                    break
-                except GatewayTimeout:
-                    breaker.failure("deadline exceeded")
+            try:
+                return candidate, await self._attempts(candidate, call, deadline, breaker, ticket)
+            except ContextLengthExceeded as err:
+                if not context_chain:
                     raise
-                except ApiError as err:
-                    if err.status < 500:
-                        breaker.release()
-                        raise
-                    breaker.failure(err.message)
-                    last = err
-                    break
-                else:
-                    breaker.success()
-                    return candidate, result
+                last, chain, context_chain = err, context_chain, []
+            except (ReplicaFailed, Overloaded, ServiceUnavailable, EngineFailure) as err:
+                last = err  # this model cannot answer now: the next in the chain may
+            finally:
+                breaker.release(ticket)  # cancelled, client error, ...: the trial never stays taken
         raise last
+
+    async def _attempts(self, candidate: str, call: Callable[[DeploymentHandle, float], Awaitable[Any]],
+                        deadline: float, breaker: CircuitBreaker, ticket: Ticket) -> Any:
+        """Every attempt on one model: retries for dead replicas, the second look at an engine failure."""
+        engine_failure: EngineFailure | None = None
+        attempt = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GatewayTimeout(f"no model answered within {self.gateway.request_timeout_s:g}s")
+            try:
+                await self.ensure_replica(candidate, left)
+                result = await call(self.handles[candidate], left)
+            except ReplicaFailed:
+                # One replica died; the model's other replicas are fine and Serve replaces the
+                # dead one. Not a circuit failure: a crash with many requests in flight would
+                # otherwise open the circuit for a healthy model (seen in the stall chaos test).
+                attempt += 1
+                if attempt >= self.gateway.retry_attempts:
+                    raise
+                self.on_event("retry", candidate)
+                await asyncio.sleep(self.gateway.retry_backoff_s * 2 ** (attempt - 1))
+                continue
+            except GatewayTimeout:
+                breaker.failure("deadline exceeded", ticket)
+                raise
+            except EngineFailure as err:
+                if engine_failure is None:
+                    engine_failure = err  # once more, most likely on another replica
+                    self.on_event("retry", candidate)
+                    continue
+                if await self._probe_passes(candidate, deadline):
+                    self.on_event("input_failed", candidate)
+                    raise InputFailed(
+                        f"model '{candidate}' failed twice on this input while it serves its own health probe, "
+                        f"so the input is the cause: {err.message}"
+                    ) from None
+                breaker.failure(err.message, ticket)
+                raise
+            if engine_failure is not None:
+                breaker.note(engine_failure.message)  # one replica failed where another served: shown, not counted
+            breaker.success()
+            return result
+
+    async def _probe_passes(self, candidate: str, deadline: float) -> bool:
+        left = min(PROBE_TIMEOUT_S, deadline - time.monotonic())
+        if left <= 0:
+            return False
+        try:
+            await call_replica(self.handles[candidate].probe.remote(), left)
+        except Exception:  # noqa: BLE001 - any failure of the known-good probe means the model is sick
+            return False
+        return True
 
 
 async def call_replica(response: Any, seconds_left: float) -> Any:

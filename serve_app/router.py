@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from deployments.engines.vllm_generate import HONOURED_PARAMS as VLLM_PARAMS
-from deployments.protocol import EmbedRequest, GenerateRequest, GenerationDelta, RerankRequest, SamplingOptions
+from deployments.protocol import EmbedRequest, GenerateRequest, GenerationDelta, ModelCard, RerankRequest, SamplingOptions
 from serve_app.admission import Admission, Principal, estimate_tokens
 from serve_app.api import openai, rerank
 from serve_app.config import EngineKind, GatewayConfig, ModelConfig, ModelKind
@@ -32,7 +32,8 @@ from serve_app.errors import (
     UnsupportedParameter, from_exception,
 )
 from serve_app.fanout import plan_chunks
-from serve_app.http import json_response, parse_body, request_id, sse_response
+from serve_app.body import parse_body
+from serve_app.http import json_response, request_id, sse_response
 from serve_app.metrics import RouterMetrics
 from serve_app.middleware import AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve_app.replica_calls import gather_all, with_deadline
@@ -40,6 +41,7 @@ from serve_app.resilience import Dispatcher, call_replica
 from serve_app.status import status_view
 
 READY_TIMEOUT_S = 5.0
+CARD_TIMEOUT_S, CARD_TTL_S = 2.0, 60.0  # /v1/models: how long to wait for a card, how long to keep it
 # What each engine declares it honours (generation only: rerank/embed options are handled by the
 # replica for every engine). Importing the adapter module loads no engine.
 HONOURED_PARAMS: dict[EngineKind, frozenset[str]] = {
@@ -56,6 +58,7 @@ class Router:
         self.handles = handles
         self.admission = Admission(gateway.all_api_keys())
         self.started = int(time.time())
+        self._cards: dict[str, tuple[float, ModelCard]] = {}  # (fetched at, card), for /v1/models
         self._warm_until: dict[str, float] = {}  # scale-to-zero models: known to have a replica until then
         self.events: dict[tuple[str, str], int] = {}
         self.metrics = metrics or RouterMetrics()
@@ -106,17 +109,38 @@ class Router:
         return {"ready": True, "kind": card.kind, "max_input_tokens": card.max_input_tokens, "replica": card.replica.replica_id}
 
     async def list_models(self, request: Request) -> Response:
-        cards = [
-            {"id": m.name, "object": "model", "created": self.started, "owned_by": "serve-app",
-             "kind": m.kind.value, "engine": m.engine.value}
-            for m in self.models.values()
-        ]
-        return JSONResponse(openai.model_list(cards))
+        """The served models; where a replica answers its card in time, also its context length
+        (`max_model_len`, as vLLM names it), device and dtype (cached for CARD_TTL_S)."""
+        names = list(self.models)
+        cards = await asyncio.gather(*(self._card(n) for n in names))
+        data = []
+        for name, card in zip(names, cards):
+            m = self.models[name]
+            entry = {"id": m.name, "object": "model", "created": self.started, "owned_by": "serve-app",
+                     "kind": m.kind.value, "engine": m.engine.value}
+            if card is not None:
+                entry.update(max_model_len=card.max_input_tokens, device=card.device, dtype=card.dtype)
+            data.append(entry)
+        return JSONResponse(openai.model_list(data))
+
+    async def _card(self, name: str) -> ModelCard | None:
+        cached = self._cards.get(name)
+        if cached and time.monotonic() - cached[0] < CARD_TTL_S:
+            return cached[1]
+        auto = self.models[name].deployment.autoscaling_config
+        if auto and auto.min_replicas == 0 and time.monotonic() >= self._warm_until.get(name, 0.0):
+            return cached[1] if cached else None  # a card call would wake a model scaled to zero
+        try:
+            card = await call_replica(self.handles[name].card.remote(), CARD_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a busy or scaled-to-zero model is still listed
+            return cached[1] if cached else None
+        self._cards[name] = (time.monotonic(), card)
+        return card
 
     async def status(self, request: Request) -> Response:
         """Every model → every replica, with health, circuit and autoscaling (admin only with keys)."""
         Admission.require_admin(_principal(request), self.admission.enabled)
-        return JSONResponse(await status_view(self.models, self.dispatch.breakers, self.events))
+        return JSONResponse(await status_view(self.gateway, self.models, self.dispatch.breakers, self.events))
 
     # --- generation ---
     async def chat_completions(self, request: Request) -> Response:
@@ -194,6 +218,8 @@ class Router:
     async def embeddings(self, request: Request) -> Response:
         body = await parse_body(request, openai.EmbeddingRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_EMBEDDING_PARAMS)
         self._check_model(request, body.model, ModelKind.embed)
+        if len(body.input) > self.gateway.max_documents:
+            raise PayloadTooLarge(f"{len(body.input)} inputs exceed the limit of {self.gateway.max_documents} per request", "input")
         self._admit(request, estimate_tokens(*body.input))
         req = EmbedRequest(request_id(request), body.input)
         served, result = await self.dispatch.run(body.model, lambda h, left: call_replica(h.embed.remote(req), left))

@@ -1,5 +1,11 @@
-"""One status view: Serve's view of each deployment, joined with what each replica says about
-itself (status board) and what the router saw (circuits, retries, fallbacks)."""
+"""One status view: Serve's view of each deployment and its replicas, joined with what each
+replica says about itself (status board) and what the router saw (circuits, retries, fallbacks).
+
+Serve's replica list decides who exists: a replica that posted to the board but that Serve no
+longer lists is shown as `gone` (with when it was first missed) and dropped after
+`gateway.status_gone_retention_s`; a replica Serve lists that has not posted yet is `starting`.
+When the controller cannot be asked, board entries are `unknown`, never live or silent.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +13,57 @@ import asyncio
 import time
 from typing import Any
 
-from serve_app.config import ModelConfig
+from serve_app.config import GatewayConfig, ModelConfig
 
 
-async def status_view(models: dict[str, ModelConfig], breakers: dict[str, Any], events: dict[tuple[str, str], int]) -> dict[str, Any]:
+async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], breakers: dict[str, Any],
+                      events: dict[tuple[str, str], int]) -> dict[str, Any]:
     app = _app_name()
     serve_state, reports = await asyncio.gather(_serve_state(app), _board_reports(app))
-    out: dict[str, Any] = {"app": app, "generated_at": time.time(), "models": {}}
+    now = time.time()
+    out: dict[str, Any] = {"app": app, "generated_at": now, "models": {}}
     for name, m in models.items():
-        dep = serve_state.get(m.deployment_name, {})
-        period = m.deployment.health_check_period_s
-        replicas = []
-        for rid, r in sorted(reports.get(name, {}).items()):
-            age = time.time() - r.get("reported_at", 0)
-            state = "silent" if age > 2 * period + 5 else ("unhealthy" if r.get("last_probe_ok") is False else "reporting")
-            replicas.append({**r, "state": state, "report_age_s": round(age, 1)})
+        dep = serve_state.get(m.deployment_name)
         auto = m.deployment.autoscaling_config
         out["models"][name] = {
             "kind": m.kind.value, "engine": m.engine.value, "deployment": m.deployment_name,
-            "serve_status": dep.get("status", "UNKNOWN"), "serve_message": dep.get("message", ""),
-            "replica_states": dep.get("replica_states", {}),
+            "serve_status": (dep or {}).get("status", "UNKNOWN"), "serve_message": (dep or {}).get("message", ""),
+            "replica_states": (dep or {}).get("replica_states", {}),
             "autoscaling": auto.model_dump() if auto else {"num_replicas": m.deployment.num_replicas},
             "circuit": breakers[name].snapshot() if name in breakers else None,
             "router_events": {e: n for (e, mdl), n in events.items() if mdl == name},
-            "replicas": replicas,
+            "replicas": await _replicas(app, name, m, dep, reports.get(name, {}), gateway.status_gone_retention_s, now),
         }
     return out
+
+
+async def _replicas(app: str | None, name: str, m: ModelConfig, dep: dict[str, Any] | None,
+                    reported: dict[str, dict[str, Any]], retention_s: float, now: float) -> list[dict[str, Any]]:
+    live: dict[str, dict[str, Any]] | None = dep["replicas"] if dep else None
+    silent_after = 2 * m.deployment.health_check_period_s + 5
+    rows = []
+    for rid, r in sorted(reported.items()):
+        age = now - r.get("reported_at", 0)
+        row = {**r, "report_age_s": round(age, 1)}
+        if live is None:
+            row["state"] = "unknown"  # Serve could not be asked: no claim either way
+        elif rid not in live:
+            gone_at = r.get("gone_at") or now
+            if r.get("gone_at") is None:
+                await _board_call(app, "mark_gone", name, rid, gone_at)
+            if now - gone_at > retention_s:
+                await _board_call(app, "forget", name, rid)
+                continue
+            row.update(state="gone", gone_at=gone_at, in_flight=0)
+        else:
+            row["serve_state"] = live[rid]["state"]
+            row["state"] = "silent" if age > silent_after else ("unhealthy" if r.get("last_probe_ok") is False else "reporting")
+        rows.append(row)
+    for rid, info in sorted((live or {}).items()):
+        if rid not in reported:
+            rows.append({"replica_id": rid, "model": name, "state": "starting", "serve_state": info["state"],
+                         "node_id": info.get("node_id"), "node_ip": info.get("node_ip")})
+    return rows
 
 
 def _app_name() -> str | None:
@@ -45,20 +76,37 @@ def _app_name() -> str | None:
 
 
 async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
+    """Per deployment: status, message, replica state counts and the live replicas by id.
+    The same controller call `serve.status()` makes, kept whole for the replica list."""
     if app is None:
         return {}
     try:
-        from ray import serve
-
-        status = await asyncio.to_thread(serve.status)
-        deps = status.applications[app].deployments
+        details = await asyncio.to_thread(_serve_details)
+        deps = details.applications[app].deployments
         return {
             n: {"status": str(getattr(d.status, "value", d.status)), "message": d.message,
-                "replica_states": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}}
+                "replica_states": _count_states(d.replicas),
+                "replicas": {r.replica_id: {"state": str(getattr(r.state, "value", r.state)), "node_id": r.node_id,
+                                            "node_ip": r.node_ip} for r in d.replicas}}
             for n, d in deps.items()
         }
     except Exception:  # noqa: BLE001 - controller busy or app going away: show what we have
         return {}
+
+
+def _serve_details():
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    return ServeInstanceDetails(**_get_global_client().get_serve_details())
+
+
+def _count_states(replicas: list[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in replicas:
+        state = str(getattr(r.state, "value", r.state))
+        counts[state] = counts.get(state, 0) + 1
+    return counts
 
 
 async def _board_reports(app: str | None) -> dict[str, dict[str, dict[str, Any]]]:
@@ -70,3 +118,14 @@ async def _board_reports(app: str | None) -> dict[str, dict[str, dict[str, Any]]
         return await board(app).read.remote()
     except Exception:  # noqa: BLE001
         return {}
+
+
+async def _board_call(app: str | None, method: str, *args: Any) -> None:
+    if app is None:
+        return
+    try:
+        from deployments.status_board import board
+
+        await getattr(board(app), method).remote(*args)
+    except Exception:  # noqa: BLE001 - the view is still right; the board catches up next time
+        pass

@@ -62,6 +62,8 @@ class FakeModel:
         return clone
 
     def __getattr__(self, method: str):
+        if method.startswith("_"):  # only handle methods are faked; anything else is a real miss
+            raise AttributeError(method)
         impl = getattr(self, f"_do_{method}")
         model = self
 
@@ -85,6 +87,9 @@ class FakeModel:
             if self.fail_times is not None:
                 self.fail_times -= 1
             raise self.fail
+
+    async def _do_probe(self) -> None:
+        await self._check()
 
     async def _do_card(self) -> ModelCard:
         await self._check()

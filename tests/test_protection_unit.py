@@ -84,7 +84,9 @@ def test_deadline_is_504_and_cancels_the_replica_call():
     c, _ = client({"request_timeout_s": 0.2}, chat=slow)
     err = assert_error(c.post("/v1/chat/completions", json=CHAT), 504)
     assert err["type"] == "timeout_error"
+    assert [r.cancelled for r in slow.responses] == [True]  # the replica's work was cancelled
     assert_error(c.post("/v1/chat/completions", json={**CHAT, "stream": True}), 504)
+    assert [s.cancelled for s in slow.streams] == [True]
 
 
 def test_long_list_is_split_across_calls_and_merged_in_order():

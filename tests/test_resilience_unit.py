@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from starlette.testclient import TestClient
 
 from serve_app.config import parse_app_config
@@ -33,17 +34,66 @@ def test_breaker_opens_after_n_failures_then_admits_one_trial():
     now = [0.0]
     b = CircuitBreaker(failures=2, cooldown_s=10, clock=lambda: now[0])
     b.failure("x")
-    assert b.state == "closed" and b.allow()
+    assert b.state == "closed" and b.acquire() is not None
     b.failure("y")
-    assert b.state == "open" and not b.allow()
+    assert b.state == "open" and b.acquire() is None
     now[0] = 11
-    assert b.state == "half_open" and b.allow() and not b.allow()  # exactly one trial
-    b.failure("z")
+    trial = b.acquire()
+    assert b.state == "half_open" and trial.trial and b.acquire() is None  # exactly one trial
+    b.failure("z", trial)
     assert b.state == "open"
     now[0] = 22
-    assert b.allow()
+    assert b.acquire() is not None
     b.success()
     assert b.state == "closed" and b.snapshot()["consecutive_failures"] == 0
+
+
+def test_only_the_trials_holder_can_release_it():
+    now = [0.0]
+    b = CircuitBreaker(failures=1, cooldown_s=10, clock=lambda: now[0])
+    early = b.acquire()  # admitted while closed, still running when the circuit opens
+    b.failure("x")
+    now[0] = 11
+    trial = b.acquire()
+    b.release(early)  # the early request ends with a client error: it must not free the trial
+    assert b.acquire() is None
+    b.release(trial)
+    assert b.acquire() is not None
+
+
+def test_a_cancelled_trial_releases_the_half_open_state():
+    """The trial request's client goes away while it waits on the model: the circuit must not
+    stay refused on this router replica (it used to, until the replica restarted)."""
+    import asyncio
+
+    from serve_app.resilience import Dispatcher
+
+    cfg = parse_app_config({"gateway": {"breaker_failures": 1, "breaker_cooldown_s": 0.01},
+                            "models": [{"name": "chat", "kind": "llm", "engine": "vllm", "source": "org/chat"}]})
+
+    async def scenario() -> None:
+        async def no_replica_needed(name, left):
+            return None
+
+        d = Dispatcher(cfg.gateway, {m.name: m for m in cfg.models}, {"chat": FakeModel("chat", "llm")}, no_replica_needed)
+        breaker = d.breakers["chat"]
+        breaker.failure("boom")
+        await asyncio.sleep(0.02)
+        assert breaker.state == "half_open"
+        hang = asyncio.Event()
+
+        async def slow(handle, left):
+            await hang.wait()
+
+        task = asyncio.ensure_future(d.run("chat", slow))
+        await asyncio.sleep(0.01)
+        assert breaker.trial is not None and breaker.acquire() is None  # the trial is taken
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert breaker.trial is None and breaker.acquire() is not None
+
+    asyncio.run(scenario())
 
 
 def test_a_dead_replica_is_retried_and_the_client_never_sees_it():
@@ -96,7 +146,10 @@ def test_repeated_engine_failures_open_the_circuit_and_traffic_moves_to_the_fall
     for _ in range(6):
         r = c.post("/v1/chat/completions", json={"model": "chat", **CHAT})
         assert r.status_code == 200 and r.json()["model"] == "backup"
-    assert [n for n, _ in primary.calls].count("generate") == 3  # then the circuit kept traffic away
+    # each request: the call, its second look, then the probe fails too (a sick model); after 3
+    # requests the circuit kept traffic away
+    assert [n for n, _ in primary.calls].count("generate") == 6
+    assert [n for n, _ in primary.calls].count("probe") == 3
     snap = router.dispatch.breakers["chat"].snapshot()
     assert snap["state"] == "open" and snap["last_error"] == "boom"
 
@@ -134,8 +187,6 @@ def test_stream_failing_mid_way_ends_with_an_error_event_carrying_the_request_id
 
 
 def test_fallbacks_must_be_models_of_the_same_kind():
-    import pytest
-
     from serve_app.config import ConfigError
 
     with pytest.raises(ConfigError, match="is a rerank model"):

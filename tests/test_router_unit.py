@@ -132,13 +132,12 @@ def test_unknown_route_and_method(client):
 
 
 def test_engine_failure_is_500_in_error_shape_and_backpressure_is_503():
-    class BackPressureError(Exception):
-        pass
+    from ray.serve.exceptions import BackPressureError  # Ray's own, as the handle raises it
 
     c, _ = make_client(chat=FakeModel("chat", "llm", fail=RuntimeError("boom")))
     err = assert_error(c.post("/v1/chat/completions", json=chat()), 500)
     assert "boom" not in err["message"]  # internals are logged, not leaked
-    c, _ = make_client(rr=FakeModel("rr", "rerank", fail=BackPressureError()))
+    c, _ = make_client(rr=FakeModel("rr", "rerank", fail=BackPressureError(num_queued_requests=5, max_queued_requests=4)))
     app = c.app
     # Serve adds its own plain-text 503 handler for BackPressureError to the ingress app; ours must win.
     app.add_exception_handler(BackPressureError, lambda req, exc: Response("plain", status_code=503))
@@ -188,8 +187,9 @@ def test_embeddings_shape(client):
 
 
 def test_models_and_ready(client):
-    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
-    assert ids == ["chat", "rr", "emb"]
+    data = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data] == ["chat", "rr", "emb"]
+    assert data[0]["max_model_len"] == 128  # from the replica's card, not the config
     assert client.get("/ready").json()["status"] == "ready"
 
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.protocol import Choice, SamplingOptions
-from serve_app.errors import ContextLengthExceeded, InvalidRequest
+from serve_app.errors import ContextLengthExceeded, InvalidRequest, preparing
 
 
 # The OpenAI request parameters this engine honours; the router rejects any other by name
@@ -29,7 +29,7 @@ class VLLMGenerator:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs: dict[str, Any] = {"enforce_eager": True, **cfg.engine_kwargs}
+        kwargs: dict[str, Any] = dict(cfg.engine_kwargs)  # eager mode only where the config asks
         if cfg.pipeline_parallel_size > 1:
             # Across nodes: vLLM's ray executor fills the replica's placement group (serve_app/app.py).
             kwargs.setdefault("distributed_executor_backend", "ray")
@@ -49,6 +49,8 @@ class VLLMGenerator:
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger])
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         self.max_model_len: int = self.engine.model_config.max_model_len
+        self.device: str = self.engine.vllm_config.device_config.device_type  # "cuda", "cpu", ...
+        self.dtype: str = str(self.engine.model_config.dtype).removeprefix("torch.")
         # The model's own sampling defaults (generation_config.json), applied where a request is
         # silent, as `vllm serve` does; bare SamplingParams() would silently use vLLM's instead.
         self.model_defaults: dict[str, Any] = self.engine.model_config.get_diff_sampling_param()
@@ -90,10 +92,11 @@ class VLLMGenerator:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            n=opts.n, max_tokens=max_tokens, stop=list(opts.stop) or None, seed=opts.seed,
-            output_kind=RequestOutputKind.DELTA, **sampling_kwargs(self.model_defaults, opts),
-        )
+        with preparing("the sampling parameters"):  # vLLM's own checks: a 400, not an engine failure
+            params = SamplingParams(
+                n=opts.n, max_tokens=max_tokens, stop=list(opts.stop) or None, seed=opts.seed,
+                output_kind=RequestOutputKind.DELTA, **sampling_kwargs(self.model_defaults, opts),
+            )
         # Engine request ids must be unique per engine; keep the client's id first for log search.
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         produced = [0] * opts.n

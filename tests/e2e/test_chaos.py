@@ -21,7 +21,7 @@ DEPLOYMENT = "rerank-ce"
 
 def chaos_app(ce, deployment: dict, router: dict | None = None) -> dict:
     return {
-        "gateway": {"retry_attempts": 6, "retry_backoff_s": 0.2, "request_timeout_s": 60,
+        "gateway": {"retry_attempts": 6, "retry_backoff_s": 0.2, "request_timeout_s": 60, "status_gone_retention_s": 8,
                     "deployment": router or {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
         "models": [{
             "name": "ce", "kind": "rerank", "engine": "transformers", "source": str(ce),
@@ -110,9 +110,13 @@ def test_killing_a_replica_under_load_loses_no_request(stack, chaos):
     assert load.codes and set(load.codes) == {200}, load.errors[:3]
     view = status(stack, "chaos")
     assert view["router_events"].get("retry", 0) >= 1  # the router, not luck, saved them
-    wait_for(lambda: any(r["replica_id"] == victim and r["state"] == "silent" for r in status(stack, "chaos")["replicas"]),
-             20, "the killed replica shown as silent")
+    shown = wait_for(lambda: next((r for r in status(stack, "chaos")["replicas"] if r["replica_id"] == victim), None),
+                     20, "the killed replica in the status view")
+    assert shown["state"] == "gone" and shown["gone_at"] > time.time() - 30  # never "silent" or live
     wait_for(lambda: len(replica_ids("chaos")) == 2 and victim not in replica_ids("chaos"), 60, "a replacement replica")
+    wait_for(lambda: victim not in {r["replica_id"] for r in status(stack, "chaos")["replicas"]}, 30,
+             "the gone replica dropped after status_gone_retention_s")
+    assert all(r["state"] != "gone" for r in status(stack, "chaos")["replicas"])
 
 
 def test_failing_health_check_gets_the_replica_replaced_while_traffic_continues(stack, chaos):
@@ -144,6 +148,43 @@ def test_a_stalled_replica_is_detected_within_two_health_periods(stack, chaos):
     finally:
         load.stop()
     assert set(load.codes) == {200}, load.errors[:3]
+
+
+def _fault_on_every_replica(kind: str | None, expected: int = 2) -> set[str]:
+    """A handle call lands on any one replica: repeat until every replica has the fault."""
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name="chaos")
+    hit: set[str] = set()
+    for _ in range(60):
+        hit.add(handle.inject_fault.remote(kind).result())
+        if len(hit) >= expected:
+            break
+    return hit
+
+
+def test_poison_from_one_client_leaves_every_other_client_at_100_percent(stack, chaos):
+    """Inputs that crash the engine (as a tokenizer crashes on some text) get their sender a 400,
+    share batches with clean requests without spoiling them, and never open the circuit, however
+    many are sent (it used to open after 5 and refuse everyone for 15 s)."""
+    from deployments.health import POISON_MARKER
+
+    wait_for(lambda: len(replica_ids("chaos")) == 2, 60, "both replicas (earlier tests replaced some)")
+    refused_before = status(stack, "chaos")["router_events"].get("circuit_open", 0)
+    assert len(_fault_on_every_replica("poison")) == 2
+    load = Load(chaos, threads=3)  # everyone else
+    poison: list[tuple[int, str | None]] = []
+    try:
+        with httpx.Client(base_url=chaos, timeout=60) as c:
+            until = time.time() + 10
+            while time.time() < until:
+                r = c.post("/v1/rerank", json={"model": "ce", "query": "paris", "documents": ["fine", f"bad {POISON_MARKER}"]})
+                poison.append((r.status_code, r.json().get("error", {}).get("code")))
+    finally:
+        load.stop()
+        _fault_on_every_replica(None)
+    assert len(poison) > 5 and set(poison) == {(400, "input_failed")}, poison[:3]  # 5 = breaker_failures
+    assert load.codes and set(load.codes) == {200}, load.errors[:3]
+    view = status(stack, "chaos")
+    assert view["circuit"]["state"] == "closed" and view["router_events"].get("circuit_open", 0) == refused_before
 
 
 def test_removing_a_node_that_hosts_a_router_and_a_model_replica_loses_no_request(stack):

@@ -175,10 +175,12 @@ def test_concurrent_requests_share_a_batch(stack, http):
     def one(i):
         return http.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": [f"text {i}"] * 4}).status_code
 
-    with cf.ThreadPoolExecutor(8) as pool:
-        assert set(pool.map(one, range(16))) == {200}
     from ray import serve
 
-    card = serve.get_deployment_handle("embed-all-minilm-l6-v2", app_name="default").card.remote().result()
-    assert card.largest_batch > 4  # more than one request's inputs in one forward pass
-    assert json.dumps(card.batching)
+    handle = serve.get_deployment_handle("embed-all-minilm-l6-v2", app_name="default")
+    mark = handle.card.remote().result().forward_passes
+    with cf.ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one, range(16))) == {200}
+    sizes = handle.batch_sizes.remote(mark).result()
+    assert sizes and max(sizes) > 4  # this test's own passes: more than one request's inputs in one
+    assert sum(sizes) == 16 * 4  # every input of this test went through exactly one pass

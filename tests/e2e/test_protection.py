@@ -54,6 +54,8 @@ def test_cohere_max_tokens_per_doc_cuts_documents(http):
 
 
 def test_ten_thousand_documents_are_split_merged_and_sorted(http):
+    handle = serve.get_deployment_handle(f"rerank-{RR}", app_name="default")
+    mark = handle.card.remote().result().forward_passes
     docs = [f"Filler document number {i} about nothing in particular." for i in range(10_000)]
     docs[7321] = "Paris is the capital of France."
     r = http.post("/v1/rerank", json={"model": RR, "query": "What is the capital of France?", "documents": docs,
@@ -62,8 +64,10 @@ def test_ten_thousand_documents_are_split_merged_and_sorted(http):
     results = r.json()["results"]
     assert results[0]["index"] == 7321 and len(results) == 3
     assert results[0]["relevance_score"] >= results[1]["relevance_score"] >= results[2]["relevance_score"]
-    card = serve.get_deployment_handle(f"rerank-{RR}", app_name="default").card.remote().result()
-    assert card.largest_batch == 32  # full forward passes, not one per chunk
+    sizes = handle.batch_sizes.remote(mark).result()
+    assert sum(sizes) == 10_000  # this request's own passes
+    # full forward passes, not one per chunk: at most one part-filled pass per chunk's tail
+    assert max(sizes) == 32 and len(sizes) <= 10_000 // 32 + 8
     assert_replicas_healthy(http)
 
 

@@ -74,10 +74,13 @@ def test_pairs_from_concurrent_requests_share_forward_passes(http):
     def one(i):
         return http.post("/v1/rerank", json={"model": "tiny-ce", "query": "q", "documents": [f"doc {i}", "a"]}).status_code
 
+    handle = serve.get_deployment_handle("rerank-tiny-ce", app_name="tiny")
+    mark = handle.card.remote().result().forward_passes
     with cf.ThreadPoolExecutor(8) as pool:
         assert set(pool.map(one, range(24))) == {200}
-    card = serve.get_deployment_handle("rerank-tiny-ce", app_name="tiny").card.remote().result()
-    assert card.largest_batch > 2  # one request has 2 pairs; more means requests were merged
+    sizes = handle.batch_sizes.remote(mark).result()
+    assert sum(sizes) == 24 * 2  # exactly this test's pairs (no other traffic reaches tiny-ce now)
+    assert max(sizes) > 2  # one request has 2 pairs; more means requests were merged
 
 
 def test_batching_is_retuned_in_place_through_user_config(stack):
