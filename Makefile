@@ -6,7 +6,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install models up down test check bench
+.PHONY: install models up down test check bench gpu-test
 
 install:
 	@bash scripts/install.sh
@@ -29,3 +29,10 @@ test: models
 # Every benchmark against its baselines, same run (~10 min; docs/benchmarks.md). Not part of `make test`.
 bench: models
 	@$(PY) -m bench.run $(BENCH_ARGS)
+
+# The GPU suite (tests/gpu, marker gpu; skipped without CUDA). Its engine layer needs only torch,
+# transformers and sentence-transformers (the GPU test machine runs it, with the GPU rerank rows, as
+# `bash scripts/gpu_check.sh`); its full-stack layer deploys the stack on this node's GPUs and needs
+# the GPU profile's Ray and vLLM. `python bench/gpu_rerank.py` prints the GPU rerank rows alone.
+gpu-test: install
+	@$(PY) -m pytest -m gpu tests/gpu $(PYTEST_ARGS)

@@ -38,12 +38,12 @@ def raw_rerank(seconds: float) -> dict:
     """The bench cross-encoder in-process through our own engine class, at each batch size; the
     best one is the baseline. torch uses every core, as it does by default."""
     from bench.models import ensure_cross_encoder
-    from deployments.engines.transformers_encoder import TransformersEncoder
-    from serve_app.config import ModelConfig, RerankMode
+    from deployments.engines import build_encoder
+    from serve_app.config import ModelConfig
 
     path = ensure_cross_encoder()
     cfg = ModelConfig.model_validate({"name": "m", "kind": "rerank", "engine": "transformers", "source": str(path)})
-    enc = TransformersEncoder(cfg, str(path), mode=RerankMode.cross_encoder)
+    enc = build_encoder(cfg, str(path))
     import torch
 
     out: dict = {"threads": torch.get_num_threads(), "by_batch": {}}

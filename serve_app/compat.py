@@ -7,9 +7,12 @@ traceback. Reads only the model's `config.json`; hub ids (no local files) are no
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import pathlib
 
+from deployments.engines.limits import usable_positions
 from serve_app.config import EngineKind, ModelConfig, ModelKind, RerankMode
 from serve_app.presets import find_preset
 
@@ -26,19 +29,21 @@ def check_model(model: ModelConfig, models_dir: pathlib.Path) -> list[str]:
     source = model.resolved_source(models_dir)
     path = pathlib.Path(source)
     if not path.is_absolute():
-        return problems  # a hub id: its files are not here to inspect
+        return problems + _tp_problems(model, {})  # a hub id: its files are not here to inspect
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         hint = " (run `make up` or `python -m serve_app prepare-models CONFIG`)" if model.source.startswith("prepared:") else ""
-        return problems + [f"{model.name}: no model at {path}{hint}"]
+        return problems + [f"{model.name}: no model at {path}{hint}"] + _tp_problems(model, {})
     hf = json.loads(cfg_file.read_text())
     text = hf.get("text_config", hf)  # multimodal configs nest the language model's
     archs = hf.get("architectures") or []
     positions = text.get("max_position_embeddings")
-    if model.max_input_tokens and positions and model.max_input_tokens > positions:
+    usable = usable_positions(text.get("model_type"), positions, text.get("pad_token_id"))
+    if model.max_input_tokens and usable and model.max_input_tokens > usable:
+        offset = f" less {positions - usable} for RoBERTa-style padding offsets" if usable != positions else ""
         problems.append(
             f"{model.name}: max_input_tokens {model.max_input_tokens} exceeds the model's "
-            f"max_position_embeddings {positions}; lower it to at most {positions}"
+            f"max_position_embeddings {positions}{offset}; lower it to at most {usable}"
         )
     if model.kind is ModelKind.llm and archs and not any(a.endswith(_GENERATIVE) for a in archs):
         problems.append(f"{model.name}: architecture {archs} is not a generative model; use kind 'rerank' or 'embed'")
@@ -51,15 +56,53 @@ def check_model(model: ModelConfig, models_dir: pathlib.Path) -> list[str]:
                 f"{model.name}: architecture {archs} has no classification head, so as a cross-encoder its "
                 "scores would be random; set rerank_mode: bi_encoder (embedding models) or engine: vllm"
             )
+    return problems + _tp_problems(model, text)
+
+
+def _tp_problems(model: ModelConfig, text: dict) -> list[str]:
+    """Tensor parallelism that vLLM will refuse, or that gets fewer GPUs than workers."""
     tp = model.tensor_parallel_size
-    for key in ("num_attention_heads", "num_key_value_heads"):
-        n = text.get(key)
-        if tp > 1 and isinstance(n, int) and n % tp:
-            problems.append(
-                f"{model.name}: tensor_parallel_size {tp} does not divide {key}={n}; "
-                f"use a divisor of {n} (e.g. {_largest_divisor(n, tp)})"
-            )
+    if tp == 1:
+        return []
+    problems = []
+    per_worker = model.deployment.ray_actor_options.num_gpus
+    if per_worker and per_worker != int(per_worker):
+        problems.append(
+            f"{model.name}: tensor_parallel_size {tp} with num_gpus {per_worker:g} per worker: the replica would hold "
+            f"{per_worker * tp:g} GPUs for {tp} workers that each need a whole one; use num_gpus: 1"
+        )
+    heads, kv_heads = text.get("num_attention_heads"), text.get("num_key_value_heads")
+    if isinstance(heads, int) and heads % tp:
+        problems.append(
+            f"{model.name}: tensor_parallel_size {tp} does not divide num_attention_heads={heads}; "
+            f"use a divisor of {heads} (e.g. {_largest_divisor(heads, tp)})"
+        )
+    # vLLM splits KV heads across ranks, or replicates them when there are fewer than ranks.
+    if isinstance(kv_heads, int) and kv_heads % tp and tp % kv_heads:
+        problems.append(
+            f"{model.name}: tensor_parallel_size {tp} and num_key_value_heads={kv_heads}: one must divide the "
+            f"other (e.g. tensor_parallel_size {_largest_divisor(kv_heads, tp)})"
+        )
     return problems
+
+
+def check_engine_kwargs(model: ModelConfig) -> tuple[list[str], list[str]]:
+    """(problems, notes): engine_kwargs keys a vLLM model sets that vLLM's AsyncEngineArgs does not
+    have. Imports vllm, so only `python -m serve_app check` runs it, never the builder (the
+    router's process stays free of vllm); without vllm installed it is a note, not a problem."""
+    if model.engine is not EngineKind.vllm or not model.engine_kwargs:
+        return [], []
+    try:
+        from vllm import AsyncEngineArgs
+    except Exception as e:  # noqa: BLE001 - not installed, or a build that cannot import here
+        return [], [f"{model.name}: engine_kwargs not checked against vLLM ({type(e).__name__}: {e})"]
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    problems = []
+    for key in sorted(set(model.engine_kwargs) - known):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        problems.append(f"{model.name}: engine_kwargs.{key} is not an argument of vLLM's AsyncEngineArgs{hint}")
+    return problems, []
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

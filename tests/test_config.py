@@ -59,7 +59,7 @@ def test_builder_options_follow_config():
     assert llm.ray_actor_options["runtime_env"] == {"env_vars": {"A": "1"}}
     assert llm._deployment_config.max_queued_requests == 7
     assert llm._deployment_config.autoscaling_config.max_replicas == 3
-    assert rr.user_config == {"max_batch_size": 5, "batch_wait_timeout_s": 0.005}
+    assert rr.user_config == {"max_batch_size": 5, "batch_wait_timeout_s": 0.005, "max_batch_tokens": 32768}
     assert rr.name == "rerank-r"
     assert build_from_config(cfg) is not None
     assert [row["deployment"] for row in describe(cfg)] == ["router", "llm-m", "rerank-r"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.engines.transformers_encoder import TransformersEncoder
+from deployments.engines import build_encoder
 from deployments.protocol import RerankRequest
 from deployments.reranker import RerankerServer
-from serve_app.config import ModelConfig, RerankMode
+from serve_app.config import ModelConfig
 from serve_app.errors import InvalidRequest
 
 
@@ -20,7 +20,7 @@ def server(tmp_path_factory):
     def make(**extra) -> RerankerServer:
         cfg = ModelConfig.model_validate({"name": "ce", "kind": "rerank", "engine": "transformers", "source": str(path), **extra})
         s = RerankerServer.__new__(RerankerServer)  # the fitting logic needs no Serve replica
-        s.cfg, s.engine = cfg, TransformersEncoder(cfg, str(path), mode=RerankMode.cross_encoder)
+        s.cfg, s.engine = cfg, build_encoder(cfg, str(path))
         return s
 
     return make

@@ -22,17 +22,23 @@ CHAT_TEMPLATE = (
 )
 
 
+def _word_level(specials: list[str], unk: str):
+    """A whitespace word-level tokenizer over the specials and WORDS, one token per word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok, vocab
+
+
 def build_tiny_llama(dest: pathlib.Path) -> pathlib.Path:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     if (dest / "config.json").exists():
         return dest
-    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok, vocab = _word_level(["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], "<unk>")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
     )
@@ -48,23 +54,88 @@ def build_tiny_llama(dest: pathlib.Path) -> pathlib.Path:
     return dest
 
 
-def build_tiny_cross_encoder(dest: pathlib.Path) -> pathlib.Path:
+def build_tiny_cross_encoder(dest: pathlib.Path, *, hidden: int = 64, layers: int = 2, heads: int = 2,
+                             positions: int = 64, seed: int = 0) -> pathlib.Path:
+    """A BERT cross-encoder (one-label head). hidden=768, layers=12, heads=12, positions=512 is
+    BERT-base size (~85M parameters besides the small vocabulary)."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+    from transformers import BertConfig, BertForSequenceClassification
 
     if (dest / "config.json").exists():
         return dest
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+    tokenizer = _bert_tokenizer()
     cfg = BertConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=64, num_labels=1,
+        vocab_size=len(tokenizer.vocab), hidden_size=hidden, intermediate_size=4 * hidden if hidden > 64 else 128,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=positions, num_labels=1,
     )
     cfg.architectures = ["BertForSequenceClassification"]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     BertForSequenceClassification(cfg).save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
+    return dest
+
+
+def _bert_tokenizer():
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(specials + WORDS)}, do_lower_case=True)
+
+
+def build_tiny_xlmr_cross_encoder(dest: pathlib.Path) -> pathlib.Path:
+    """An XLM-R sequence classifier shaped like bge-reranker's config: max_position_embeddings 514,
+    pad_token_id 1, so 512 usable positions. Its tokenizer sets no model_max_length, the worst
+    case: nothing but the model tells the engine where the limit is."""
+    import torch
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    if (dest / "config.json").exists():
+        return dest
+    tok, vocab = _word_level(["<s>", "<pad>", "</s>", "<unk>"], "<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", cls_token="<s>", sep_token="</s>")
+    fast.model_input_names = ["input_ids", "attention_mask"]
+    cfg = XLMRobertaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=1,
+    )
+    cfg.architectures = ["XLMRobertaForSequenceClassification"]
+    torch.manual_seed(0)
+    XLMRobertaForSequenceClassification(cfg).save_pretrained(dest, safe_serialization=True)
+    fast.save_pretrained(dest)
+    return dest
+
+
+def build_tiny_st_bi_encoder(dest: pathlib.Path, *, pooling: str = "lasttoken", dense: bool = True,
+                             normalize: bool = False) -> pathlib.Path:
+    """A sentence-transformers bi-encoder folder (modules.json) over a tiny BERT: by default
+    last-token pooling, a Dense layer and no Normalize, the cases hand-written pooling got wrong."""
+    import tempfile
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    if (dest / "modules.json").exists():
+        return dest
+    tokenizer = _bert_tokenizer()
+    cfg = BertConfig(vocab_size=len(tokenizer.vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        BertModel(cfg).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        modules = [Transformer(tmp), Pooling(64, pooling)]
+        if dense:
+            modules.append(Dense(64, 32))
+        if normalize:
+            modules.append(Normalize())
+        SentenceTransformer(modules=modules, device="cpu").save(str(dest))
     return dest
 
 
@@ -72,16 +143,12 @@ def build_tiny_qwen3_reranker(dest: pathlib.Path) -> pathlib.Path:
     """A Qwen3 causal LM shaped like Qwen3-Reranker (random weights); its folder name matches the
     preset, so both engines get the real Qwen3-Reranker treatment."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     assert "qwen3-reranker" in dest.name.lower()
     if (dest / "config.json").exists():
         return dest
-    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok, vocab = _word_level(["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<unk>")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     cfg = Qwen3Config(
         vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -46,6 +46,7 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dic
             },
             {
                 "name": "tiny-ce-vllm", "kind": "rerank", "engine": "vllm", "source": str(ce),
+                "engine_kwargs": {"enforce_eager": True},
                 "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
                 "deployment": {"ray_actor_options": {"num_cpus": 1}},
             },
@@ -57,6 +58,7 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dic
             },
             {
                 "name": "tiny-qwen3-vllm", "kind": "rerank", "engine": "vllm", "source": str(qwen3),
+                "engine_kwargs": {"enforce_eager": True},
                 "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
                 "deployment": {"ray_actor_options": {"num_cpus": 1}},
             },
