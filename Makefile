@@ -6,7 +6,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install models up down test check bench gpu-test
+.PHONY: install models up down test check bench bench-gpu gpu-test
 
 install:
 	@bash scripts/install.sh
@@ -36,3 +36,7 @@ bench: models
 # the GPU profile's Ray and vLLM. `python bench/gpu_rerank.py` prints the GPU rerank rows alone.
 gpu-test: install
 	@$(PY) -m pytest -m gpu tests/gpu $(PYTEST_ARGS)
+
+# The LLM rows on a GPU node with the project installed: SmolLM2 with CUDA graphs, stack vs bare vllm serve.
+bench-gpu: models
+	@BENCH_CONFIG=cluster/gpu_bench_serve_config.yaml $(PY) -m bench.run --only vllm-serve llm-stack $(BENCH_ARGS)

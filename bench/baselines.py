@@ -89,6 +89,13 @@ def vllm_serve(seconds: float, port: int) -> dict:
     for key, value in model.engine_kwargs.items():
         flag = "--" + key.replace("_", "-")
         cmd += [flag] if value is True else [flag, str(value)]
+    # the same frontend flags the stack's replica gets from the model's preset (tool parser etc.)
+    if model.serving.tool_call_parser:
+        cmd += ["--tool-call-parser", model.serving.tool_call_parser]
+    if model.serving.enable_auto_tool_choice:
+        cmd += ["--enable-auto-tool-choice"]
+    if model.serving.reasoning_parser:
+        cmd += ["--reasoning-parser", model.serving.reasoning_parser]
     env = {**os.environ, **model.engine_env}
     log = open("bench/results/vllm-serve.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

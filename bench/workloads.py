@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import yaml
@@ -11,6 +12,9 @@ RERANK_CONCURRENCY = 8
 RERANK_MAX_BATCH = 64  # the largest forward pass, ours and Infinity's alike
 QUERY = "What is the capital of France?"
 
+
+# The config the LLM and gateway steps run (`make bench-gpu` points it at a GPU config).
+CONFIG = pathlib.Path(os.environ.get("BENCH_CONFIG", "serve_config.yaml"))
 
 def rerank_pairs(n: int) -> list[tuple[str, str]]:
     return [(QUERY, f"Document {i} talks about the capital city of a European country.") for i in range(n)]
@@ -34,7 +38,7 @@ def llm_body() -> dict:
 
 def default_models() -> list[dict]:
     """The models section of serve_config.yaml: the benchmarks run what `make up` runs."""
-    return yaml.safe_load(pathlib.Path("serve_config.yaml").read_text())["applications"][0]["args"]["models"]
+    return yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]["models"]
 
 
 def llm_entry() -> dict:
@@ -43,16 +47,18 @@ def llm_entry() -> dict:
 
 
 def llm_model():
-    """serve_config.yaml's LLM as a validated ModelConfig, and its prepared path."""
+    """serve_config.yaml's LLM as a validated ModelConfig with its preset (as the stack runs it),
+    and its prepared path."""
     from serve_app.config import ModelConfig
+    from serve_app.presets import apply_preset
 
-    model = ModelConfig.model_validate(llm_entry())
+    model = apply_preset(ModelConfig.model_validate(llm_entry()))
     return model, model.resolved_source(pathlib.Path("models"))
 
 
 def app_args(models: list[dict]) -> dict:
     """serve_config.yaml's gateway with the given models: the router as `make up` runs it."""
-    args = yaml.safe_load(pathlib.Path("serve_config.yaml").read_text())["applications"][0]["args"]
+    args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
     return {**args, "models": models}
 
 

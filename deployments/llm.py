@@ -1,23 +1,32 @@
-"""LLM replica: one vLLM engine (possibly tensor-parallel) serving typed generate calls."""
+"""LLM replica: one vLLM engine (possibly tensor-parallel) behind vLLM's own OpenAI serving layer.
+
+The router forwards the client's validated body; the replica hands it to the classes `vllm serve`
+uses (deployments/engines/vllm_openai.py) and returns vLLM's response or its SSE payloads,
+coalesced. So every parameter `vllm serve` honours reaches the engine, and its answer reaches the
+client unchanged; the router adds request ids, served-by headers, failover and quotas around it.
+"""
 
 from __future__ import annotations
 
 import pathlib
 from collections.abc import AsyncIterator
+from typing import Any
 
-from deployments.engines.vllm_generate import VLLMGenerator
+from deployments.engines.vllm_openai import VLLMOpenAI, coalesce
 from deployments.health import MonitoredReplica
-from deployments.protocol import Choice, GenerateRequest, GenerationDelta, GenerationResult, ModelCard, SamplingOptions
+from deployments.protocol import ModelCard, OpenAIChunk, OpenAIResponse
 from deployments.runtime import replica_info
 from serve_app.config import ModelConfig
-from serve_app.errors import preparing
+from serve_app.errors import EngineFailure, InvalidRequest
+
+APIS = ("chat", "completion")
 
 
 class LLMServer(MonitoredReplica):
-    def __init__(self, model: ModelConfig, models_dir: str, default_max_tokens: int) -> None:
+    async def __init__(self, model: ModelConfig, models_dir: str, default_max_tokens: int) -> None:
         self.cfg = model
-        self.default_max_tokens = default_max_tokens
-        self.engine = VLLMGenerator(model, model.resolved_source(pathlib.Path(models_dir)))
+        self.engine = VLLMOpenAI(model, model.resolved_source(pathlib.Path(models_dir)), default_max_tokens)
+        await self.engine.start()
         self.replica = replica_info(model.name)
         self._init_health()
 
@@ -25,49 +34,55 @@ class LLMServer(MonitoredReplica):
         return ModelCard(self.cfg.name, "llm", "vllm", self.engine.max_model_len, self.replica,
                          sampling_defaults=self.engine.model_defaults, device=self.engine.device, dtype=self.engine.dtype)
 
-    async def generate(self, req: GenerateRequest) -> GenerationResult:
-        prompt_ids, max_tokens = self._prepare(req)
-        texts = [""] * req.sampling.n
-        reasons: list = [None] * req.sampling.n
-        completion = 0
-        with self.tracked() as health:
-            async for deltas, completion in self.engine.generate(req.request_id, prompt_ids, req.sampling, max_tokens):
-                health.progress()
-                for d in deltas:
-                    texts[d.index] += d.text
-                    reasons[d.index] = d.finish_reason or reasons[d.index]
-        choices = [Choice(i, texts[i], reasons[i] or "stop") for i in range(req.sampling.n)]
-        return GenerationResult(choices, len(prompt_ids), completion, self.replica)
+    async def create(self, api: str, body: dict[str, Any], request_id: str) -> OpenAIResponse:
+        """A non-streaming chat or completion: vLLM's response body."""
+        with self.tracked():
+            result = await self.engine.create(_api(api), self._own(body, stream=False), request_id)
+        if not isinstance(result, dict):
+            raise EngineFailure("the engine streamed an answer that was asked for whole")
+        return OpenAIResponse(result, self.replica)
 
-    async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerationDelta]:
-        """Streamed through `handle.options(stream=True)`; cancelling it aborts the engine request."""
-        prompt_ids, max_tokens = self._prepare(req)
+    async def create_stream(self, api: str, body: dict[str, Any], request_id: str) -> AsyncIterator[OpenAIChunk]:
+        """Streamed through `handle.options(stream=True)`; cancelling it aborts the engine request.
+        The first item carries the first token (errors before it are raised, not streamed)."""
+        want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        own = self._own(body, stream=True)
+        own["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         with self.tracked() as health:
-            async for deltas, completion in self.engine.generate(req.request_id, prompt_ids, req.sampling, max_tokens):
+            sse = await self.engine.create(_api(api), own, request_id)
+            if isinstance(sse, dict):
+                raise EngineFailure("the engine answered whole a request asked as a stream")
+            async for events, usage in coalesce(sse, want_usage):
                 health.progress()
-                yield GenerationDelta(deltas, len(prompt_ids), completion, self.replica)
+                yield OpenAIChunk(events, usage, self.replica)
 
-    def _prepare(self, req: GenerateRequest) -> tuple[list[int], int]:
-        if req.messages is not None:
-            with preparing("the messages (chat template)", "messages"):
-                ids = self.engine.encode_chat(req.messages)
-        else:
-            with preparing("the prompt", "prompt"):
-                ids = self.engine.encode_prompt(req.prompt or "")
-        return ids, self.engine.plan_max_tokens(len(ids), req.sampling.max_tokens, self.default_max_tokens)
+    async def tokenize(self, body: dict[str, Any]) -> OpenAIResponse:
+        return OpenAIResponse(await self.engine.tokenize(self._own(body)), self.replica)
+
+    async def detokenize(self, body: dict[str, Any]) -> OpenAIResponse:
+        return OpenAIResponse(await self.engine.detokenize(self._own(body)), self.replica)
+
+    def _own(self, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """The body as this model's: a fallback model answers under its own name (vLLM checks it)."""
+        return {**body, "model": self.cfg.name, **extra}
 
     async def unfinished_requests(self) -> int:
         """Requests the engine still holds: 0 after a client disconnect means the work was freed."""
         return self.engine.unfinished()
 
     async def _probe(self) -> None:
-        """One real token through the engine (the engine's own ping misses stalls)."""
+        """One real token through the same path as real work (the engine's own ping misses stalls)."""
         await self.engine.check_health()
-        ids = self.engine.encode_prompt("ping")
-        async for _ in self.engine.generate("health-probe", ids, SamplingOptions(max_tokens=1, temperature=0.0), 1):
-            pass
+        await self.engine.create("completion", {"model": self.cfg.name, "prompt": "ping", "max_tokens": 1,
+                                                "temperature": 0.0}, "health-probe")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _api(api: str) -> str:
+    if api not in APIS:
+        raise InvalidRequest(f"unknown API {api!r}")
+    return api

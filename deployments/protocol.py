@@ -22,47 +22,20 @@ class ReplicaInfo:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    n: int = 1
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+class OpenAIResponse:
+    """An LLM replica's answer: vLLM's own response body (chat, completion, tokenize, ...)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class GenerateRequest:
-    request_id: str
-    sampling: SamplingOptions
-    messages: tuple[tuple[str, str], ...] | None = None  # (role, text); chat template applied by the replica
-    prompt: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Choice:
-    index: int
-    text: str
-    finish_reason: Literal["stop", "length", "abort"] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationResult:
-    choices: list[Choice]
-    prompt_tokens: int
-    completion_tokens: int
+    body: dict
     replica: ReplicaInfo
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerationDelta:
-    """One streamed step: text deltas for the choices that advanced, plus token counts so far."""
+class OpenAIChunk:
+    """One handle item of an LLM stream: vLLM's SSE payloads produced since the last item (JSON
+    strings, and "[DONE]"), and the usage once vLLM reported it (the router counts it)."""
 
-    choices: list[Choice]
-    prompt_tokens: int
-    completion_tokens: int
+    events: list[str]
+    usage: dict | None
     replica: ReplicaInfo
 
 

@@ -28,14 +28,20 @@ MAX_DEPTH = 32
 
 async def parse_body(request: Request, model: type[M], max_bytes: int, unsupported: Iterable[str] = ()) -> M:
     """Read, parse and validate a JSON body; every failure is a 4xx that names the problem."""
-    data = loads(await read_body(request, max_bytes))
-    if not isinstance(data, dict):
-        raise InvalidRequest("request body must be a JSON object")
+    data = await read_object(request, max_bytes)
     for name in unsupported:
         if data.get(name) is not None:
             raise UnsupportedParameter(f"parameter '{name}' is not supported by this server", name)
         data.pop(name, None)  # explicitly null: the client asked for nothing, accept it
     return validate(model, data)
+
+
+async def read_object(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object, strictly parsed, for routes that forward it (LLM routes)."""
+    data = loads(await read_body(request, max_bytes))
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return data
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

@@ -86,6 +86,29 @@ def _tp_problems(model: ModelConfig, text: dict) -> list[str]:
     return problems
 
 
+def check_tool_template(model: ModelConfig, models_dir: pathlib.Path) -> list[str]:
+    """Notes: a tool-call parser is configured but the model's chat template never renders `tools`,
+    so the model is not shown the tools. Named and `required` tool_choice still work (vLLM decodes
+    the arguments under the function's schema); `auto` depends on the model guessing the format."""
+    if model.kind is not ModelKind.llm or not model.serving.tool_call_parser:
+        return []
+    path = pathlib.Path(model.resolved_source(models_dir))
+    template = model.serving.chat_template
+    if template and pathlib.Path(template).is_file():
+        template = pathlib.Path(template).read_text()
+    if template is None and path.is_absolute():
+        jinja, tok = path / "chat_template.jinja", path / "tokenizer_config.json"
+        if jinja.exists():
+            template = jinja.read_text()
+        elif tok.exists():
+            template = json.loads(tok.read_text()).get("chat_template")
+    if not isinstance(template, str) or "tools" in template:
+        return []  # a hub id, a template list, or one that renders tools
+    return [f"{model.name}: tool_call_parser '{model.serving.tool_call_parser}' is set but the chat template never "
+            "renders `tools`: the model is not shown them. Named and required tool_choice still return "
+            "schema-valid calls; for auto, give it a template that renders tools (serving.chat_template)"]
+
+
 def check_engine_kwargs(model: ModelConfig) -> tuple[list[str], list[str]]:
     """(problems, notes): engine_kwargs keys a vLLM model sets that vLLM's AsyncEngineArgs does not
     have. Imports vllm, so only `python -m serve_app check` runs it, never the builder (the

@@ -28,6 +28,9 @@ def json_response(body: Any, replica: ReplicaInfo | None = None, status: int = 2
 def sse_response(events: AsyncIterator[Any], replica: ReplicaInfo) -> StreamingResponse:
     async def encode() -> AsyncIterator[bytes]:
         async for event in events:
+            if isinstance(event, bytes):  # already SSE-framed (an LLM replica's coalesced events)
+                yield event
+                continue
             payload = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
             yield f"data: {payload}\n\n".encode()
 

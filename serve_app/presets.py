@@ -11,7 +11,7 @@ import dataclasses
 import re
 from typing import Any
 
-from serve_app.config import EngineKind, ModelConfig, ModelKind, RerankMode
+from serve_app.config import EngineKind, ModelConfig, ModelKind, RerankMode, ServingSettings
 
 # Qwen3-Reranker is a causal LM scored from the "yes"/"no" logits of its last token. vLLM serves
 # it as a sequence classifier only with these overrides, and only with its instruction template
@@ -22,6 +22,7 @@ _QWEN3_PREFIX = (
 )
 _QWEN3_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 _QWEN3_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+_SCHEMA_TOOL_CALLS = {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,8 @@ class Preset:
     query_template: str | None = None
     document_template: str | None = None
     transformers_rerank_mode: RerankMode | None = None  # how the transformers engine must score it
+    serving: dict[str, Any] = dataclasses.field(default_factory=dict)  # llm: ServingSettings defaults
+    engine_env: dict[str, str] = dataclasses.field(default_factory=dict)  # the replica's own settings win
     why: str = ""
 
 
@@ -51,6 +54,20 @@ PRESETS: tuple[Preset, ...] = (
         why="a causal LM scored from yes/no logits: vLLM needs hf_overrides, transformers the yes/no "
             "scoring, both the instruction template",
     ),
+    # Tool calling with no flags for common families. vLLM constrains named / required tool_choice
+    # to the function's JSON schema only for parsers whose `supports_required_and_named` holds;
+    # parsers with an xgrammar structural tag (hermes among them) drop it while
+    # VLLM_ENFORCE_STRICT_TOOL_CALLING is on, and a named call then came back as `"\"celsius\""`
+    # (shared/ENVIRONMENT.md). Off, the schema path applies and arguments validate.
+    Preset("qwen3", r"qwen3(?!-reranker|-embedding)", (ModelKind.llm,),
+           serving={"tool_call_parser": "hermes", "enable_auto_tool_choice": True, "reasoning_parser": "qwen3"},
+           engine_env=_SCHEMA_TOOL_CALLS, why="Qwen3 chat: hermes tool calls, qwen3 reasoning"),
+    Preset("hermes-style", r"qwen2\.5|hermes|smollm2", (ModelKind.llm,),
+           serving={"tool_call_parser": "hermes", "enable_auto_tool_choice": True},
+           engine_env=_SCHEMA_TOOL_CALLS, why="Hermes-style <tool_call> JSON (Qwen2.5, Hermes, SmolLM2)"),
+    Preset("llama3", r"llama-?3", (ModelKind.llm,),
+           serving={"tool_call_parser": "llama3_json", "enable_auto_tool_choice": True},
+           engine_env=_SCHEMA_TOOL_CALLS, why="Llama 3.x JSON tool calls"),
     Preset("bge-reranker", r"bge-reranker", (ModelKind.rerank,), max_input_tokens=512,
            why="BGE rerankers are trained at 512 tokens"),
     Preset("all-minilm-l6-v2", r"all-minilm-l6-v2", (ModelKind.rerank, ModelKind.embed), max_input_tokens=256,
@@ -81,4 +98,9 @@ def apply_preset(model: ModelConfig) -> ModelConfig:
         update["document_template"] = p.document_template
     if p.transformers_rerank_mode and model.engine is EngineKind.transformers and model.rerank_mode is None:
         update["rerank_mode"] = p.transformers_rerank_mode
+    if p.serving and model.kind is ModelKind.llm:
+        given = model.serving.model_dump(exclude_unset=True)
+        update["serving"] = ServingSettings.model_validate({**p.serving, **given})
+    if p.engine_env:
+        update["engine_env"] = {**p.engine_env, **model.engine_env}
     return model.model_copy(update=update)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from deployments.protocol import (
-    Choice, EmbedResult, GenerationDelta, GenerationResult, ModelCard, RerankResult, ReplicaInfo,
-)
+import json
+
+from deployments.protocol import EmbedResult, ModelCard, OpenAIChunk, OpenAIResponse, RerankResult, ReplicaInfo
 
 
 class _Response:
@@ -95,17 +95,49 @@ class FakeModel:
         await self._check()
         return ModelCard(self.name, self.kind, "fake", 128, self.replica)
 
-    async def _do_generate(self, req) -> GenerationResult:
+    async def _do_create(self, api: str, body: dict, rid: str) -> OpenAIResponse:
+        """vLLM's response shape for chat and completions, echoing the prompt's words."""
         await self._check()
-        text = " ".join(_words(req))
-        return GenerationResult([Choice(i, text, "stop") for i in range(req.sampling.n)], 3, len(text.split()), self.replica)
+        text = " ".join(_words(body))
+        n = body.get("n") or 1
+        if api == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"} for i in range(n)]
+        else:
+            choices = [{"index": i, "text": text, "finish_reason": "stop"} for i in range(n)]
+        usage = {"prompt_tokens": 3, "completion_tokens": len(text.split()) * n, "total_tokens": 3 + len(text.split()) * n}
+        obj = "chat.completion" if api == "chat" else "text_completion"
+        return OpenAIResponse({"id": f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{rid}", "object": obj, "model": self.name, "choices": choices, "usage": usage}, self.replica)
 
-    async def _do_generate_stream(self, req):
+    async def _do_create_stream(self, api: str, body: dict, rid: str):
+        """vLLM's SSE payloads, one word per item (a role chunk first for chat)."""
         await self._check()
-        words = _words(req)
+        words = _words(body)
+        want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        obj = "chat.completion.chunk" if api == "chat" else "text_completion"
+
+        def chunk(choice: dict) -> str:
+            return json.dumps({"id": f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{rid}", "object": obj, "model": self.name, "choices": [choice]})
+
         for i, w in enumerate(words):
             last = i == len(words) - 1
-            yield GenerationDelta([Choice(0, w + ("" if last else " "), "stop" if last else None)], 3, i + 1, self.replica)
+            piece = w + ("" if last else " ")
+            reason = "stop" if last else None
+            if api == "chat":
+                events = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})] if i == 0 else []
+                events.append(chunk({"index": 0, "delta": {"content": piece}, "finish_reason": reason}))
+            else:
+                events = [chunk({"index": 0, "text": piece, "finish_reason": reason})]
+            usage = {"prompt_tokens": 3, "completion_tokens": i + 1, "total_tokens": 4 + i} if last else None
+            if last:
+                if want_usage:
+                    events.append(json.dumps({"id": f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{rid}", "object": obj, "model": self.name, "choices": [], "usage": usage}))
+                events.append("[DONE]")
+            yield OpenAIChunk(events, usage, self.replica)
+
+    async def _do_tokenize(self, body: dict) -> OpenAIResponse:
+        await self._check()
+        words = str(body.get("prompt", "")).split()
+        return OpenAIResponse({"count": len(words), "max_model_len": 128, "tokens": list(range(len(words)))}, self.replica)
 
     async def _do_rerank(self, req) -> RerankResult:
         await self._check()
@@ -118,6 +150,11 @@ class FakeModel:
         return EmbedResult([[float(len(t)), 1.0] for t in req.inputs], len(req.inputs), 0, self.replica)
 
 
-def _words(req) -> list[str]:
-    text = req.prompt if req.prompt is not None else req.messages[-1][1]
-    return (text.split() or ["ok"])[: req.sampling.max_tokens or 16]
+def _words(body: dict) -> list[str]:
+    if "messages" in body:
+        content = body["messages"][-1].get("content") or ""
+        text = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
+    else:
+        prompt = body.get("prompt", "")
+        text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+    return (text.split() or ["ok"])[: body.get("max_tokens") or 16]

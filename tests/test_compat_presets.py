@@ -83,17 +83,18 @@ def test_builder_and_check_refuse_a_missing_prepared_model(tmp_path, monkeypatch
     assert "no model at" in capsys.readouterr().err
 
 
-def test_engine_parameter_declarations_are_enforced(monkeypatch):
-    from starlette.testclient import TestClient
 
-    from serve_app import router as router_mod
-    from serve_app.config import EngineKind
-    from tests.fakes import FakeModel
 
-    cfg = parse_app_config({"models": [{"name": "chat", "kind": "llm", "engine": "vllm", "source": "org/chat"}]})
-    monkeypatch.setitem(router_mod.HONOURED_PARAMS, EngineKind.vllm, frozenset({"max_tokens", "temperature"}))
-    c = TestClient(router_mod.Router(cfg.gateway, cfg.models, {"chat": FakeModel("chat", "llm")}).__serve_build_asgi_app__())
-    msgs = [{"role": "user", "content": "hi"}]
-    assert c.post("/v1/chat/completions", json={"model": "chat", "messages": msgs, "temperature": 0.5}).status_code == 200
-    r = c.post("/v1/chat/completions", json={"model": "chat", "messages": msgs, "seed": 3})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "seed" and "engine 'vllm'" in r.json()["error"]["message"]
+def test_check_notes_a_tool_parser_whose_template_never_renders_tools(tmp_path):
+    import json as _json
+
+    from serve_app.compat import check_tool_template
+    from serve_app.presets import apply_preset
+
+    (tmp_path / "tokenizer_config.json").write_text(_json.dumps({"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}))
+    cfg = parse_app_config({"models": [{"name": "smol", "kind": "llm", "engine": "vllm", "source": str(tmp_path / "smollm2")}]})
+    model = apply_preset(cfg.models[0]).model_copy(update={"source": str(tmp_path)})
+    assert model.serving.tool_call_parser == "hermes"  # the preset, no flags
+    assert "never renders `tools`" in check_tool_template(model, tmp_path)[0]
+    (tmp_path / "tokenizer_config.json").write_text(_json.dumps({"chat_template": "{% if tools %}{{ tools }}{% endif %}"}))
+    assert check_tool_template(model, tmp_path) == []

@@ -288,7 +288,7 @@ def test_eager_mode_is_the_configs_choice_not_the_codes(monkeypatch, models):
     import vllm
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from deployments.engines.vllm_generate import VLLMGenerator
+    from deployments.engines.vllm_openai import serving_args
     from deployments.engines.vllm_pooling import VLLMPoolingEncoder
 
     def capture(*args, **kwargs):
@@ -301,9 +301,7 @@ def test_eager_mode_is_the_configs_choice_not_the_codes(monkeypatch, models):
     with pytest.raises(_Captured) as pooled:
         VLLMPoolingEncoder(enc, str(models["ce"]))
     assert "enforce_eager" not in pooled.value.args[1]  # vLLM's default: CUDA graphs where it can
-    with pytest.raises(_Captured) as generated:
-        VLLMGenerator(llm, str(models["ce"]))
-    assert generated.value.args[0][0].enforce_eager is False
+    assert "enforce_eager" not in serving_args(llm, str(models["ce"]), 256)  # vLLM's default for the LLM too
     with pytest.raises(_Captured) as asked:
         VLLMPoolingEncoder(enc.model_copy(update={"engine_kwargs": {"enforce_eager": True}}), str(models["ce"]))
     assert asked.value.args[1]["enforce_eager"] is True

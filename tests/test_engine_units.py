@@ -1,30 +1,101 @@
-"""Engine-adapter logic that needs no engine: sampling defaults, context planning."""
+"""The LLM engine adapter's own logic, without an engine: the `vllm serve` flags our config sets,
+strict parsing with vLLM's protocol, error mapping, and stream coalescing."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
-from deployments.engines.vllm_generate import VLLMGenerator, sampling_kwargs
-from deployments.protocol import SamplingOptions
-from serve_app.errors import InvalidRequest
+from deployments.engines.vllm_openai import coalesce, parse, serving_args, to_api_error
+from serve_app.config import parse_app_config
+from serve_app.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, UnsupportedParameter
+from serve_app.presets import apply_preset
 
 
-def test_model_defaults_apply_where_the_request_is_silent():
-    defaults = {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 50}
-    assert sampling_kwargs(defaults, SamplingOptions()) == {"temperature": 0.2, "top_p": 0.9}
-    assert sampling_kwargs(defaults, SamplingOptions(temperature=0.0, presence_penalty=1.0)) == {
-        "temperature": 0.0, "top_p": 0.9, "presence_penalty": 1.0,
-    }
+def _llm(**kw):
+    return parse_app_config({"models": [{"name": "smol", "kind": "llm", "engine": "vllm", "source": "org/smollm2-x", **kw}]}).models[0]
 
 
-def test_context_planning_names_both_numbers():
-    gen = VLLMGenerator.__new__(VLLMGenerator)  # planning needs only the context length
-    gen.max_model_len = 100
-    assert gen.plan_max_tokens(90, None, 256) == 10
-    assert gen.plan_max_tokens(10, 90, 256) == 90
-    with pytest.raises(InvalidRequest) as e:
-        gen.plan_max_tokens(10, 91, 256)
-    assert "10" in e.value.message and "91" in e.value.message and "100" in e.value.message
-    assert e.value.param == "max_tokens"
-    with pytest.raises(InvalidRequest):
-        gen.plan_max_tokens(100, None, 256)
+def test_serving_args_are_the_vllm_serve_flags_our_config_owns():
+    args = serving_args(apply_preset(_llm(serving={"aliases": ["gpt-4o-mini"]})), "/m", default_max_tokens=256)
+    assert args["served_model_name"] == ["smol", "gpt-4o-mini"] and args["model"] == "/m"
+    assert args["tool_call_parser"] == "hermes" and args["enable_auto_tool_choice"] is True  # the preset
+    assert args["override_generation_config"] == {"max_new_tokens": 256}  # silent requests get the gateway default
+    assert "enforce_eager" not in args  # CUDA graphs unless the config asks
+    tp = serving_args(_llm(tensor_parallel_size=2, engine_kwargs={"enforce_eager": True}), "/m", 256)
+    assert tp["distributed_executor_backend"] == "mp" and tp["enforce_eager"] is True
+    assert tp["tool_call_parser"] is None  # no preset for this name without one
+
+
+def test_unknown_fields_are_refused_by_name_and_vllm_validates_the_rest():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    msgs = [{"role": "user", "content": "hi"}]
+    ok = parse(ChatCompletionRequest, {"model": "m", "messages": msgs, "top_k": 5, "logprobs": True, "top_logprobs": 3})
+    assert ok.top_k == 5
+    with pytest.raises(UnsupportedParameter) as unknown:
+        parse(ChatCompletionRequest, {"model": "m", "messages": msgs, "frobnicate": 1})
+    assert unknown.value.param == "frobnicate"
+    with pytest.raises(InvalidRequest) as bad:
+        parse(ChatCompletionRequest, {"model": "m", "messages": msgs, "temperature": "hot"})
+    assert bad.value.param == "temperature"
+
+
+def test_vllm_errors_become_ours():
+    ctx = to_api_error("This model's maximum context length is 2048 tokens. However, your prompt contains 3000", 400, None)
+    assert isinstance(ctx, ContextLengthExceeded)  # so context-window fallbacks still take it
+    assert isinstance(to_api_error("max_tokens=9999 cannot be greater than max_model_len=2048.", 400, "max_tokens"),
+                      ContextLengthExceeded)
+    nf = to_api_error("The model `x` does not exist.", 404, "model")
+    assert isinstance(nf, InvalidRequest) and nf.status == 404 and nf.param == "model"
+    assert isinstance(to_api_error("CUDA out of memory", 500, None), EngineFailure)
+
+
+def _sse(*payloads, delay=0.0):
+    async def gen():
+        for p in payloads:
+            if delay:
+                await asyncio.sleep(delay)
+            yield f"data: {p if isinstance(p, str) else json.dumps(p)}\n\n"
+    return gen()
+
+
+ROLE = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+TOKEN = {"choices": [{"index": 0, "delta": {"content": "Paris"}, "finish_reason": None}]}
+END = {"choices": [{"index": 0, "delta": {"content": "."}, "finish_reason": "stop"}]}
+USAGE = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+
+async def _items(sse, want_usage=False):
+    return [item async for item in coalesce(sse, want_usage)]
+
+
+def test_the_first_item_carries_the_first_token_and_usage_is_kept_for_the_router():
+    items = asyncio.run(_items(_sse(ROLE, TOKEN, END, USAGE, "[DONE]", delay=0.01)))
+    first_events, _ = items[0]
+    assert [json.loads(e) for e in first_events[:2]] == [ROLE, TOKEN]  # never a role chunk alone
+    events = [e for evs, _ in items for e in evs]
+    assert events[-1] == "[DONE]" and json.dumps(USAGE) not in events  # the client did not ask for usage
+    assert items[-1][1] == USAGE["usage"]
+    with_usage = asyncio.run(_items(_sse(ROLE, TOKEN, END, USAGE, "[DONE]"), want_usage=True))
+    assert json.dumps(USAGE) in [e for evs, _ in with_usage for e in evs]
+
+
+def test_what_the_engine_made_while_the_reader_was_busy_leaves_as_one_item():
+    async def scenario():
+        out = []
+        async for events, _ in coalesce(_sse(ROLE, TOKEN, *[TOKEN] * 20, END, "[DONE]"), False):
+            out.append(len(events))
+            await asyncio.sleep(0.05)  # a slow reader
+        return out
+
+    sizes = asyncio.run(scenario())
+    assert sum(sizes) == 24 and len(sizes) < 6
+
+
+def test_an_error_before_the_first_token_is_raised_not_streamed():
+    err = {"error": {"message": "This model's maximum context length is 10 tokens", "type": "BadRequestError", "code": 400}}
+    with pytest.raises(ContextLengthExceeded):
+        asyncio.run(_items(_sse(ROLE, err, "[DONE]")))

@@ -53,8 +53,9 @@ def test_a_body_without_content_length_is_cut_off_at_the_limit(client):
     assert "content-length" not in r.request.headers
 
 
-def test_a_seed_beyond_64_bits_is_a_400(client):
-    assert_error(client.post("/v1/chat/completions", json=chat(seed=2**64)), 400, param="seed")
+def test_an_integer_beyond_64_bits_is_a_400_naming_it(client):
+    assert_error(client.post("/v1/rerank", json={"model": "rr", "query": "q", "documents": ["a"], "top_n": 2**64}), 400,
+                 param="top_n")
 
 
 def test_an_invalid_request_id_is_refused_and_no_other_id_is_invented(client):

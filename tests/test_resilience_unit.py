@@ -101,7 +101,7 @@ def test_a_dead_replica_is_retried_and_the_client_never_sees_it():
     c, router = client(primary)
     r = c.post("/v1/chat/completions", json={"model": "chat", **CHAT})
     assert r.status_code == 200 and r.json()["model"] == "chat"
-    assert [n for n, _ in primary.calls].count("generate") == 3
+    assert [n for n, _ in primary.calls].count("create") == 3
     assert router.events[("retry", "chat")] == 2
     assert router.dispatch.breakers["chat"].state == "closed"  # a dead replica is not a sick model
 
@@ -120,7 +120,7 @@ def test_full_queue_falls_back_at_once_and_says_who_answered():
     r = c.post("/v1/chat/completions", json={"model": "chat", **CHAT})
     assert r.status_code == 200 and r.json()["model"] == "backup"
     assert r.headers["x-served-model"] == "backup"
-    assert [n for n, _ in primary.calls].count("generate") == 1  # no retry into a full queue
+    assert [n for n, _ in primary.calls].count("create") == 1  # no retry into a full queue
     assert router.dispatch.breakers["chat"].state == "closed"  # load is not sickness
 
 
@@ -136,7 +136,7 @@ def test_client_mistakes_are_final_and_do_not_trip_the_circuit():
     c, router = client(primary)
     for _ in range(10):
         assert_error(c.post("/v1/chat/completions", json={"model": "chat", **CHAT}), 400)
-    assert [n for n, _ in primary.calls].count("generate") == 10
+    assert [n for n, _ in primary.calls].count("create") == 10
     assert router.dispatch.breakers["chat"].state == "closed"
 
 
@@ -148,7 +148,7 @@ def test_repeated_engine_failures_open_the_circuit_and_traffic_moves_to_the_fall
         assert r.status_code == 200 and r.json()["model"] == "backup"
     # each request: the call, its second look, then the probe fails too (a sick model); after 3
     # requests the circuit kept traffic away
-    assert [n for n, _ in primary.calls].count("generate") == 6
+    assert [n for n, _ in primary.calls].count("create") == 6
     assert [n for n, _ in primary.calls].count("probe") == 3
     snap = router.dispatch.breakers["chat"].snapshot()
     assert snap["state"] == "open" and snap["last_error"] == "boom"
@@ -172,10 +172,10 @@ def test_stream_retries_before_the_first_token():
 
 def test_stream_failing_mid_way_ends_with_an_error_event_carrying_the_request_id():
     class DiesMidStream(FakeModel):
-        async def _do_generate_stream(self, req):
-            from deployments.protocol import Choice, GenerationDelta
+        async def _do_create_stream(self, api, body, rid):
+            from deployments.protocol import OpenAIChunk
 
-            yield GenerationDelta([Choice(0, "partial ", None)], 3, 1, self.replica)
+            yield OpenAIChunk([json.dumps({"choices": [{"index": 0, "delta": {"content": "partial "}}]})], None, self.replica)
             raise ReplicaFailed("died mid-stream")
 
     c, _ = client(DiesMidStream("chat", "llm"))

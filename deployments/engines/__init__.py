@@ -1,9 +1,9 @@
 """Engine adapters behind one small interface per model kind.
 
 `Encoder` serves rerank and embed replicas (synchronous: replicas run it in a worker thread
-inside a `@serve.batch` call); `VLLMGenerator` serves LLM replicas. Heavy imports (torch,
-vllm, transformers) happen inside the adapters, never at module import, so the router can
-import the deployment classes without them.
+inside a `@serve.batch` call); `vllm_openai.VLLMOpenAI` (vLLM's own OpenAI serving layer)
+serves LLM replicas. Heavy imports (torch, vllm, transformers) happen inside the adapters, never
+at module import, so the router can import the deployment classes without them.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ Both are parsed into one `RerankQuery` so the serving code has a single path.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TextDocument(BaseModel):
@@ -37,6 +38,53 @@ class CohereRerankRequest(_RerankBase):
     return_documents: bool = False  # Cohere v2 dropped it; accepted for older clients
     truncate: bool = True
     rank_fields: None = None
+
+
+class ScoreRequest(BaseModel):
+    """vLLM's `/score` and `/v1/score`: `text_1` against `text_2` (or `queries` against
+    `documents`): one left text against many right ones, or pairwise when both are lists of the
+    same length. Scores come back in `text_2`'s order."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
+    queries: str | list[str] | None = None
+    documents: str | list[str] | None = None
+    truncate_prompt_tokens: None = None  # accepted as null only: our replicas cut by the model's limit
+
+    @model_validator(mode="after")
+    def _one_pair(self) -> "ScoreRequest":
+        text = self.text_1 is not None or self.text_2 is not None
+        named = self.queries is not None or self.documents is not None
+        if text == named or (text and (self.text_1 is None or self.text_2 is None)) or \
+                (named and (self.queries is None or self.documents is None)):
+            raise ValueError("send text_1 and text_2, or queries and documents")
+        left, right = self._sides()
+        if not right or any(not q for q in left):
+            raise ValueError("the right side must hold at least one text and every left text must be non-empty")
+        if len(left) != 1 and len(left) != len(right):
+            raise ValueError(f"{len(left)} left texts for {len(right)} right ones: send one, or as many as the right")
+        return self
+
+    def _sides(self) -> tuple[list[str], list[str]]:
+        left = self.text_1 if self.text_1 is not None else self.queries
+        right = self.text_2 if self.text_2 is not None else self.documents
+        return ([left] if isinstance(left, str) else list(left)), ([right] if isinstance(right, str) else list(right))
+
+    def groups(self) -> dict[str, list[tuple[int, str]]]:
+        """Each distinct left text with its (index, right text) pairs."""
+        left, right = self._sides()
+        out: dict[str, list[tuple[int, str]]] = {}
+        for i, text in enumerate(right):
+            out.setdefault(left[0] if len(left) == 1 else left[i], []).append((i, text))
+        return out
+
+
+def score_response(rid: str, model: str, scores: list[float], prompt_tokens: int) -> dict[str, Any]:
+    return {"id": f"score-{rid}", "object": "list", "created": int(time.time()), "model": model,
+            "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,9 +101,9 @@ def test_long_document_is_truncated_not_crashing(http):
 def test_errors_reach_the_openai_client_as_4xx(oa, http):
     with pytest.raises(openai.NotFoundError):
         oa.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.BadRequestError) as e:
-        oa.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "hi"}], logit_bias={"1": 5})
-    assert "logit_bias" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:  # vLLM would only warn about it
+        oa.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "hi"}], extra_body={"frobnicate": 1})
+    assert "frobnicate" in str(e.value) and e.value.body["param"] == "frobnicate"
     with pytest.raises(openai.BadRequestError) as e:
         oa.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "hi"}], max_tokens=100000)
     assert "100000" in str(e.value) and "2048" in str(e.value)
@@ -184,3 +184,89 @@ def test_concurrent_requests_share_a_batch(stack, http):
     sizes = handle.batch_sizes.remote(mark).result()
     assert sizes and max(sizes) > 4  # this test's own passes: more than one request's inputs in one
     assert sum(sizes) == 16 * 4  # every input of this test went through exactly one pass
+
+
+# --- vLLM's own OpenAI layer in the replica: what an agent framework sends (issue 10) ---
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+ASK = [SYSTEM, {"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _valid_weather_args(arguments: str) -> dict:
+    args = json.loads(arguments)
+    assert isinstance(args, dict) and isinstance(args["city"], str) and args["unit"] in ("celsius", "fahrenheit"), args
+    return args
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_named_and_required_tool_choice_give_schema_valid_arguments(oa, choice):
+    r = oa.chat.completions.create(model=LLM, messages=ASK, tools=[WEATHER], tool_choice=choice, max_tokens=60, temperature=0)
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    _valid_weather_args(calls[0].function.arguments)
+
+
+def test_a_conversation_with_a_tool_result_is_accepted(oa):
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 18})},
+    ]
+    r = oa.chat.completions.create(model=LLM, messages=history, tools=[WEATHER], max_tokens=20, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls") and r.usage.prompt_tokens > 40
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_is_enforced_streaming_and_not(oa):
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
+    msgs = [SYSTEM, {"role": "user", "content": "Name the capital of France as JSON."}]
+    whole = oa.chat.completions.create(model=LLM, messages=msgs, response_format=fmt, max_tokens=60, temperature=0)
+    streamed = oa.chat.completions.create(model=LLM, messages=msgs, response_format=fmt, max_tokens=60, temperature=0, stream=True)
+    for text in (whole.choices[0].message.content, "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)):
+        value = json.loads(text)
+        assert set(value) == {"city", "country"} and all(isinstance(v, str) for v in value.values())
+
+
+def test_openai_parse_with_a_pydantic_model(oa):
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        city: str
+        country: str
+
+    r = oa.chat.completions.parse(model=LLM, messages=[SYSTEM, {"role": "user", "content": "The capital of France?"}],
+                                  response_format=City, max_tokens=60, temperature=0)
+    assert isinstance(r.choices[0].message.parsed, City)
+
+
+def test_logprobs_with_top_logprobs(oa):
+    r = oa.chat.completions.create(model=LLM, messages=ASK, max_tokens=4, logprobs=True, top_logprobs=3, temperature=0)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+
+
+def test_n2_streaming_gives_each_choice_its_role_chunk(oa):
+    stream = oa.chat.completions.create(model=LLM, messages=ASK, max_tokens=6, n=2, stream=True, temperature=1.0, seed=3)
+    roles = [c.choices[0].index for c in stream if c.choices and c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+
+
+def test_tokenize_agrees_with_usage_and_detokenize_inverts_it(http, oa):
+    msgs = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
+    tok = http.post("/tokenize", json={"model": LLM, "messages": msgs, "add_generation_prompt": True}).json()
+    r = oa.chat.completions.create(model=LLM, messages=msgs, max_tokens=1, temperature=0)
+    assert tok["count"] == r.usage.prompt_tokens and tok["max_model_len"] == 2048
+    text = http.post("/detokenize", json={"model": LLM, "tokens": tok["tokens"]}).json()["prompt"]
+    assert "capital of France" in text
+
+
+def test_model_card_says_its_context_length(http):
+    one = http.get(f"/v1/models/{LLM}").json()
+    assert one["id"] == LLM and one["max_model_len"] == 2048 and one["device"] == "cpu"
+    assert http.get("/v1/models/no-such-model").status_code == 404
