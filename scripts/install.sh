@@ -8,6 +8,17 @@ PY=${PYTHON:-python3}
 if [[ -z "${PROFILE:-}" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PROFILE=gpu; else PROFILE=cpu; fi
 fi
+# redis-server: the tests of the shared quota store start a real one (tests/redis_server.py). CI runs
+# as root on a fresh clone; elsewhere those tests skip and say why.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "[install] installing redis-server (apt)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
+      || echo "[install] warning: redis-server could not be installed; the Redis tests will skip"
+  else
+    echo "[install] note: no redis-server (apt-get install -y redis-server); the Redis tests will skip"
+  fi
+fi
 stamp="$VENV/.installed-$PROFILE-$(cat pyproject.toml scripts/install.sh scripts/fix_vllm_cpu.py | sha1sum | cut -c1-12)"
 if [[ -f "$stamp" ]]; then echo "[install] $VENV is up to date ($PROFILE profile)"; exit 0; fi
 echo "[install] creating $VENV with the $PROFILE profile (first time: several minutes)"

@@ -17,7 +17,7 @@ from deployments.llm import LLMServer
 from deployments.reranker import RerankerServer
 from serve_app.compat import check_model
 from serve_app.config import (
-    AppConfig, ConfigError, DeploymentSettings, GatewayConfig, ModelConfig, ModelKind, parse_app_config,
+    AppConfig, ConfigError, DeploymentSettings, GatewayConfig, ModelConfig, ModelKind, RouterSettings, parse_app_config,
 )
 from serve_app.presets import apply_preset, find_preset
 from serve_app.router import Ingress
@@ -78,7 +78,12 @@ def model_deployment(model: ModelConfig) -> Deployment:
 
 
 def router_deployment(gateway: GatewayConfig) -> Deployment:
-    return serve.deployment(Ingress).options(name=ROUTER_NAME, **_serve_options(gateway.deployment, ROUTER_BATCH_CAPACITY))
+    """Keys travel as the router's user_config, not in its init args: an operator overrides it
+    under `deployments: [{name: router, user_config: ...}]` and Serve applies it in place."""
+    return serve.deployment(Ingress).options(
+        name=ROUTER_NAME, user_config=gateway.router_settings().model_dump(mode="json", exclude_none=True),
+        **_serve_options(gateway.deployment, ROUTER_BATCH_CAPACITY),
+    )
 
 
 def _serve_options(d: DeploymentSettings, batch_capacity: int) -> dict[str, Any]:
@@ -108,6 +113,26 @@ def _serve_options(d: DeploymentSettings, batch_capacity: int) -> dict[str, Any]
     if d.max_replicas_per_node is not None:
         opts["max_replicas_per_node"] = d.max_replicas_per_node
     return opts
+
+
+def check_router(cfg: AppConfig, overrides: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the router deployment as Serve will run it: its user_config
+    override (the live keys) checked against the app's models, and whether its quotas hold in
+    total (a memory limits_store counts per router replica: N replicas, N times the budget)."""
+    problems, warnings = [], []
+    override = next((d for d in overrides if d.get("name") == ROUTER_NAME), {})
+    if "user_config" in override:
+        try:
+            RouterSettings.for_app(override["user_config"], cfg.models)
+        except ConfigError as err:
+            problems.append(f"deployments[{ROUTER_NAME}].user_config: {err}")
+    d = cfg.gateway.deployment
+    auto = override.get("autoscaling_config") or (d.autoscaling_config and d.autoscaling_config.model_dump())
+    replicas = auto["max_replicas"] if auto else override.get("num_replicas", d.num_replicas) or 1
+    if replicas > 1 and not cfg.gateway.shared_store:
+        warnings.append(f"the router runs up to {replicas} replicas with limits_store 'memory': every key gets up to "
+                        f"{replicas}x its quotas and usage is split across replicas; set gateway.limits_store to a Redis URL")
+    return problems, warnings
 
 
 def describe(cfg: AppConfig) -> list[dict[str, Any]]:

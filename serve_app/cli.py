@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from serve_app.config import PREPARED_PREFIX, AppConfig, ConfigError, hash_key, load_serve_config
@@ -43,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--key-env", default="SERVE_APP_ADMIN_KEY", help="env var holding an admin API key, if keys are on")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("usage", help="print requests and tokens per API key name and model for a time range")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--key-env", default="SERVE_APP_ADMIN_KEY", help="env var holding an admin API key, if keys are on")
+    p.add_argument("--since", help="ISO 8601 time, unix seconds, or an age such as 7d / 12h (default: 24h ago)")
+    p.add_argument("--until", help="same forms (default: now)")
+    p.add_argument("--key", help="one key name only")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("kuberay", help="print a KubeRay RayService manifest generated from a Serve config")
     p.add_argument("config")
     p.add_argument("--name", default="llm-stack")
@@ -52,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"check": cmd_check, "prepare-models": cmd_prepare, "up": cmd_up, "down": cmd_down,
-                    "hash-key": cmd_hash_key, "kuberay": cmd_kuberay, "status": cmd_status}
+                    "hash-key": cmd_hash_key, "kuberay": cmd_kuberay, "status": cmd_status, "usage": cmd_usage}
         return commands[args.cmd](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -68,11 +76,13 @@ def _apps(path: str) -> list[tuple[str, AppConfig]]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate, apply presets, check each model against its engine; exit 2 on any problem."""
-    from serve_app.app import describe, resolve
-    from serve_app.compat import check_engine_kwargs, check_fit, check_model
+    from serve_app.app import check_router, describe, resolve
+    from serve_app.compat import check_engine_kwargs, check_fit, check_model, check_tool_template
 
-    problems, notes = [], []
+    problems, notes, warnings = [], [], []
     node_gpus = _node_gpus(args)
+    raw, _ = load_serve_config(args.config)
+    overrides = {a.get("name", f"app{i}"): a.get("deployments") or [] for i, a in enumerate(raw["applications"])}
     for name, cfg in _apps(args.config):
         print(f"application '{name}': {len(cfg.models)} model(s)")
         for row in describe(cfg):
@@ -84,10 +94,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         for m in resolve(cfg).models:
             problems += check_model(m, cfg.gateway.models_path)
             found, noted = check_engine_kwargs(m)
-            problems, notes = problems + found, notes + noted
+            problems, notes = problems + found, notes + noted + check_tool_template(m, cfg.gateway.models_path)
         problems += check_fit(cfg.models, node_gpus)
+        found, warned = check_router(cfg, overrides.get(name, []))
+        problems, warnings = problems + found, warnings + [f"application '{name}': {w}" for w in warned]
     for n in notes:
         print(f"note: {n}")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if problems:
@@ -112,27 +126,65 @@ def _node_gpus(args: argparse.Namespace) -> list[float]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    headers = {"x-request-id": f"cli-status-{int(time.time())}"}
-    key = os.environ.get(args.key_env)
-    if key:
-        headers["authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(f"{args.url.rstrip('/')}/v1/status", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            view = json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        print(f"error: {e.code} {e.read().decode(errors='replace')[:300]}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as e:
-        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
+    view = _admin_get(args, "/v1/status")
+    if view is None:
         return 1
     print(json.dumps(view, indent=2) if args.json else render_status(view))
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    params = {k: v for k, v in {"since": _age(args.since), "until": _age(args.until), "key": args.key}.items() if v}
+    view = _admin_get(args, "/v1/usage?" + urllib.parse.urlencode(params))
+    if view is None:
+        return 1
+    print(json.dumps(view, indent=2) if args.json else render_usage(view))
+    return 0
+
+
+def _admin_get(args: argparse.Namespace, path: str) -> dict | None:
+    """GET one of the router's admin views with the admin key from `--key-env`; None after saying why."""
+    headers = {"x-request-id": f"cli-{args.cmd}-{int(time.time())}"}
+    key = os.environ.get(args.key_env)
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(f"{args.url.rstrip('/')}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        print(f"error: {e.code} {e.read().decode(errors='replace')[:300]}", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
+    return None
+
+
+def _age(value: str | None) -> str | None:
+    """'7d' / '12h' / '30m' -> unix seconds that long ago; anything else goes to the router as given."""
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if value and value[-1:] in units and value[:-1].isdigit():
+        return str(int(time.time()) - int(value[:-1]) * units[value[-1]])
+    return value
+
+
+def render_usage(view: dict) -> str:
+    lines = [f"usage {view['since']} .. {view['until']} (hours that start in the range)",
+             f"{'key':<24} {'model':<36} {'requests':>9} {'prompt':>12} {'completion':>12} {'total':>12}"]
+    for r in view.get("data", []):
+        lines.append(f"{r['key'][:24]:<24} {r['model'][:36]:<36} {r['requests']:>9} {r['prompt_tokens']:>12} "
+                     f"{r['completion_tokens']:>12} {r['total_tokens']:>12}")
+    if not view.get("data"):
+        lines.append("(nothing served in this range)")
+    return "\n".join(lines)
+
+
 def render_status(view: dict) -> str:
     """The status view as a table a person reads at 3 a.m.: sick things say why and where."""
     lines = [f"application {view.get('app')}"]
+    store = view.get("quota_store")
+    if store:
+        degraded = f"  DEGRADED: quotas on router memory ({store.get('last_error')})" if store.get("degraded") else ""
+        lines.append(f"quota store: {store.get('kind')} (as the answering router replica sees it){degraded}")
     for name, m in view.get("models", {}).items():
         circuit = m.get("circuit") or {}
         states = ", ".join(f"{k}={v}" for k, v in (m.get("replica_states") or {}).items()) or "-"

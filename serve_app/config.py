@@ -7,6 +7,7 @@ environment variables. Validation errors name the offending field (pydantic's `l
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import pathlib
@@ -113,6 +114,20 @@ class BatchSettings(_Strict):
     )
 
 
+class ServingSettings(_Strict):
+    """LLMs: what `vllm serve` takes as frontend flags. Presets fill these for known families
+    (serve_app/presets.py), so the common case needs none; explicit values win."""
+
+    tool_call_parser: str | None = Field(
+        None, description="vLLM tool-call parser (`--tool-call-parser`), e.g. hermes, llama3_json; "
+        "needed for tool_choice named/required/auto"
+    )
+    enable_auto_tool_choice: bool = Field(False, description="`--enable-auto-tool-choice`: the model may call tools on its own")
+    reasoning_parser: str | None = Field(None, description="`--reasoning-parser` (e.g. qwen3): reasoning_content in replies")
+    chat_template: str | None = Field(None, description="`--chat-template`: a file path or the template itself")
+    aliases: list[str] = Field(default_factory=list, description="more names clients may put in `model`")
+
+
 class RerankMode(str, Enum):
     cross_encoder = "cross_encoder"  # AutoModelForSequenceClassification scores the pair
     bi_encoder = "bi_encoder"  # embed query and document apart, cosine similarity
@@ -154,6 +169,7 @@ class ModelConfig(_Strict):
         default_factory=dict, description="environment of the replica process (e.g. VLLM_CPU_KVCACHE_SPACE)"
     )
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings, description="llm: vLLM's frontend flags")
     batching: BatchSettings | None = None
     health: HealthSettings = Field(default_factory=HealthSettings)
     allow_fault_injection: bool = Field(False, description="chaos tests and failover drills only")
@@ -179,6 +195,8 @@ class ModelConfig(_Strict):
     def _kind_engine_rules(self) -> "ModelConfig":
         if self.kind is ModelKind.llm and self.engine is not EngineKind.vllm:
             raise ValueError("kind 'llm' is served by engine 'vllm' only")
+        if self.kind is not ModelKind.llm and self.serving != ServingSettings():
+            raise ValueError("serving (tool/reasoning parsers, chat template, aliases) applies to llm models only")
         if self.kind is ModelKind.llm and self.batching is not None:
             raise ValueError("batching applies to rerank/embed models; vLLM batches LLM requests itself")
         if self.rerank_mode is not None and not (
@@ -251,13 +269,86 @@ class ModelConfig(_Strict):
 
 
 class ApiKeyConfig(_Strict):
-    """One client key. Only its SHA-256 is stored (`python -m serve_app hash-key` makes it)."""
+    """One client key. Only its SHA-256 is stored (`python -m serve_app hash-key` makes it).
 
-    name: str = Field(min_length=1, max_length=64, description="shown in logs instead of the key")
+    Quotas, usage and in-flight slots belong to the key's `name`, so two entries with one name
+    (old and new secret while a key is rotated) share one budget and one usage history.
+    """
+
+    name: str = Field(min_length=1, max_length=64, description="shown in logs and usage instead of the key")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    admin: bool = Field(False, description="may read status/admin endpoints")
+    admin: bool = Field(False, description="may read status, usage and other admin endpoints")
     requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1, description="estimated prompt tokens + max_tokens")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="estimated on admission (prompt characters / 4 + max_tokens), then corrected "
+        "upwards with the response's usage; over-estimates are not refunded"
+    )
+    models: list[str] | None = Field(
+        None, description="models (names or aliases) this key may use; others answer 404 as if absent and "
+        "/v1/models lists only these. None: every model"
+    )
+    expires_at: datetime.datetime | None = Field(
+        None, description="ISO 8601 time (UTC when no offset is given) or unix seconds; after it: 401 'key expired'"
+    )
+    max_concurrent_requests: int | None = Field(
+        None, ge=1, description="requests of this key in flight at once (streams until their last byte) -> 429 beyond"
+    )
+
+    @field_validator("expires_at")
+    @classmethod
+    def _utc(cls, v: datetime.datetime | None) -> datetime.datetime | None:
+        return v.replace(tzinfo=datetime.timezone.utc) if v is not None and v.tzinfo is None else v
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at.timestamp() <= now
+
+
+class RouterSettings(_Strict):
+    """The router's live settings: the `router` deployment's Serve `user_config`.
+
+    Serve hands a changed user_config to the running router replicas (`reconfigure`) without
+    restarting anything, whereas a change to the app's `args` is a new code version that replaces
+    every replica, models included. So keys live here; `gateway.api_keys` only seeds the default.
+    """
+
+    api_keys: list[ApiKeyConfig] = Field(
+        default_factory=list, description="empty (and no api_keys_env keys): no authentication"
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _one_entry_per_secret(cls, v: list[ApiKeyConfig]) -> list[ApiKeyConfig]:
+        check_keys(v)
+        return v
+
+    @classmethod
+    def for_app(cls, user_config: Any, models: list["ModelConfig"]) -> "RouterSettings":
+        """Validate a router user_config against the app's models; errors name the field."""
+        try:
+            settings = cls.model_validate(user_config or {})
+            check_keys(settings.api_keys, models)
+        except ValidationError as err:
+            raise ConfigError(describe_validation_error(err).replace("invalid config", "invalid router user_config")) from None
+        except ValueError as err:
+            raise ConfigError(f"invalid router user_config: {err}") from None
+        return settings
+
+
+def check_keys(keys: list[ApiKeyConfig], models: list["ModelConfig"] | None = None) -> None:
+    """One entry per secret; allow-lists name only this app's models or aliases (a typo would
+    silently lock the key out). Raises ValueError naming `api_keys.N...`."""
+    seen: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key.sha256 in seen:
+            raise ValueError(f"api_keys.{i}.sha256: same secret as api_keys.{seen[key.sha256]}")
+        seen[key.sha256] = i
+    if models is None:
+        return
+    known = {m.name for m in models} | {a for m in models for a in m.serving.aliases}
+    for i, key in enumerate(keys):
+        unknown = sorted(set(key.models or ()) - known)
+        if unknown:
+            raise ValueError(f"api_keys.{i}.models: {unknown} are not models of this app; known: {sorted(known)}")
 
 
 class GatewayConfig(_Strict):
@@ -291,15 +382,42 @@ class GatewayConfig(_Strict):
     status_gone_retention_s: float = Field(
         300.0, ge=0, description="a replica Serve no longer lists is shown as gone this long, then dropped"
     )
-    api_keys: list[ApiKeyConfig] = Field(default_factory=list, description="empty: no authentication")
+    api_keys: list[ApiKeyConfig] = Field(
+        default_factory=list, description="the router's default keys; the `router` deployment's user_config "
+        "(RouterSettings) replaces them in place, without restarting models (README: rotate a key)"
+    )
     api_keys_env: str | None = Field(
         None, description="env var with more keys as 'name=key[:admin],...' (hashed at start-up)"
     )
+    limits_store: str = Field(
+        "memory", description="where quotas and usage live: 'memory' (this router replica; usage in a SQLite "
+        "file under data_dir) or a Redis URL redis://[:password@]host:port/db (also rediss://, redis+unix://) "
+        "shared by every router replica on every node"
+    )
+    limits_store_timeout_s: float = Field(
+        0.25, gt=0, le=10, description="Redis connect/read timeout; an unreachable store falls back to this "
+        "router's memory for quotas (docs/OPERATIONS.md)"
+    )
+    data_dir: str = Field(
+        "data", description="durable router state (usage-<app>.sqlite3 with a memory limits_store); relative "
+        "paths are from the project root"
+    )
 
-    def all_api_keys(self) -> list[ApiKeyConfig]:
-        """Configured keys plus those from `api_keys_env`, read once here; raw keys never leave."""
-        keys = list(self.api_keys)
+    @field_validator("limits_store")
+    @classmethod
+    def _store_uri(cls, v: str) -> str:
+        if v != "memory" and not re.match(r"^(redis|rediss|redis\+unix)://\S+$", v):
+            raise ValueError("expected 'memory' or a Redis URL: redis://host:port/db, rediss://..., redis+unix:///path")
+        return v
+
+    @property
+    def shared_store(self) -> bool:
+        return self.limits_store != "memory"
+
+    def env_api_keys(self) -> list[ApiKeyConfig]:
+        """Keys from `api_keys_env`, read once here (in the router replica); raw keys never leave."""
         raw = os.environ.get(self.api_keys_env, "") if self.api_keys_env else ""
+        keys = []
         for item in filter(None, (x.strip() for x in raw.split(","))):
             name, _, secret = item.partition("=")
             secret, _, role = secret.partition(":")
@@ -307,6 +425,16 @@ class GatewayConfig(_Strict):
                 raise ConfigError(f"{self.api_keys_env}: expected 'name=key[:admin]' items, got one without a name or key")
             keys.append(ApiKeyConfig(name=name, sha256=hash_key(secret), admin=role == "admin"))
         return keys
+
+    def router_settings(self) -> RouterSettings:
+        """The router deployment's default user_config."""
+        return RouterSettings(api_keys=self.api_keys)
+
+    @property
+    def data_path(self) -> pathlib.Path:
+        env = os.environ.get("SERVE_APP_DATA_DIR")  # read once, here, for test/CI overrides
+        path = pathlib.Path(env or self.data_dir).expanduser()
+        return path if path.is_absolute() else REPO_ROOT / path
 
     @property
     def models_path(self) -> pathlib.Path:
@@ -321,6 +449,14 @@ class AppConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     models: list[ModelConfig] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _keys_name_served_models(self) -> "AppConfig":
+        try:
+            check_keys(self.gateway.api_keys, self.models)
+        except ValueError as err:
+            raise ValueError(f"gateway.{err}") from None
+        return self
+
     @field_validator("models")
     @classmethod
     def _unique_names(cls, v: list[ModelConfig]) -> list[ModelConfig]:
@@ -329,6 +465,11 @@ class AppConfig(_Strict):
             if m.name in seen:
                 raise ValueError(f"duplicate model name {m.name!r}")
             seen.add(m.name)
+        for m in v:
+            for alias in m.serving.aliases:
+                if alias in seen:
+                    raise ValueError(f"{m.name}.serving.aliases: {alias!r} is already a model name or alias")
+                seen.add(alias)
         by_name = {m.name: m for m in v}
         for m in v:
             for field in ("fallbacks", "context_window_fallbacks"):

@@ -71,6 +71,12 @@ class ServiceUnavailable(ApiError):
     status, type, code = 503, "service_unavailable", "model_unavailable"
 
 
+class StoreUnavailable(ServiceUnavailable):
+    """The usage store (Redis or SQLite) did not answer; the models may be fine."""
+
+    code = "store_unavailable"
+
+
 class Overloaded(ServiceUnavailable):
     """The model's bounded queue is full: try a fallback, do not retry the same model."""
 

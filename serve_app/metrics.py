@@ -45,6 +45,13 @@ class RouterMetrics:
                                 "requests whose input failed in the model while its probe passed (poison inputs)", ("model",))
         self.circuit_open = c("serve_app_circuit_rejections", "requests kept away from a model by its open circuit", ("model",))
         self.truncations = c("serve_app_truncated_inputs", "documents or inputs cut to fit the model", ("model",))
+        # Per API key NAME (never the key): what each team used, as the durable usage store has it.
+        self.key_requests = c("serve_app_key_requests", "requests served per key name and model", ("key", "model"))
+        self.key_tokens = c("serve_app_key_tokens", "tokens per key name, model and type (prompt, completion)",
+                            ("key", "model", "type"))
+        self.store_errors = c("serve_app_quota_store_errors",
+                              "quota/usage store calls that failed, or were decided on this router's memory while the "
+                              "store was unreachable, by operation", ("op",))
 
     def response(self, model: str, route: str, status: int, latency_ms: float) -> None:
         self.requests.inc(1, {"model": model, "route": route, "status": str(status)})
@@ -52,6 +59,13 @@ class RouterMetrics:
         reason = _REJECTIONS.get(status)
         if reason:
             self.rejections.inc(1, {"model": model, "reason": reason})
+
+    def served_for(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.key_requests.inc(1, {"key": key, "model": model})
+        if prompt_tokens:  # Ray counters refuse 0
+            self.key_tokens.inc(prompt_tokens, {"key": key, "model": model, "type": "prompt"})
+        if completion_tokens:
+            self.key_tokens.inc(completion_tokens, {"key": key, "model": model, "type": "completion"})
 
     def event(self, event: str, model: str) -> None:
         {"retry": self.retries, "fallback": self.fallbacks, "circuit_open": self.circuit_open,

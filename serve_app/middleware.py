@@ -98,7 +98,9 @@ async def send_error(send: Send, err: ApiError, rid: str | None) -> None:
 class AuthMiddleware:
     """Authenticates every request except liveness/readiness; the principal goes in scope state.
 
-    `/ready` stays open for load-balancer probes but shows details only to admin keys.
+    `/ready` stays open for load-balancer probes but shows details only to admin keys. When the
+    response has ended (a stream: after its last byte, long after its handler returned), the
+    key's in-flight slot taken by the handler's admission is given back, however it ended.
     """
 
     OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -122,7 +124,11 @@ class AuthMiddleware:
                     state["principal"] = None
             else:
                 state["principal"] = self.admission.authenticate(auth)  # raises 401
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope["type"] == "http":
+                self.admission.release(scope.get("state", {}).get("quota"))
 
 
 class MetricsMiddleware:

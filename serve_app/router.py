@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,46 +24,50 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from deployments.engines.vllm_generate import HONOURED_PARAMS as VLLM_PARAMS
-from deployments.protocol import EmbedRequest, GenerateRequest, GenerationDelta, ModelCard, RerankRequest, SamplingOptions
+from deployments.protocol import EmbedRequest, ModelCard, OpenAIChunk, RerankRequest
 from serve_app.admission import Admission, Principal, estimate_tokens
-from serve_app.api import openai, rerank
-from serve_app.config import EngineKind, GatewayConfig, ModelConfig, ModelKind
+from serve_app.api import admin, openai, rerank
+from serve_app.config import GatewayConfig, ModelConfig, ModelKind, RouterSettings
 from serve_app.errors import (
     ApiError, GatewayTimeout, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge, ServiceUnavailable,
-    UnsupportedParameter, from_exception,
+    from_exception,
 )
 from serve_app.fanout import plan_chunks
-from serve_app.body import parse_body
+from serve_app.body import parse_body, read_object, validate
 from serve_app.http import json_response, request_id, sse_response
 from serve_app.metrics import RouterMetrics
 from serve_app.middleware import AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
+from serve_app.quota_store import QuotaStore
 from serve_app.replica_calls import gather_all, with_deadline
 from serve_app.resilience import Dispatcher, call_replica
 from serve_app.status import status_view
+from serve_app.usage import RedisUsage, SqliteUsage, UsageRecorder
 
+logger = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
 CARD_TIMEOUT_S, CARD_TTL_S = 2.0, 60.0  # /v1/models: how long to wait for a card, how long to keep it
-# What each engine declares it honours (generation only: rerank/embed options are handled by the
-# replica for every engine). Importing the adapter module loads no engine.
-HONOURED_PARAMS: dict[EngineKind, frozenset[str]] = {
-    EngineKind.vllm: VLLM_PARAMS,
-    EngineKind.transformers: frozenset(),
-}
-
 
 class Router:
     def __init__(self, gateway: GatewayConfig, models: list[ModelConfig], handles: dict[str, DeploymentHandle],
                  metrics: RouterMetrics | None = None) -> None:
         self.gateway = gateway
         self.models = {m.name: m for m in models}
+        self.aliases = {alias: m.name for m in models for alias in m.serving.aliases}
         self.handles = handles
-        self.admission = Admission(gateway.all_api_keys())
+        self.metrics = metrics or RouterMetrics()
+        app = _app_name()
+        store = QuotaStore(gateway.limits_store, gateway.limits_store_timeout_s, f"serve_app:{app}", self._store_error)
+        self._env_keys = gateway.env_api_keys()  # read once, at start
+        self.admission = Admission(gateway.api_keys + self._env_keys, store)
+        self.usage = UsageRecorder(
+            RedisUsage(store.redis, f"serve_app:{app}") if store.redis is not None
+            else SqliteUsage(gateway.data_path / f"usage-{app}.sqlite3"),
+            self._store_error,
+        )
         self.started = int(time.time())
         self._cards: dict[str, tuple[float, ModelCard]] = {}  # (fetched at, card), for /v1/models
         self._warm_until: dict[str, float] = {}  # scale-to-zero models: known to have a replica until then
         self.events: dict[tuple[str, str], int] = {}
-        self.metrics = metrics or RouterMetrics()
         self.dispatch = Dispatcher(gateway, self.models, handles, self._ensure_replica, self._event)
 
     def __serve_build_asgi_app__(self) -> Starlette:
@@ -71,13 +77,19 @@ class Router:
                 Route("/health", self.health, methods=["GET"]),
                 Route("/ready", self.ready, methods=["GET"]),
                 Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/v1/status", self.status, methods=["GET"]),
+                Route("/v1/usage", self.usage_report, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/tokenize", self.tokenize, methods=["POST"]),
+                Route("/detokenize", self.detokenize, methods=["POST"]),
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/v1/rerank", self.rerank_jina, methods=["POST"]),
                 Route("/rerank", self.rerank_jina, methods=["POST"]),
                 Route("/v2/rerank", self.rerank_cohere, methods=["POST"]),
+                Route("/v1/score", self.score, methods=["POST"]),
+                Route("/score", self.score, methods=["POST"]),
             ],
             # Inside Starlette's ServerErrorMiddleware, so we shape errors before it answers 500.
             middleware=[
@@ -111,17 +123,25 @@ class Router:
     async def list_models(self, request: Request) -> Response:
         """The served models; where a replica answers its card in time, also its context length
         (`max_model_len`, as vLLM names it), device and dtype (cached for CARD_TTL_S)."""
-        names = list(self.models)
+        names = [n for n in self.models if self._allowed(request, n)]
         cards = await asyncio.gather(*(self._card(n) for n in names))
-        data = []
-        for name, card in zip(names, cards):
-            m = self.models[name]
-            entry = {"id": m.name, "object": "model", "created": self.started, "owned_by": "serve-app",
-                     "kind": m.kind.value, "engine": m.engine.value}
-            if card is not None:
-                entry.update(max_model_len=card.max_input_tokens, device=card.device, dtype=card.dtype)
-            data.append(entry)
-        return JSONResponse(openai.model_list(data))
+        return JSONResponse(openai.model_list([self._model_entry(n, c) for n, c in zip(names, cards)]))
+
+    async def get_model(self, request: Request) -> Response:
+        name = self.aliases.get(request.path_params["model"], request.path_params["model"])
+        if name not in self.models or not self._allowed(request, name):
+            raise ModelNotFound(f"model '{name}' does not exist; GET /v1/models lists the served models", "model")
+        return JSONResponse(self._model_entry(name, await self._card(name)))
+
+    def _model_entry(self, name: str, card: ModelCard | None) -> dict[str, Any]:
+        m = self.models[name]
+        entry: dict[str, Any] = {"id": m.name, "object": "model", "created": self.started, "owned_by": "serve-app",
+                                 "kind": m.kind.value, "engine": m.engine.value}
+        if m.kind is ModelKind.llm and m.serving.aliases:
+            entry["aliases"] = list(m.serving.aliases)
+        if card is not None:
+            entry.update(max_model_len=card.max_input_tokens, device=card.device, dtype=card.dtype)
+        return entry
 
     async def _card(self, name: str) -> ModelCard | None:
         cached = self._cards.get(name)
@@ -140,49 +160,40 @@ class Router:
     async def status(self, request: Request) -> Response:
         """Every model → every replica, with health, circuit and autoscaling (admin only with keys)."""
         Admission.require_admin(_principal(request), self.admission.enabled)
-        return JSONResponse(await status_view(self.gateway, self.models, self.dispatch.breakers, self.events))
+        view = await status_view(self.gateway, self.models, self.dispatch.breakers, self.events)
+        view["quota_store"] = self.admission.store.describe()  # this router replica's view of it
+        return JSONResponse(view)
 
-    # --- generation ---
+    # --- generation: vLLM's own OpenAI layer in the replica; the router reads only what it owns ---
     async def chat_completions(self, request: Request) -> Response:
-        body = await parse_body(request, openai.ChatCompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_CHAT_PARAMS)
-        self._check_model(request, body.model, ModelKind.llm, body.engine_params())
-        max_tokens = body.effective_max_tokens()
-        self._admit(request, estimate_tokens(*(m.text() for m in body.messages)) + (max_tokens or self.gateway.default_max_tokens))
-        rid = request_id(request)
-        gen = GenerateRequest(rid, _sampling(body, max_tokens), messages=tuple((m.role, m.text()) for m in body.messages))
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(request, body.model, gen, include_usage, _chat_chunks)
-        served, result = await self.dispatch.run(body.model, lambda h, left: call_replica(h.generate.remote(gen), left))
-        choices = [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}
-            for c in result.choices
-        ]
-        use = openai.usage(result.prompt_tokens, result.completion_tokens)
-        self._served(request, served, result.prompt_tokens, result.completion_tokens)
-        return json_response(openai.chat_completion(rid, served, choices, use), result.replica)
+        return await self._generate(request, "chat", openai.ChatEnvelope)
 
     async def completions(self, request: Request) -> Response:
-        body = await parse_body(request, openai.CompletionRequest, self.gateway.max_body_bytes, openai.UNSUPPORTED_COMPLETION_PARAMS)
-        self._check_model(request, body.model, ModelKind.llm, body.engine_params())
-        self._admit(request, estimate_tokens(body.prompt) + (body.max_tokens or self.gateway.default_max_tokens))
+        return await self._generate(request, "completion", openai.CompletionEnvelope)
+
+    async def _generate(self, request: Request, api: str, shape: type[openai.LLMEnvelope]) -> Response:
+        """The body goes to the replica as the client sent it (after strict parsing); the router
+        checks the fields it needs for routing, quotas and streaming, vLLM validates the rest."""
+        data = await read_object(request, self.gateway.max_body_bytes)
+        env = validate(shape, data)
+        model = self._check_model(request, env.model, ModelKind.llm)
+        self._admit(request, env.estimated_tokens(self.gateway.default_max_tokens))
         rid = request_id(request)
-        gen = GenerateRequest(rid, _sampling(body, body.effective_max_tokens()), prompt=body.prompt)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(request, body.model, gen, include_usage, _completion_chunks)
-        served, result = await self.dispatch.run(body.model, lambda h, left: call_replica(h.generate.remote(gen), left))
-        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None} for c in result.choices]
-        use = openai.usage(result.prompt_tokens, result.completion_tokens)
-        self._served(request, served, result.prompt_tokens, result.completion_tokens)
-        return json_response(openai.text_completion(rid, served, choices, use), result.replica)
+        if env.stream:
+            return await self._stream(request, model, api, data, rid)
+        served, result = await self.dispatch.run(model, lambda h, left: call_replica(h.create.remote(api, data, rid), left))
+        use = result.body.get("usage") or {}
+        self._served(request, served, use.get("prompt_tokens") or 0, use.get("completion_tokens") or 0)
+        return json_response(result.body, result.replica)
 
-    async def _stream(self, request: Request, model: str, gen: GenerateRequest, include_usage: bool, shaper: Callable[[str, str], "_ChunkShaper"]) -> Response:
-        """SSE stream. The first delta is awaited before answering, with retries and fallbacks, so
-        failures before any token get a real status code; later ones end the stream in-band."""
+    async def _stream(self, request: Request, model: str, api: str, data: dict[str, Any], rid: str) -> Response:
+        """SSE stream. The first item (it carries the first token) is awaited before answering,
+        with retries and fallbacks, so failures before any token get a real status code; later
+        ones end the stream in-band. Each item holds every event the engine produced since the
+        last one, written as one block."""
 
-        async def open_stream(handle: DeploymentHandle, left: float) -> tuple[Any, GenerationDelta]:
-            stream = handle.options(stream=True).generate_stream.remote(gen)
+        async def open_stream(handle: DeploymentHandle, left: float) -> tuple[Any, OpenAIChunk]:
+            stream = handle.options(stream=True).create_stream.remote(api, data, rid)
             try:
                 return stream, await with_deadline(stream.__anext__(), left)
             except BaseException:
@@ -193,26 +204,40 @@ class Router:
         started = request.scope["state"].get("started")
         if started is not None:
             self.metrics.ttft.observe((time.perf_counter() - started) * 1000, {"model": served})
-        shape = shaper(gen.request_id, served)
 
-        async def events() -> AsyncIterator[Any]:
-            last = first
+        async def blocks() -> AsyncIterator[bytes]:
+            usage, chunk = None, first
             try:
-                yield shape.start(first)
-                async for delta in _chain(first, stream):
-                    last = delta
-                    yield shape.delta(delta)
-                if include_usage:
-                    yield shape.usage(openai.usage(last.prompt_tokens, last.completion_tokens))
-                self._served(request, served, last.prompt_tokens, last.completion_tokens)
-                yield "[DONE]"
+                while True:
+                    usage = chunk.usage or usage
+                    yield "".join(f"data: {e}\n\n" for e in chunk.events).encode()
+                    try:
+                        chunk = await stream.__anext__()
+                    except StopAsyncIteration:
+                        break
+                self._served(request, served, (usage or {}).get("prompt_tokens") or 0, (usage or {}).get("completion_tokens") or 0)
             except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band with the request id
-                yield from_exception(exc).body(gen.request_id)
-                yield "[DONE]"
+                yield f"data: {json.dumps(from_exception(exc).body(rid))}\n\ndata: [DONE]\n\n".encode()
             finally:
                 stream.cancel()  # normal end: no-op; client gone or error: frees the engine's work
 
-        return sse_response(_skip_none(events()), first.replica)
+        return sse_response(blocks(), first.replica)
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._tokenization(request, "tokenize")
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._tokenization(request, "detokenize")
+
+    async def _tokenization(self, request: Request, method: str) -> Response:
+        """vLLM's /tokenize and /detokenize, by the model named in the body."""
+        data = await read_object(request, self.gateway.max_body_bytes)
+        env = validate(openai.ModelOnly, data)
+        model = self._check_model(request, env.model, ModelKind.llm)
+        self._admit(request, 0)
+        served, result = await self.dispatch.run(
+            model, lambda h, left: call_replica(getattr(h, method).remote(data), left), fallbacks=False)
+        return json_response(result.body, result.replica)
 
     # --- embeddings and rerank ---
     async def embeddings(self, request: Request) -> Response:
@@ -241,27 +266,53 @@ class Router:
             raise PayloadTooLarge(f"{len(q.documents)} documents exceed the limit of {self.gateway.max_documents} per request", "documents")
         self._admit(request, estimate_tokens(*q.documents) + estimate_tokens(q.query) * len(q.documents))
         rid = request_id(request)
+        served, results = await self._score(q, rid, fallbacks=True)
+        q = dataclasses.replace(q, model=served)
+        scores = [s for r in results for s in r.scores]
+        truncated = sum(r.truncated_documents for r in results)
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        self._served(request, q.model, prompt_tokens, truncated=truncated)
+        return _scored_response(shape(rid, q, scores, prompt_tokens, truncated), results, truncated)
+
+    async def score(self, request: Request) -> Response:
+        """vLLM's /score shape: one text against many, or pairwise; each distinct left text is one
+        rerank of its right texts through the same path as /v1/rerank."""
+        body = await parse_body(request, rerank.ScoreRequest, self.gateway.max_body_bytes)
+        groups = body.groups()
+        self._check_model(request, body.model, ModelKind.rerank)
+        pairs = sum(len(g) for g in groups.values())
+        if pairs > self.gateway.max_documents:
+            raise PayloadTooLarge(f"{pairs} pairs exceed the limit of {self.gateway.max_documents} per request", "text_2")
+        self._admit(request, sum(estimate_tokens(t) + estimate_tokens(q) for q, g in groups.items() for _, t in g))
+        rid = request_id(request)
+        queries = [rerank.RerankQuery(body.model, q, [t for _, t in g], None, False) for q, g in groups.items()]
+        # One model must score every pair (scores of two models are not comparable): with several
+        # left texts, no fallbacks.
+        answers = await gather_all([asyncio.ensure_future(self._score(q, rid, fallbacks=len(queries) == 1)) for q in queries])
+        scores: dict[int, float] = {}
+        results = [r for _, rs in answers for r in rs]
+        for (q, g), (_, rs) in zip(groups.items(), answers):
+            for (index, _), value in zip(g, (v for r in rs for v in r.scores)):
+                scores[index] = value
+        prompt_tokens, truncated = sum(r.prompt_tokens for r in results), sum(r.truncated_documents for r in results)
+        served = answers[0][0]
+        self._served(request, served, prompt_tokens, truncated=truncated)
+        return _scored_response(rerank.score_response(rid, served, [scores[i] for i in sorted(scores)], prompt_tokens),
+                                results, truncated)
+
+    async def _score(self, q: rerank.RerankQuery, rid: str, fallbacks: bool) -> tuple[str, list[Any]]:
+        """(model that scored, its RerankResults in document order) for one query's documents."""
         model = self.models[q.model]
         # Every chunk is one call in the model's Serve queue: never more than its replicas run at once.
         max_chunks = min(self.gateway.rerank_max_parallel_chunks, model.capacity)
         chunks = plan_chunks(len(q.documents), model.batch.max_batch_size, max_chunks)
         requests = [RerankRequest(rid, q.query, q.documents[a:b], q.truncate, q.max_tokens_per_doc, offset=a) for a, b in chunks]
-        answers = await self._rerank_chunks(q.model, requests, fallbacks=True)
+        answers = await self._rerank_chunks(q.model, requests, fallbacks=fallbacks)
         served = {m for m, _ in answers}
         if len(served) > 1:
             # Some chunks fell back: scores of two models are not comparable, so one model scores all.
             answers = await self._rerank_chunks(next(m for m in served if m != q.model), requests, fallbacks=False)
-        results = [r for _, r in answers]
-        q = dataclasses.replace(q, model=answers[0][0])
-        scores = [s for r in results for s in r.scores]
-        truncated = sum(r.truncated_documents for r in results)
-        prompt_tokens = sum(r.prompt_tokens for r in results)
-        self._served(request, q.model, prompt_tokens, truncated=truncated)
-        out = shape(rid, q, scores, prompt_tokens, truncated)
-        response = json_response(out, results[0].replica)
-        response.headers["x-served-replica"] = ",".join(dict.fromkeys(r.replica.replica_id for r in results))
-        response.headers["x-truncated-documents"] = str(truncated)
-        return response
+        return answers[0][0], [r for _, r in answers]
 
     async def _rerank_chunks(self, model: str, requests: list[RerankRequest], fallbacks: bool) -> list[tuple[str, Any]]:
         """Each chunk retries (and may fall back) on its own; one failing for good cancels the others."""
@@ -290,85 +341,98 @@ class Router:
         # Serve keeps the replica at least for the downscale delay after traffic stops.
         self._warm_until[name] = time.monotonic() + auto.downscale_delay_s
 
-    def _check_model(self, request: Request, name: str, kind: ModelKind, params: set[str] = frozenset()) -> None:
-        model = self.models.get(name)
-        if model is None:
+    def _check_model(self, request: Request, name: str, kind: ModelKind) -> str:
+        """The model's canonical name (clients may use an alias), or a 404 / 400. A model outside
+        the key's allow-list is answered exactly as one that does not exist."""
+        canonical = self.aliases.get(name, name)
+        model = self.models.get(canonical)
+        if model is None or not self._allowed(request, canonical):
             raise ModelNotFound(f"model '{name}' does not exist; GET /v1/models lists the served models", "model")
+        name = canonical
         request.scope["state"]["model"] = name  # metrics label: only names we serve
         if model.kind is not kind:
             raise InvalidRequest(f"model '{name}' is a {model.kind.value} model and cannot serve this endpoint", "model")
-        ignored = sorted(params - HONOURED_PARAMS[model.engine])
-        if ignored:
-            raise UnsupportedParameter(
-                f"parameter '{ignored[0]}' is not honoured by engine '{model.engine.value}' of model '{name}'", ignored[0]
-            )
+        return name
 
     def _admit(self, request: Request, tokens: int) -> None:
-        self.admission.admit(_principal(request), tokens)
+        """Charge the estimate (or 429); `_served` corrects it, AuthMiddleware releases the slot."""
+        request.scope["state"]["quota"] = self.admission.admit(_principal(request), tokens)
 
     def _event(self, event: str, model: str) -> None:
         self.events[(event, model)] = self.events.get((event, model), 0) + 1
         self.metrics.event(event, model)
 
     def _served(self, request: Request, model: str, prompt_tokens: int, completion_tokens: int = 0, truncated: int = 0) -> None:
-        request.scope["state"]["model"] = model
-        self.metrics.tokens.inc(prompt_tokens, {"model": model, "type": "prompt"})
+        """The request was served with this real usage: metrics, the quota's correction, usage per key."""
+        state = request.scope["state"]
+        state["model"] = model
+        if prompt_tokens:  # Ray counters refuse 0
+            self.metrics.tokens.inc(prompt_tokens, {"model": model, "type": "prompt"})
         if completion_tokens:
             self.metrics.tokens.inc(completion_tokens, {"model": model, "type": "completion"})
         if truncated:
             self.metrics.truncations.inc(truncated, {"model": model})
+        self.admission.settle(state.get("quota"), prompt_tokens + completion_tokens)
+        principal = _principal(request)
+        key = principal.name if principal is not None else "-"
+        self.metrics.served_for(key, model, prompt_tokens, completion_tokens)
+        self.usage.record(key, model, prompt_tokens, completion_tokens, time.time())
+
+    # --- live settings and tenancy (issue 14) ---
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this after __init__ and on every change of the router deployment's
+        user_config: a new key list applies to the running replica, nothing restarts."""
+        settings = RouterSettings.for_app(user_config, list(self.models.values()))
+        keys = settings.api_keys + self._env_keys
+        if self.admission.enabled and not keys:
+            logger.warning("the router's user_config has no API keys: authentication is now OFF")
+        self.admission.set_keys(keys)
+        logger.info("API keys applied in place: %d (names: %s)", len(keys), ", ".join(sorted({k.name for k in keys})) or "-")
+
+    async def usage_report(self, request: Request) -> Response:
+        """`GET /v1/usage?since=&until=&key=`: requests and tokens per key and model (admin only with keys)."""
+        Admission.require_admin(_principal(request), self.admission.enabled)
+        q = admin.usage_query(request.query_params.multi_items(), time.time())
+        rows = await asyncio.to_thread(self.usage.query, q.since, q.until, q.key)
+        return JSONResponse(admin.usage_response(q, rows))
+
+    def _allowed(self, request: Request, canonical: str) -> bool:
+        """Whether the request's key may use this model (allow-lists may name aliases)."""
+        principal = _principal(request)
+        if principal is None or principal.models is None:
+            return True
+        return canonical in {self.aliases.get(n, n) for n in principal.models}
+
+    def _store_error(self, op: str) -> None:
+        self.metrics.store_errors.inc(1, {"op": op})
+
+    def __del__(self) -> None:
+        """Serve calls this on a graceful shutdown: write the usage not written yet."""
+        usage = getattr(self, "usage", None)
+        if usage is not None:
+            usage.close()
 
 
 Ingress = serve.ingress()(Router)
 
 
-class _ChunkShaper:
-    """Turns typed deltas into one API's SSE chunks (chat and completions differ in shape)."""
-
-    def __init__(self, start: Callable, delta: Callable, usage: Callable) -> None:
-        self.start, self.delta, self.usage = start, delta, usage
-
-
-def _chat_chunks(rid: str, model: str) -> _ChunkShaper:
-    def start(first: GenerationDelta) -> dict[str, Any]:
-        return openai.chat_chunk(rid, model, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-
-    def delta(d: GenerationDelta) -> dict[str, Any]:
-        choices = [{"index": c.index, "delta": {"content": c.text} if c.text else {}, "finish_reason": c.finish_reason} for c in d.choices]
-        return openai.chat_chunk(rid, model, choices)
-
-    return _ChunkShaper(start, delta, lambda use: openai.chat_chunk(rid, model, [], use))
-
-
-def _completion_chunks(rid: str, model: str) -> _ChunkShaper:
-    def delta(d: GenerationDelta) -> dict[str, Any]:
-        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None} for c in d.choices]
-        return openai.text_completion(rid, model, choices, None)
-
-    return _ChunkShaper(lambda first: None, delta, lambda use: openai.text_completion(rid, model, [], use))
-
-
-def _sampling(body: openai.SamplingFields, max_tokens: int | None) -> SamplingOptions:
-    return SamplingOptions(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=tuple(body.stop or ()),
-        n=body.n, seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-    )
+def _scored_response(body: dict[str, Any], results: list[Any], truncated: int) -> Response:
+    response = json_response(body, results[0].replica)
+    response.headers["x-served-replica"] = ",".join(dict.fromkeys(r.replica.replica_id for r in results))
+    response.headers["x-truncated-documents"] = str(truncated)
+    return response
 
 
 def _principal(request: Request) -> Principal | None:
     return request.scope.get("state", {}).get("principal")
 
 
-async def _chain(first: GenerationDelta, rest: AsyncIterator[GenerationDelta]) -> AsyncIterator[GenerationDelta]:
-    yield first
-    async for item in rest:
-        yield item
-
-
-async def _skip_none(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    async for e in events:
-        if e is not None:
-            yield e
+def _app_name() -> str:
+    """The Serve application's name (quota keys and usage files are per app); 'local' outside Serve."""
+    try:
+        return serve.get_replica_context().app_name or "local"
+    except Exception:  # noqa: BLE001 - not in a Serve replica (unit tests)
+        return "local"
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:

@@ -1,9 +1,37 @@
-"""Shared settings: every process that starts Ray here stays on loopback (shared/ENVIRONMENT.md)."""
+"""Shared settings: every process that starts Ray here stays on loopback (shared/ENVIRONMENT.md),
+and durable router state (usage files) goes to a throw-away folder, never into the checkout."""
 
+import atexit
 import os
+import shutil
+import tempfile
+
+import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "SERVE_APP_DATA_DIR" not in os.environ:
+    os.environ["SERVE_APP_DATA_DIR"] = tempfile.mkdtemp(prefix="serve-app-data-")
+    atexit.register(shutil.rmtree, os.environ["SERVE_APP_DATA_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real redis-server for the session (tests/redis_server.py); skips where none is installed."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's Redis, emptied for this test."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url

@@ -6,13 +6,15 @@ every one: no 5xx, and every 4xx in OpenAI's error shape. Afterwards every model
 every circuit closed: no client input took a model away from the others.
 
 Deterministic (`derandomize=True`): a failure prints the body, and the same run reproduces it.
-Bounded: EXAMPLES bodies per route (a few minutes of CI in all). Chat and completions go to the
-tiny TP=2 LLM (256-token context, so any generation is short); embeddings to the default MiniLM.
+Bounded: EXAMPLES bodies per route (a few minutes of CI in all). Chat, completions, tokenize and
+detokenize go to the tiny TP=2 LLM (256-token context, so any generation is short); embeddings to
+the default MiniLM.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 
 import httpx
@@ -163,13 +165,74 @@ def test_rerank_cohere(http, body):
     check(_post(http, "/tiny/v2/rerank", body), body)
 
 
+SCORE = st.fixed_dictionaries(
+    {"model": st.just("tiny-ce"), "text_1": TEXT.filter(bool) | st.lists(TEXT.filter(bool), min_size=1, max_size=3),
+     "text_2": TEXT | st.lists(TEXT, min_size=1, max_size=3)})
+
+
+@FUZZ
+@given(body=mutated(SCORE), path=st.sampled_from(["/tiny/v1/score", "/tiny/score"]))
+def test_score(http, body, path):
+    check(_post(http, path, body), body)
+
+
+TOKENIZE = st.one_of(
+    st.fixed_dictionaries({"model": st.just("tiny-llm-tp2"), "prompt": TEXT},
+                          optional={"add_special_tokens": st.booleans(), "return_token_strs": st.booleans()}),
+    st.fixed_dictionaries({"model": st.just("tiny-llm-tp2"), "messages": st.lists(MESSAGE, min_size=1, max_size=2)},
+                          optional={"add_generation_prompt": st.booleans()}),
+)
+DETOKENIZE = st.fixed_dictionaries({"model": st.just("tiny-llm-tp2"), "tokens": st.lists(st.integers(0, 300), max_size=20)})
+
+
+@FUZZ
+@given(body=mutated(TOKENIZE) | mutated(DETOKENIZE), path=st.sampled_from(["/tiny/tokenize", "/tiny/detokenize"]))
+def test_tokenize_and_detokenize(http, body, path):
+    check(_post(http, path, body), body)
+
+
+@FUZZ
+@given(name=TEXT | EDGE_TEXT | st.sampled_from(["tiny-llm-tp2", "tiny-ce", "../v1/status", "%00", "a/b/c"]))
+def test_model_by_id(http, name):
+    from urllib.parse import quote
+
+    r = http.get(f"/tiny/v1/models/{quote(name, safe='')}")
+    check(r, name)
+    assert r.status_code in (200, 404), r.text[:300]
+
+
 @FUZZ
 @given(raw=RAW, path=st.sampled_from(["/tiny/v1/chat/completions", "/tiny/v1/completions", "/v1/embeddings",
-                                      "/tiny/v1/rerank", "/tiny/v2/rerank"]),
+                                      "/tiny/v1/rerank", "/tiny/v2/rerank", "/tiny/tokenize", "/tiny/detokenize",
+                                      "/tiny/v1/score"]),
        chunked=st.booleans())
 def test_raw_bodies(http, raw, path, chunked):
     content = iter([raw]) if chunked else raw  # an iterator is sent without Content-Length
     check(http.post(path, content=content, headers={"content-type": "application/json"}), raw)
+
+
+USAGE_TZ = st.none() | st.builds(lambda m: datetime.timezone(datetime.timedelta(minutes=m)), st.integers(-1439, 1439))
+USAGE_VALUE = (st.integers(-(10**25), 10**25).map(str) | st.floats().map(str) | TEXT
+               | st.datetimes(timezones=USAGE_TZ).map(lambda d: d.isoformat())
+               | st.sampled_from(["", "nan", "-inf", "1e999", "0", "-1", "253402300800", "2026-13-01", "2026-01-01T25:00",
+                                  "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59", "\x00", "e2e-app"]))
+USAGE_PARAMS = st.lists(st.tuples(st.sampled_from(["since", "until", "key"]) | TEXT, USAGE_VALUE), max_size=4)
+USAGE_RAW = st.sampled_from(["since=%ff%fe", "since=%00&until=%", "key=%E2%82", "&&&==", "since", "until=1&until=2"])
+
+
+@FUZZ
+@given(params=USAGE_PARAMS, raw=st.none() | USAGE_RAW, who=st.sampled_from(["admin", "app", "wrong", None]))
+def test_usage_query(http, params, raw, who):
+    """GET /v1/usage on the guarded app: any query, any caller -> 200, 400, 401 or 403 in OpenAI's shape."""
+    from tests.e2e.conftest import ADMIN_KEY, APP_KEY
+
+    secret = {"admin": ADMIN_KEY, "app": APP_KEY, "wrong": "sk-wrong", None: None}[who]
+    headers = {"authorization": f"Bearer {secret}"} if secret else {}
+    r = http.get(f"/guarded/v1/usage?{raw}", headers=headers) if raw else http.get("/guarded/v1/usage", params=params, headers=headers)
+    check(r, (params, raw, who))
+    assert r.status_code in (200, 400, 401, 403), r.text[:300]
+    if r.status_code == 200:
+        assert who == "admin" and all(row["requests"] >= 0 for row in r.json()["data"])
 
 
 def test_afterwards_every_model_is_ready_and_every_circuit_closed(http):
@@ -178,7 +241,8 @@ def test_afterwards_every_model_is_ready_and_every_circuit_closed(http):
         pytest.skip("checks what the fuzz tests above did; run the module whole")
     # the drawn bodies reached the models (200) and were refused (400) on every route
     served = {path for path, codes in SEEN.items() if 200 in codes and 400 in codes}
-    assert served >= {"/tiny/v1/chat/completions", "/tiny/v1/completions", "/v1/embeddings", "/tiny/v2/rerank"}, SEEN
+    assert served >= {"/tiny/v1/chat/completions", "/tiny/v1/completions", "/v1/embeddings", "/tiny/v2/rerank",
+                      "/tiny/tokenize", "/tiny/detokenize"}, SEEN
     assert served & {"/tiny/v1/rerank", "/tiny/rerank"}, SEEN
     for prefix in ("", "/tiny"):
         ready = http.get(f"{prefix}/ready")

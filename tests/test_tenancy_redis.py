@@ -1,0 +1,136 @@
+"""Quotas, in-flight slots and usage shared by router replicas through a real redis-server
+(tests/redis_server.py), and what happens while that server is down."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from starlette.testclient import TestClient
+
+from serve_app import quota_store
+from serve_app.admission import Admission, Principal
+from serve_app.config import AppConfig, hash_key
+from serve_app.errors import RateLimited
+from serve_app.metrics import RouterMetrics
+from serve_app.quota_store import QuotaStore
+from serve_app.router import Router
+from tests.fakes import FakeModel
+from tests.redis_server import RedisServer
+from tests.test_router_unit import assert_error
+
+MODELS = [{"name": "chat", "kind": "llm", "engine": "vllm", "source": "org/chat"}]
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
+KEYS = [
+    {"name": "team", "sha256": hash_key("sk-team"), "requests_per_minute": 6},
+    {"name": "ops", "sha256": hash_key("sk-ops"), "admin": True},
+]
+TEAM, OPS = {"authorization": "Bearer sk-team"}, {"authorization": "Bearer sk-ops"}
+
+
+def router(store: str, metrics: RouterMetrics | None = None) -> Router:
+    cfg = AppConfig.model_validate({"gateway": {"api_keys": KEYS, "limits_store": store}, "models": MODELS})
+    return Router(cfg.gateway, cfg.models, {"chat": FakeModel("chat", "llm")}, metrics)
+
+
+def client(r: Router) -> TestClient:
+    return TestClient(r.__serve_build_asgi_app__(), raise_server_exceptions=False)
+
+
+def test_two_router_replicas_hold_a_key_to_its_quota_in_total(redis_url):
+    replicas = [client(router(redis_url)), client(router(redis_url))]
+    codes = [replicas[i % 2].post("/v1/chat/completions", json=CHAT, headers=TEAM).status_code for i in range(12)]
+    assert codes.count(200) == 6 and codes.count(429) == 6
+    # the same two replicas on memory stores: each counts alone, the key gets twice its quota
+    alone = [client(router("memory")), client(router("memory"))]
+    assert [alone[i % 2].post("/v1/chat/completions", json=CHAT, headers=TEAM).status_code for i in range(12)] == [200] * 12
+
+
+def _principal(**limits) -> Principal:
+    return Principal("team", False, **limits)
+
+
+def test_token_quota_and_its_correction_are_shared(redis_url):
+    a, b = Admission([], QuotaStore(redis_url)), Admission([], QuotaStore(redis_url))
+    p = _principal(tokens_per_minute=100)
+    res = a.admit(p, 10)
+    a.settle(res, 70)  # the response used 70: 60 more than estimated, charged on replica a
+    b.admit(p, 30)  # 100 of 100 now
+    with pytest.raises(RateLimited, match="tokens per minute"):
+        b.admit(p, 1)
+    with pytest.raises(RateLimited):
+        a.admit(p, 1)
+
+
+def test_in_flight_slots_are_shared_and_released(redis_url):
+    a, b = Admission([], QuotaStore(redis_url)), Admission([], QuotaStore(redis_url))
+    p = _principal(max_concurrent_requests=2)
+    first, second = a.admit(p, 0), b.admit(p, 0)
+    with pytest.raises(RateLimited, match="2 requests in flight") as refused:
+        b.admit(p, 0)
+    assert refused.value.retry_after == 1
+    a.release(first)
+    b.release(b.admit(p, 0))
+    b.release(second)
+    assert a.store.run("t", lambda lim: lim.slots.in_flight("team")) == 0
+
+
+def test_a_dead_routers_slots_expire_and_a_live_one_keeps_its_own(redis_url, monkeypatch):
+    monkeypatch.setattr(quota_store, "LEASE_S", 0.6)  # renewed every 0.2 s
+    live, dead = Admission([], QuotaStore(redis_url)), Admission([], QuotaStore(redis_url))
+    held = live.admit(_principal(max_concurrent_requests=1), 0)
+    time.sleep(1.2)  # two leases long: only renewal keeps it
+    with pytest.raises(RateLimited):
+        dead.admit(_principal(max_concurrent_requests=1), 0)
+    live.release(held)
+    dead.admit(_principal(max_concurrent_requests=1), 0)  # and never releases: its router "dies"
+    dead.store.run("t", lambda lim: lim.slots)._held.clear()  # nobody renews it any more
+    time.sleep(0.8)
+    live.release(live.admit(_principal(max_concurrent_requests=1), 0))
+
+
+def test_usage_from_every_replica_lands_in_one_place(redis_url):
+    one, two = router(redis_url), router(redis_url)
+    for r in (one, two, two):
+        assert client(r).post("/v1/chat/completions", json=CHAT, headers=TEAM).status_code == 200
+    two.usage.flush()  # the other replica's writer would within FLUSH_S
+    rows = client(one).get("/v1/usage", params={"key": "team"}, headers=OPS).json()["data"]
+    assert [(r["key"], r["model"], r["requests"]) for r in rows] == [("team", "chat", 3)]
+
+
+def test_redis_down_fails_open_to_router_memory_then_recovers(monkeypatch):
+    """Documented behaviour (docs/OPERATIONS.md): quotas fall back to each router's memory, a
+    warning and `serve_app_quota_store_errors` say so, usage is kept and written later, the usage
+    query is a 503; never a 500."""
+    server = RedisServer()
+    errors: list[str] = []
+
+    def factory(kind, name, desc, tags):
+        class M:
+            def inc(self, value=1.0, tags=None):
+                if name == "serve_app_quota_store_errors":
+                    errors.append(tags["op"])
+
+            def observe(self, value, tags=None): ...
+        return M()
+
+    try:
+        r = router(server.url, RouterMetrics(factory))
+        c = client(r)
+        assert c.post("/v1/chat/completions", json=CHAT, headers=TEAM).status_code == 200  # 1 of 6 in Redis
+        server.stop()
+        t0 = time.perf_counter()
+        codes = [c.post("/v1/chat/completions", json=CHAT, headers=TEAM).status_code for _ in range(7)]
+        assert codes == [200] * 6 + [429]  # this router's own count: 6 per minute
+        assert time.perf_counter() - t0 < 2.0  # one failed try, then memory without waiting on Redis
+        assert "admit" in errors
+        assert r.admission.store.describe()["degraded"] is True
+        err = assert_error(c.get("/v1/usage", headers=OPS), 503)
+        assert err["code"] == "store_unavailable"
+        server.start()
+        monkeypatch.setattr(r.admission.store, "_down_until", 0.0)  # skip the RETRY_S wait
+        rows = c.get("/v1/usage", params={"key": "team"}, headers=OPS).json()["data"]
+        assert rows[0]["requests"] == 7  # served during the outage, kept, then written
+        assert r.admission.store.describe()["degraded"] is False
+    finally:
+        server.close()
