@@ -50,11 +50,18 @@ class EncoderServer(MonitoredReplica):
     async def card(self) -> ModelCard:
         return ModelCard(self.cfg.name, self.cfg.kind.value, self.cfg.engine.value,
                          self.engine.max_input_tokens, self.replica, self.batching.model_dump(), self.largest_batch,
-                         device=self.engine.device, dtype=self.engine.dtype)
+                         forward_passes=self.forward_passes, device=self.engine.device, dtype=self.engine.dtype)
 
-    async def _run_all(self, items: list[Any], param: str = "input", offset: int = 0) -> list[Scored]:
+    async def batch_sizes(self, since: int = 0) -> list[int]:
+        """Sizes of the forward passes after the `since`-th (a card's `forward_passes`), the most
+        recent 1,024 at most: how full batches really run, for tuning and for tests."""
+        count = self.forward_passes - since
+        return list(self.recent_batches)[-count:] if count > 0 else []
+
+    async def _run_all(self, items: list[Any], param: str = "input", offset: int = 0,
+                       request_id: str | None = None) -> list[Scored]:
         """Every item through the shared batch queue; a failed item names itself as `param.N`."""
-        with self.tracked():
+        with self.tracked(request_id):
             out = await asyncio.gather(*(self._batched(item) for item in items))
         failed = [(i, r) for i, r in enumerate(out) if isinstance(r, BaseException)]
         if failed:

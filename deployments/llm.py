@@ -29,6 +29,11 @@ class LLMServer(MonitoredReplica):
         await self.engine.start()
         self.replica = replica_info(model.name)
         self._init_health()
+        # One real token before Serve's first health check: the first request through the serving
+        # layer pays lazy start-up costs that a loaded node can stretch past probe_timeout_s.
+        # Counted as a served request, so the first check finds a fresh success (health.fresh_s).
+        with self.tracked():
+            await self._probe()
 
     async def card(self) -> ModelCard:
         return ModelCard(self.cfg.name, "llm", "vllm", self.engine.max_model_len, self.replica,
@@ -36,7 +41,7 @@ class LLMServer(MonitoredReplica):
 
     async def create(self, api: str, body: dict[str, Any], request_id: str) -> OpenAIResponse:
         """A non-streaming chat or completion: vLLM's response body."""
-        with self.tracked():
+        with self.tracked(request_id):
             result = await self.engine.create(_api(api), self._own(body, stream=False), request_id)
         if not isinstance(result, dict):
             raise EngineFailure("the engine streamed an answer that was asked for whole")
@@ -48,7 +53,7 @@ class LLMServer(MonitoredReplica):
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         own = self._own(body, stream=True)
         own["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        with self.tracked() as health:
+        with self.tracked(request_id) as health:
             sse = await self.engine.create(_api(api), own, request_id)
             if isinstance(sse, dict):
                 raise EngineFailure("the engine answered whole a request asked as a stream")
