@@ -88,8 +88,8 @@ def test_batching_is_retuned_in_place_through_user_config(stack):
 
     handle = serve.get_deployment_handle("rerank-tiny-ce", app_name="tiny")
     before = handle.card.remote().result()
-    assert before.batching == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
-    want = {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
+    assert before.batching == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_batch_tokens": 32768}
+    want = {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "max_batch_tokens": 4096}
     # Same args (same code version), new user_config for one deployment: what an operator puts
     # in serve_config.yaml's `deployments:` section before `serve deploy`.
     deploy(all_apps(stack.tiny_models), overrides={"tiny": [{"name": "rerank-tiny-ce", "user_config": want}]})
@@ -98,5 +98,5 @@ def test_batching_is_retuned_in_place_through_user_config(stack):
         if after.batching == want:
             break
         time.sleep(0.5)
-    assert after.batching == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
+    assert after.batching == want
     assert after.replica.replica_id == before.replica.replica_id  # same process: updated in place
