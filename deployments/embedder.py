@@ -9,7 +9,7 @@ from deployments.protocol import EmbedRequest, EmbedResult
 
 class EmbedderServer(EncoderServer):
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        out = await self._run_all(req.inputs)
+        out = await self._run_all(req.inputs, request_id=req.request_id)
         return EmbedResult(
             vectors=[list(s.value) for s in out],
             prompt_tokens=sum(s.tokens for s in out),

@@ -11,6 +11,7 @@ killed healthy vLLM replicas (ray #54070), so:
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
@@ -36,23 +37,36 @@ class HealthMonitor:
         self.last_probe_at: float | None = None
         self.last_probe_ms: float | None = None
         self.last_probe_ok: bool | None = None
+        self.check_ok: bool | None = None  # the last `check`: what the status board alerts on
+        self.failing_since: float | None = None  # wall clock of the first failed check in a row
+        # Request ids an alert can name: the last failures, and what is in flight (a stall's victims).
+        self.failed_request_ids: collections.deque[str] = collections.deque(maxlen=5)
+        self.in_flight_ids: dict[str, int] = {}
 
-    def started(self) -> None:
+    def started(self, request_id: str | None = None) -> None:
         if self.in_flight == 0:
             self.last_progress = self.clock()  # idle time is not a stall
         self.in_flight += 1
+        if request_id:
+            self.in_flight_ids[request_id] = self.in_flight_ids.get(request_id, 0) + 1
 
     def progress(self) -> None:
         self.last_progress = self.clock()
 
-    def finished(self, error: BaseException | None = None) -> None:
+    def finished(self, error: BaseException | None = None, request_id: str | None = None) -> None:
         self.in_flight = max(0, self.in_flight - 1)
         self.progress()
+        if request_id and request_id in self.in_flight_ids:
+            self.in_flight_ids[request_id] -= 1
+            if not self.in_flight_ids[request_id]:
+                del self.in_flight_ids[request_id]
         if error is None:
             self.completed += 1
             self.last_success = self.clock()
         elif not isinstance(error, asyncio.CancelledError) and getattr(error, "status", 500) >= 500:
             self.last_error, self.last_error_at = f"{type(error).__name__}: {str(error)[:200]}", time.time()
+            if request_id:
+                self.failed_request_ids.append(request_id)
 
     def stalled_for(self) -> float:
         return self.clock() - self.last_progress if self.in_flight else 0.0
@@ -62,6 +76,7 @@ class HealthMonitor:
         if stalled > self.settings.stall_after_s:
             raise self._fail(f"stalled: {self.in_flight} request(s) in flight, no progress for {stalled:.0f}s")
         if self.last_success is not None and self.clock() - self.last_success < self.settings.fresh_s:
+            self._passed()
             return
         t0 = self.clock()
         try:
@@ -73,12 +88,17 @@ class HealthMonitor:
             self._probe_done(t0, False)
             raise self._fail(f"probe failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
         self._probe_done(t0, True)
+        self._passed()
+
+    def _passed(self) -> None:
+        self.check_ok, self.failing_since = True, None
 
     def _probe_done(self, t0: float, ok: bool) -> None:
         self.last_probe_at, self.last_probe_ms, self.last_probe_ok = time.time(), (self.clock() - t0) * 1000, ok
 
     def _fail(self, message: str) -> ReplicaUnhealthy:
         self.last_error, self.last_error_at = message, time.time()
+        self.check_ok, self.failing_since = False, self.failing_since or self.last_error_at
         return ReplicaUnhealthy(message)
 
     def snapshot(self) -> dict[str, Any]:
@@ -87,6 +107,8 @@ class HealthMonitor:
             "stalled_for_s": round(self.stalled_for(), 1),
             "last_probe_at": self.last_probe_at, "last_probe_ms": self.last_probe_ms and round(self.last_probe_ms, 1),
             "last_probe_ok": self.last_probe_ok, "last_error": self.last_error, "last_error_at": self.last_error_at,
+            "check_ok": self.check_ok, "failing_since": self.failing_since,
+            "failed_request_ids": list(self.failed_request_ids), "in_flight_request_ids": list(self.in_flight_ids)[:5],
         }
 
 
@@ -99,8 +121,8 @@ class MonitoredReplica:
         self.health = HealthMonitor(self.cfg.health)
         self.fault: str | None = None
 
-    def tracked(self):
-        return _Tracked(self.health)
+    def tracked(self, request_id: str | None = None):
+        return _Tracked(self.health, request_id)
 
     async def _probe(self) -> None:
         raise NotImplementedError
@@ -151,12 +173,12 @@ class MonitoredReplica:
 class _Tracked:
     """`with replica.tracked():` around a request, in coroutines and async generators alike."""
 
-    def __init__(self, monitor: HealthMonitor) -> None:
-        self.monitor = monitor
+    def __init__(self, monitor: HealthMonitor, request_id: str | None = None) -> None:
+        self.monitor, self.request_id = monitor, request_id
 
     def __enter__(self) -> HealthMonitor:
-        self.monitor.started()
+        self.monitor.started(self.request_id)
         return self.monitor
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.monitor.finished(None if exc is None or isinstance(exc, GeneratorExit) else exc)
+        self.monitor.finished(None if exc is None or isinstance(exc, GeneratorExit) else exc, self.request_id)

@@ -20,7 +20,7 @@ class RerankerServer(EncoderServer):
     async def rerank(self, req: RerankRequest) -> RerankResult:
         with preparing("the query and documents", "documents"):
             query, docs, pre_cut = await asyncio.to_thread(self._fit, req)
-        scored = await self._run_all([(query, d) for d in docs], "documents", req.offset)
+        scored = await self._run_all([(query, d) for d in docs], "documents", req.offset, req.request_id)
         return RerankResult(
             scores=[float(s.value) for s in scored],
             prompt_tokens=sum(s.tokens for s in scored),

@@ -5,14 +5,25 @@ instead every replica posts a snapshot from each `check_health` (every health pe
 small named actor per application, and the router reads them all. A replica that stops
 posting is shown as silent after two periods; one that Serve no longer lists, as gone
 (serve_app/status.py), and then forgotten.
+
+The board is also the one component that pushes alerts (serve_app/alerts.py decides,
+serve_app/alert_delivery.py sends): it already hears from every replica every health period,
+and it is one actor per app, so every router replica does not alert on its own. The router
+hands it `gateway.alerts` when it starts; a thread then compares, each `check_period_s`,
+Serve's replica list, the reports and the live nodes.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Any
 
 import ray
+
+logger = logging.getLogger("ray.serve")
+RECENT_ALERTS = 50  # kept for /v1/status
 
 NAMESPACE = "serve_app"
 
@@ -21,9 +32,35 @@ NAMESPACE = "serve_app"
 class StatusBoard:
     def __init__(self) -> None:
         self.reports: dict[str, dict[str, dict[str, Any]]] = {}
+        self._lock = threading.Lock()  # reports are read by the alert thread
+        self._alerts: _AlertLoop | None = None
 
     def post(self, model: str, replica_id: str, snapshot: dict[str, Any]) -> None:
-        self.reports.setdefault(model, {})[replica_id] = {**snapshot, "reported_at": time.time()}
+        with self._lock:
+            self.reports.setdefault(model, {})[replica_id] = {**snapshot, "reported_at": time.time()}
+
+    def configure_alerts(self, app: str, alerts: dict[str, Any], models: dict[str, dict[str, Any]]) -> None:
+        """alerts: GatewayConfig.alerts as a dict; models: name -> {deployment, silent_after_s}.
+        Every router replica calls this at start; the same config again changes nothing."""
+        wanted = (app, repr(alerts), repr(models))
+        if self._alerts is not None and self._alerts.wanted == wanted:
+            return
+        if self._alerts is not None:
+            self._alerts.stop()
+        from serve_app.config import AlertsConfig
+
+        cfg = AlertsConfig.model_validate(alerts)
+        self._alerts = _AlertLoop(wanted, app, cfg, models, self._read_copy) if cfg.targets else None
+
+    def alert_state(self) -> dict[str, Any]:
+        """Recent alerts and delivery counts, for /v1/status."""
+        if self._alerts is None:
+            return {"enabled": False}
+        return {"enabled": True, "delivery": dict(self._alerts.delivery.stats), "recent": list(self._alerts.recent)}
+
+    def _read_copy(self) -> dict[str, dict[str, dict[str, Any]]]:
+        with self._lock:
+            return {m: dict(rs) for m, rs in self.reports.items()}
 
     def mark_gone(self, model: str, replica_id: str, when: float) -> None:
         """Serve no longer lists this replica: remember since when, for the status view."""
@@ -32,10 +69,74 @@ class StatusBoard:
             report.setdefault("gone_at", when)
 
     def forget(self, model: str, replica_id: str) -> None:
-        self.reports.get(model, {}).pop(replica_id, None)
+        with self._lock:
+            self.reports.get(model, {}).pop(replica_id, None)
 
     def read(self) -> dict[str, dict[str, dict[str, Any]]]:
-        return self.reports
+        return self._read_copy()
+
+
+class _AlertLoop:
+    """The board's alert thread: gather one World per period, send what the tracker returns."""
+
+    def __init__(self, wanted: tuple, app: str, cfg, models: dict[str, dict[str, Any]], reports) -> None:
+        from serve_app.alert_delivery import AlertDelivery
+        from serve_app.alerts import AlertTracker
+
+        self.wanted, self.app, self.cfg, self.models, self.reports = wanted, app, cfg, models, reports
+        self.tracker = AlertTracker(cfg, app)
+        self.delivery = AlertDelivery(cfg.targets, cfg.timeout_s)
+        self.recent: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status-board-alerts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.delivery.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.cfg.check_period_s):
+            try:
+                for message in self.tracker.observe(self._world()):
+                    logger.warning("alert: %s", message["text"])
+                    self.recent = (self.recent + [message])[-RECENT_ALERTS:]
+                    self.delivery.submit(message)
+            except Exception:  # noqa: BLE001 - a bad period must not end alerting
+                logger.exception("status board: alert check failed")
+
+    def _world(self):
+        from serve_app.alerts import World
+
+        return World(models=_models(self.app, self.models), reports=self.reports(), nodes=_nodes())
+
+
+def _models(app: str, models: dict[str, dict[str, Any]]):
+    """Serve's view per model, or None when the controller cannot be asked (no claim then)."""
+    from serve_app.alerts import ModelView
+    from serve_app.status import serve_details
+
+    try:
+        deps = serve_details().applications[app].deployments
+    except Exception:  # noqa: BLE001 - controller busy, restarting, or the app is being deployed
+        return None
+    out = {}
+    for name, m in models.items():
+        d = deps.get(m["deployment"])
+        if d is None:
+            return None
+        replicas = {r.replica_id: {"state": str(getattr(r.state, "value", r.state)), "node_id": r.node_id,
+                                   "node_ip": r.node_ip} for r in d.replicas}
+        out[name] = ModelView(target=d.target_num_replicas, replicas=replicas, silent_after_s=m["silent_after_s"],
+                              status=str(getattr(d.status, "value", d.status)))
+    return out
+
+
+def _nodes() -> dict[str, dict[str, Any]] | None:
+    try:
+        return {n["NodeID"]: {"alive": bool(n["Alive"]), "ip": n.get("NodeManagerAddress", "")} for n in ray.nodes()}
+    except Exception:  # noqa: BLE001 - GCS unreachable just now: no claim about nodes
+        return None
 
 
 def board(app_name: str):

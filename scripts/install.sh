@@ -8,17 +8,22 @@ PY=${PYTHON:-python3}
 if [[ -z "${PROFILE:-}" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PROFILE=gpu; else PROFILE=cpu; fi
 fi
-# redis-server: the tests of the shared quota store start a real one (tests/redis_server.py). CI runs
-# as root on a fresh clone; elsewhere those tests skip and say why.
-if ! command -v redis-server >/dev/null 2>&1; then
+# System tools some tests use for real; CI runs as root on a fresh clone; elsewhere those tests
+# skip and say why. redis-server: the shared quota store (tests/redis_server.py); promtool (Debian
+# package prometheus): the alert rules; chromium: the /status page in a headless browser.
+apt_tool() {  # apt_tool COMMAND PACKAGE
+  command -v "$1" >/dev/null 2>&1 && return 0
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    echo "[install] installing redis-server (apt)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
-      || echo "[install] warning: redis-server could not be installed; the Redis tests will skip"
+    echo "[install] installing $2 (apt)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; } \
+      || echo "[install] warning: $2 could not be installed; the tests that need $1 will skip"
   else
-    echo "[install] note: no redis-server (apt-get install -y redis-server); the Redis tests will skip"
+    echo "[install] note: no $1 (apt-get install -y $2); the tests that need it will skip"
   fi
-fi
+}
+apt_tool redis-server redis-server
+apt_tool promtool prometheus
+apt_tool chromium chromium
 stamp="$VENV/.installed-$PROFILE-$(cat pyproject.toml scripts/install.sh scripts/fix_vllm_cpu.py | sha1sum | cut -c1-12)"
 if [[ -f "$stamp" ]]; then echo "[install] $VENV is up to date ($PROFILE profile)"; exit 0; fi
 echo "[install] creating $VENV with the $PROFILE profile (first time: several minutes)"

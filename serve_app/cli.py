@@ -57,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", default="registry.example.com/rayserve-llm-stack:0.1.0-gpu")
     p.add_argument("--gpus-per-worker", type=int, default=8)
     p.add_argument("--max-workers", type=int, default=4)
+    p = sub.add_parser("alert-rules", help="print the Prometheus alert rules as a KubeRay-friendly PrometheusRule")
+    p.add_argument("rules", nargs="?", default="docs/grafana/serve_app_alerts.yaml")
+    p.add_argument("--name", default="llm-stack")
     args = parser.parse_args(argv)
     try:
         commands = {"check": cmd_check, "prepare-models": cmd_prepare, "up": cmd_up, "down": cmd_down,
-                    "hash-key": cmd_hash_key, "kuberay": cmd_kuberay, "status": cmd_status, "usage": cmd_usage}
+                    "hash-key": cmd_hash_key, "kuberay": cmd_kuberay, "status": cmd_status, "usage": cmd_usage,
+                    "alert-rules": cmd_alert_rules}
         return commands[args.cmd](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -226,6 +230,13 @@ def cmd_kuberay(args: argparse.Namespace) -> int:
     manifest = rayservice(args.config, name=args.name, image=args.image,
                           gpus_per_worker=args.gpus_per_worker, max_workers=args.max_workers)
     sys.stdout.write(render(manifest, args.config))
+    return 0
+
+
+def cmd_alert_rules(args: argparse.Namespace) -> int:
+    from serve_app.kuberay import prometheus_rule, render_rule
+
+    sys.stdout.write(render_rule(prometheus_rule(args.rules, name=args.name), args.rules))
     return 0
 
 

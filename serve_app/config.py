@@ -351,6 +351,38 @@ def check_keys(keys: list[ApiKeyConfig], models: list["ModelConfig"] | None = No
             raise ValueError(f"api_keys.{i}.models: {unknown} are not models of this app; known: {sorted(known)}")
 
 
+class AlertTarget(_Strict):
+    """Where alerts go: a generic JSON webhook, or any Apprise URL (slack://, msteams://,
+    dingtalk://, feishu://, wecombot://, mailto://, ... see the Apprise wiki)."""
+
+    kind: Literal["webhook", "apprise"] = Field("webhook", description="webhook: POST the alert as JSON to `url`")
+    url: str = Field(min_length=1, description="the webhook URL, or the Apprise URL (it may hold a token: keep the "
+                     "config private)")
+
+    @model_validator(mode="after")
+    def _url_shape(self) -> "AlertTarget":
+        if self.kind == "webhook" and not re.match(r"^https?://\S+$", self.url):
+            raise ValueError("url: a webhook target needs an http:// or https:// URL")
+        if self.kind == "apprise" and "://" not in self.url:
+            raise ValueError("url: an apprise target needs a scheme://... URL (slack://, mailto://, ...)")
+        return self
+
+
+class AlertsConfig(_Strict):
+    """Alerts the app's status board pushes when a replica dies, stalls or fails its deep health,
+    a model has no ready replica, or a node leaves, and again when each recovers."""
+
+    targets: list[AlertTarget] = Field(default_factory=list, description="no targets: no alerts are sent")
+    window_s: float = Field(
+        300.0, ge=0, description="per model (or node): at most one alert and one recovery in this window; "
+        "incidents in between are folded into the next message"
+    )
+    check_period_s: float = Field(2.0, gt=0, le=60, description="how often the board compares Serve's view with "
+                                  "the replicas' reports and the live nodes")
+    timeout_s: float = Field(5.0, gt=0, le=60, description="per delivery attempt; failures are logged and counted, "
+                             "never retried into a storm")
+
+
 class GatewayConfig(_Strict):
     """The router (HTTP ingress) and settings shared by every model."""
 
@@ -398,6 +430,7 @@ class GatewayConfig(_Strict):
         0.25, gt=0, le=10, description="Redis connect/read timeout; an unreachable store falls back to this "
         "router's memory for quotas (docs/OPERATIONS.md)"
     )
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="pushed alerts (docs/OPERATIONS.md)")
     data_dir: str = Field(
         "data", description="durable router state (usage-<app>.sqlite3 with a memory limits_store); relative "
         "paths are from the project root"

@@ -96,14 +96,16 @@ async def send_error(send: Send, err: ApiError, rid: str | None) -> None:
 
 
 class AuthMiddleware:
-    """Authenticates every request except liveness/readiness; the principal goes in scope state.
+    """Authenticates every request except liveness/readiness and the status, API and schema pages;
+    the principal goes in scope state.
 
     `/ready` stays open for load-balancer probes but shows details only to admin keys. When the
     response has ended (a stream: after its last byte, long after its handler returned), the
     key's in-flight slot taken by the handler's admission is given back, however it ended.
     """
 
-    OPEN_PATHS = frozenset({"/health", "/ready"})
+    # /status, /docs: HTML shells without data; /openapi.json: the API's shape, public as vLLM's
+    OPEN_PATHS = frozenset({"/health", "/ready", "/status", "/docs", "/openapi.json"})
 
     def __init__(self, app: ASGIApp, admission) -> None:  # admission: serve_app.admission.Admission
         self.app = app

@@ -40,7 +40,9 @@ from serve_app.middleware import AuthMiddleware, ErrorMiddleware, MetricsMiddlew
 from serve_app.quota_store import QuotaStore
 from serve_app.replica_calls import gather_all, with_deadline
 from serve_app.resilience import Dispatcher, call_replica
-from serve_app.status import status_view
+from serve_app.status import configure_alerts, status_view
+from serve_app.openapi import docs_response, schema_response
+from serve_app.status_page import page_response
 from serve_app.usage import RedisUsage, SqliteUsage, UsageRecorder
 
 logger = logging.getLogger("ray.serve")
@@ -69,6 +71,7 @@ class Router:
         self._warm_until: dict[str, float] = {}  # scale-to-zero models: known to have a replica until then
         self.events: dict[tuple[str, str], int] = {}
         self.dispatch = Dispatcher(gateway, self.models, handles, self._ensure_replica, self._event)
+        configure_alerts(gateway, self.models)  # the status board pushes them (deployments/status_board.py)
 
     def __serve_build_asgi_app__(self) -> Starlette:
         """Called by `@serve.ingress()` on each replica after __init__: the route table."""
@@ -90,6 +93,9 @@ class Router:
                 Route("/v2/rerank", self.rerank_cohere, methods=["POST"]),
                 Route("/v1/score", self.score, methods=["POST"]),
                 Route("/score", self.score, methods=["POST"]),
+                Route("/status", self.status_page, methods=["GET"]),
+                Route("/openapi.json", self.openapi_schema, methods=["GET"]),
+                Route("/docs", self.api_docs, methods=["GET"]),
             ],
             # Inside Starlette's ServerErrorMiddleware, so we shape errors before it answers 500.
             middleware=[
@@ -411,6 +417,20 @@ class Router:
         usage = getattr(self, "usage", None)
         if usage is not None:
             usage.close()
+
+    # --- the status page (issue 15) ---
+    async def status_page(self, request: Request) -> Response:
+        """`GET /status`: the HTML page over `/v1/status`; it carries no data itself, so it is open
+        (AuthMiddleware.OPEN_PATHS) and its script sends the admin key to /v1/status."""
+        return page_response()
+
+    async def openapi_schema(self, request: Request) -> Response:
+        """`GET /openapi.json`: OpenAPI 3.1 from this route table and our request models (open, as vLLM's)."""
+        return schema_response(request.app.routes)
+
+    async def api_docs(self, request: Request) -> Response:
+        """`GET /docs`: a static page rendering /openapi.json, no CDN."""
+        return docs_response()
 
 
 Ingress = serve.ingress()(Router)

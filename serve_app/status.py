@@ -10,18 +10,21 @@ When the controller cannot be asked, board entries are `unknown`, never live or 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 from serve_app.config import GatewayConfig, ModelConfig
 
+logger = logging.getLogger("ray.serve")
+
 
 async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], breakers: dict[str, Any],
                       events: dict[tuple[str, str], int]) -> dict[str, Any]:
     app = _app_name()
-    serve_state, reports = await asyncio.gather(_serve_state(app), _board_reports(app))
+    serve_state, reports, alerts = await asyncio.gather(_serve_state(app), _board_reports(app), _board_alerts(app))
     now = time.time()
-    out: dict[str, Any] = {"app": app, "generated_at": now, "models": {}}
+    out: dict[str, Any] = {"app": app, "generated_at": now, "models": {}, "alerts": alerts}
     for name, m in models.items():
         dep = serve_state.get(m.deployment_name)
         auto = m.deployment.autoscaling_config
@@ -40,7 +43,7 @@ async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], br
 async def _replicas(app: str | None, name: str, m: ModelConfig, dep: dict[str, Any] | None,
                     reported: dict[str, dict[str, Any]], retention_s: float, now: float) -> list[dict[str, Any]]:
     live: dict[str, dict[str, Any]] | None = dep["replicas"] if dep else None
-    silent_after = 2 * m.deployment.health_check_period_s + 5
+    silent_after = silent_after_s(m)
     rows = []
     for rid, r in sorted(reported.items()):
         age = now - r.get("reported_at", 0)
@@ -66,6 +69,12 @@ async def _replicas(app: str | None, name: str, m: ModelConfig, dep: dict[str, A
     return rows
 
 
+def silent_after_s(m: ModelConfig) -> float:
+    """A replica that has not posted for this long, while Serve lists it, is silent: two health
+    periods missed, plus slack for a slow probe."""
+    return 2 * m.deployment.health_check_period_s + 5
+
+
 def _app_name() -> str | None:
     try:
         from ray import serve
@@ -81,7 +90,7 @@ async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
     if app is None:
         return {}
     try:
-        details = await asyncio.to_thread(_serve_details)
+        details = await asyncio.to_thread(serve_details)
         deps = details.applications[app].deployments
         return {
             n: {"status": str(getattr(d.status, "value", d.status)), "message": d.message,
@@ -94,7 +103,8 @@ async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def _serve_details():
+def serve_details():
+    """The controller's full view (what `serve status` shows), for this view and the status board's alerts."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeInstanceDetails
 
@@ -129,3 +139,31 @@ async def _board_call(app: str | None, method: str, *args: Any) -> None:
         await getattr(board(app), method).remote(*args)
     except Exception:  # noqa: BLE001 - the view is still right; the board catches up next time
         pass
+
+
+async def _board_alerts(app: str | None) -> dict[str, Any]:
+    """Recent pushed alerts and delivery counts (the board sends them; see configure_alerts)."""
+    if app is None:
+        return {"enabled": False}
+    try:
+        from deployments.status_board import board
+
+        return await board(app).alert_state.remote()
+    except Exception:  # noqa: BLE001
+        return {"enabled": False, "error": "status board unreachable"}
+
+
+def configure_alerts(gateway: GatewayConfig, models: dict[str, ModelConfig]) -> None:
+    """Hand `gateway.alerts` to the app's status board, the one component that pushes alerts;
+    each router replica calls this at start (the same config twice changes nothing)."""
+    app = _app_name()
+    if app is None:
+        return
+    try:
+        from deployments.status_board import board
+
+        board(app).configure_alerts.remote(app, gateway.alerts.model_dump(), {
+            name: {"deployment": m.deployment_name, "silent_after_s": silent_after_s(m)}
+            for name, m in models.items()})
+    except Exception:  # noqa: BLE001 - alerts are best effort; serving must not depend on them
+        logger.warning("could not configure alerts on the status board", exc_info=True)

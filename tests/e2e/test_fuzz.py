@@ -251,6 +251,22 @@ def test_status_page(http, params, raw, prefix, who):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), r.text[:300]
 
 
+@FUZZ
+@given(params=USAGE_PARAMS, raw=st.none() | USAGE_RAW, prefix=st.sampled_from(["", "/tiny", "/guarded"]),
+       path=st.sampled_from(["/openapi.json", "/docs"]), who=st.sampled_from(["admin", "wrong", None]))
+def test_api_page_and_schema(http, params, raw, prefix, path, who):
+    """GET /openapi.json and /docs: any query, any key or none -> 200 (the schema: valid JSON with paths)."""
+    from tests.e2e.conftest import ADMIN_KEY
+
+    secret = {"admin": ADMIN_KEY, "wrong": "sk-wrong", None: None}[who]
+    headers = {"authorization": f"Bearer {secret}"} if secret else {}
+    r = http.get(f"{prefix}{path}?{raw}", headers=headers) if raw else http.get(f"{prefix}{path}", params=params, headers=headers)
+    check(r, (prefix, path, params, raw, who))
+    assert r.status_code == 200, r.text[:300]
+    if path == "/openapi.json":
+        assert "/v1/chat/completions" in r.json()["paths"]
+
+
 def test_afterwards_every_model_is_ready_and_every_circuit_closed(http):
     """Runs after the fuzzing above (pytest keeps file order)."""
     if not SEEN:

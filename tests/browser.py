@@ -1,0 +1,25 @@
+"""Headless Chromium from the machine's package manager, for the HTML pages' tests."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium (apt-get install -y chromium; scripts/install.sh does it as root)")
+
+
+def chromium_dom(url: str, budget_ms: int, tmp_path) -> tuple[str, str]:
+    """(rendered DOM, browser log) after `budget_ms` of virtual time (timers run that far)."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+           f"--virtual-time-budget={budget_ms}", "--dump-dom", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    return out.stdout, out.stderr
+
+
+def console_errors(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]

@@ -1,0 +1,71 @@
+"""The API page: /openapi.json is valid OpenAPI 3.1 (checked by openapi-spec-validator), lists every
+route of the route table with its body model and errors, and /docs renders it in headless Chromium
+with no remote asset and no console error."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.testclient import TestClient
+
+from serve_app.config import hash_key, parse_app_config
+from serve_app.router import Router
+from tests.browser import chromium_dom, console_errors, needs_chromium
+
+
+def client(keys: bool = True) -> TestClient:
+    api_keys = [{"name": "ops", "sha256": hash_key("sk-ops"), "admin": True}] if keys else []
+    cfg = parse_app_config({"gateway": {"api_keys": api_keys},
+                            "models": [{"name": "chat", "kind": "llm", "engine": "vllm", "source": "org/chat"}]})
+    return TestClient(Router(cfg.gateway, cfg.models, {}).__serve_build_asgi_app__(), raise_server_exceptions=False)
+
+
+def test_the_schema_is_valid_openapi_3_1_and_lists_every_route_with_its_body_and_errors():
+    from openapi_spec_validator import validate
+    from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+
+    c = client()
+    spec = c.get("/openapi.json").json()  # open, as vLLM's, even with keys on
+    validate(spec)
+    table = {(r.path.replace("{model:path}", "{model}"), m.lower()) for r in c.app.routes for m in r.methods if m != "HEAD"}
+    assert {(p, m) for p, ops in spec["paths"].items() for m in ops} == table
+    chat = spec["paths"]["/v1/chat/completions"]["post"]
+    body = spec["components"]["schemas"][chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]]
+    assert {"model", "messages", "stream", "max_tokens"} <= set(body["properties"]) and "messages" in body["required"]
+    assert {"400", "401", "429", "503"} <= set(chat["responses"])
+    assert [p["name"] for p in spec["paths"]["/v1/usage"]["get"]["parameters"]] == ["since", "until", "key"]
+    dup = {**spec["paths"]["/health"]["get"], "operationId": spec["paths"]["/ready"]["get"]["operationId"]}
+    broken = {**spec, "paths": {**spec["paths"], "/health": {"get": dup}}}
+    with pytest.raises(OpenAPIValidationError):  # the validator does catch a broken schema (duplicate operationId)
+        validate(broken)
+
+
+def test_docs_is_served_without_a_key_and_loads_nothing_remote():
+    page = client().get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "fetch(\"openapi.json\"" in page.text and "<script src" not in page.text and "<link" not in page.text
+
+
+@needs_chromium
+def test_docs_renders_every_route_in_a_real_browser(tmp_path):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    app = client(keys=True).app
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        dom, log = chromium_dom(f"http://127.0.0.1:{port}/docs", 2000, tmp_path)
+        assert "/v1/chat/completions" in dom and "/v2/rerank" in dom and "request body" in dom and "POST" in dom
+        assert console_errors(log) == [], console_errors(log)
+    finally:
+        server.should_exit = True
+        thread.join(5)

@@ -1,0 +1,119 @@
+"""The status page in a real headless Chromium: it renders every model → replica → node from
+/v1/status, shows a killed replica as gone after one refresh, asks for a key when keys are on,
+and logs no console error. The router serves the page without a key and nothing else with it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from serve_app.status_page import page_response
+from tests.browser import chromium_dom, console_errors, needs_chromium
+
+
+def view(victim_state: str) -> dict:
+    victim = {"replica_id": "victim01", "model": "ce", "state": victim_state, "serve_state": "RUNNING",
+              "node_id": "e1f07c22aa90" + "0" * 28, "node_ip": "10.0.0.12", "device": "cuda:1", "dtype": "bfloat16",
+              "gpu_ids": ["1"], "in_flight": 3, "stalled_for_s": 0, "last_probe_at": time.time() - 2, "last_probe_ms": 41.0,
+              "last_probe_ok": True, "last_error": None, "failed_request_ids": []}
+    if victim_state == "gone":
+        victim.update(gone_at=time.time() - 1, in_flight=0)
+    keeper = {**victim, "replica_id": "keeper02", "state": "reporting", "node_id": "69dc193b0542" + "1" * 28,
+              "node_ip": "10.0.0.11", "gpu_ids": ["0"], "last_error": "stalled: 2 request(s) in flight <b>x</b>",
+              "last_error_at": time.time() - 5, "failed_request_ids": ["rid-42"]}
+    return {"app": "llm-stack", "generated_at": time.time(), "models": {"ce": {
+        "kind": "rerank", "engine": "transformers", "deployment": "rerank-ce", "serve_status": "HEALTHY",
+        "serve_message": "", "replica_states": {"RUNNING": 2},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+        "circuit": {"state": "open", "last_error": "boom"}, "router_events": {"retry": 3},
+        "replicas": [keeper, victim]}},
+        "alerts": {"enabled": True, "delivery": {"sent": 1, "failed": 0, "dropped": 0},
+                   "recent": [{"at": time.time(), "event": "alert", "text": "[llm-stack] ALERT ce: replica victim01 gone"}]}}
+
+
+class FakeGateway:
+    """The page and a scripted /v1/status on a loopback port (uvicorn in a thread)."""
+
+    def __init__(self, key: str | None = None) -> None:
+        self.calls, self.key = 0, key
+
+        async def status(request: Request):
+            if self.key and request.headers.get("authorization") != f"Bearer {self.key}":
+                return JSONResponse({"error": {"message": "needs an admin key"}}, status_code=401)
+            self.calls += 1
+            return JSONResponse(view("reporting" if self.calls == 1 else "gone"))
+
+        app = Starlette(routes=[Route("/app/status", lambda r: page_response()), Route("/app/v1/status", status)])
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/app/status"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@needs_chromium
+def test_the_page_renders_models_replicas_and_nodes_and_shows_a_killed_replica_gone_after_one_refresh(tmp_path):
+    gw = FakeGateway()
+    try:
+        first, log = chromium_dom(gw.url, 1000, tmp_path)  # before the first refresh
+        assert "victim01" in first and "keeper02" in first and "10.0.0.12" in first and "10.0.0.11" in first
+        assert "cuda:1 bfloat16" in first and "rid-42" in first and "min 1 / max 4, target 8 ongoing" in first
+        assert "open (last error: boom)" in first and "ALERT ce: replica victim01 gone" in first
+        assert "&lt;b&gt;x&lt;/b&gt;" in first  # data is text, never markup
+        assert console_errors(log) == [], console_errors(log)
+        gw.calls = 0
+        later, log = chromium_dom(gw.url, 4000, tmp_path)  # one refresh (every 3 s) later
+        assert gw.calls >= 2
+        row = later[later.index("victim01"):].split("</tr>")[0]
+        assert ">gone<" in row and "gone since" in row, row
+        assert console_errors(log) == [], console_errors(log)
+    finally:
+        gw.close()
+
+
+@needs_chromium
+def test_with_keys_on_the_page_asks_for_an_admin_key_and_shows_no_data(tmp_path):
+    gw = FakeGateway(key="sk-ops")
+    try:
+        dom, _ = chromium_dom(gw.url, 1000, tmp_path)
+        assert 'id="login" style="display: block;"' in dom and "enter an admin key" in dom
+        assert "victim01" not in dom and gw.calls == 0
+    finally:
+        gw.close()
+
+
+def test_the_router_serves_the_page_without_a_key_and_keeps_the_data_admin_only():
+    from serve_app.config import hash_key, parse_app_config
+    from serve_app.router import Router
+
+    keys = [{"name": "ops", "sha256": hash_key("sk-ops"), "admin": True}, {"name": "app", "sha256": hash_key("sk-app")}]
+    cfg = parse_app_config({"gateway": {"api_keys": keys},
+                            "models": [{"name": "chat", "kind": "llm", "engine": "vllm", "source": "org/chat"}]})
+    c = TestClient(Router(cfg.gateway, cfg.models, {}).__serve_build_asgi_app__(), raise_server_exceptions=False)
+    page = c.get("/status")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "fetch(\"v1/status\"" in page.text and "connect-src 'self'" in page.headers["content-security-policy"]
+    assert "<script src" not in page.text and "http" not in page.text.split("<script>")[1]  # no CDN, no remote asset
+    assert c.get("/v1/status").status_code == 401
+    assert c.get("/v1/status", headers={"authorization": "Bearer sk-app"}).status_code == 403
+    assert json.loads(c.get("/v1/status", headers={"authorization": "Bearer sk-ops"}).text)["models"]["chat"]
