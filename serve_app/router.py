@@ -38,16 +38,17 @@ from serve_app.http import json_response, request_id, sse_response
 from serve_app.metrics import RouterMetrics
 from serve_app.middleware import AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve_app.quota_store import QuotaStore
+from serve_app.openapi import docs_response, schema_response
 from serve_app.replica_calls import gather_all, with_deadline
 from serve_app.resilience import Dispatcher, call_replica
 from serve_app.status import configure_alerts, status_view
-from serve_app.openapi import docs_response, schema_response
 from serve_app.status_page import page_response
 from serve_app.usage import RedisUsage, SqliteUsage, UsageRecorder
 
 logger = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
 CARD_TIMEOUT_S, CARD_TTL_S = 2.0, 60.0  # /v1/models: how long to wait for a card, how long to keep it
+
 
 class Router:
     def __init__(self, gateway: GatewayConfig, models: list[ModelConfig], handles: dict[str, DeploymentHandle],
