@@ -32,12 +32,22 @@ NAMESPACE = "serve_app"
 class StatusBoard:
     def __init__(self) -> None:
         self.reports: dict[str, dict[str, dict[str, Any]]] = {}
-        self._lock = threading.Lock()  # reports are read by the alert thread
+        self.circuits: dict[str, dict[str, dict[str, Any]]] = {}  # model -> router replica -> breaker state
+        self._lock = threading.Lock()  # reports and circuits are read by the alert thread
         self._alerts: _AlertLoop | None = None
 
     def post(self, model: str, replica_id: str, snapshot: dict[str, Any]) -> None:
         with self._lock:
             self.reports.setdefault(model, {})[replica_id] = {**snapshot, "reported_at": time.time()}
+
+    def circuit(self, model: str, router_replica: str, snapshot: dict[str, Any]) -> None:
+        """A router replica's circuit for `model` changed (opened, or closed again)."""
+        with self._lock:
+            self.circuits.setdefault(model, {})[router_replica] = dict(snapshot)
+
+    def _circuits_copy(self) -> dict[str, dict[str, dict[str, Any]]]:
+        with self._lock:
+            return {m: dict(rs) for m, rs in self.circuits.items()}
 
     def configure_alerts(self, app: str, alerts: dict[str, Any], models: dict[str, dict[str, Any]]) -> None:
         """alerts: GatewayConfig.alerts as a dict; models: name -> {deployment, silent_after_s}.
@@ -50,7 +60,7 @@ class StatusBoard:
         from serve_app.config import AlertsConfig
 
         cfg = AlertsConfig.model_validate(alerts)
-        self._alerts = _AlertLoop(wanted, app, cfg, models, self._read_copy) if cfg.targets else None
+        self._alerts = _AlertLoop(wanted, app, cfg, models, self._read_copy, self._circuits_copy) if cfg.targets else None
 
     def alert_state(self) -> dict[str, Any]:
         """Recent alerts and delivery counts, for /v1/status."""
@@ -79,11 +89,12 @@ class StatusBoard:
 class _AlertLoop:
     """The board's alert thread: gather one World per period, send what the tracker returns."""
 
-    def __init__(self, wanted: tuple, app: str, cfg, models: dict[str, dict[str, Any]], reports) -> None:
+    def __init__(self, wanted: tuple, app: str, cfg, models: dict[str, dict[str, Any]], reports, circuits) -> None:
         from serve_app.alert_delivery import AlertDelivery
         from serve_app.alerts import AlertTracker
 
         self.wanted, self.app, self.cfg, self.models, self.reports = wanted, app, cfg, models, reports
+        self.circuits = circuits
         self.tracker = AlertTracker(cfg, app)
         self.delivery = AlertDelivery(cfg.targets, cfg.timeout_s)
         self.recent: list[dict[str, Any]] = []
@@ -108,7 +119,8 @@ class _AlertLoop:
     def _world(self):
         from serve_app.alerts import World
 
-        return World(models=_models(self.app, self.models), reports=self.reports(), nodes=_nodes())
+        return World(models=_models(self.app, self.models), reports=self.reports(), nodes=_nodes(),
+                     circuits=_live_router_circuits(self.app, self.circuits()))
 
 
 def _models(app: str, models: dict[str, dict[str, Any]]):
@@ -130,6 +142,20 @@ def _models(app: str, models: dict[str, dict[str, Any]]):
         out[name] = ModelView(target=d.target_num_replicas, replicas=replicas, silent_after_s=m["silent_after_s"],
                               status=str(getattr(d.status, "value", d.status)))
     return out
+
+
+def _live_router_circuits(app: str, circuits: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Only router replicas Serve still lists: a dead router's last word must not hold an alert open."""
+    from serve_app.status import serve_details
+
+    if not circuits:
+        return {}  # no router has reported a circuit change: nothing to ask the controller
+    try:
+        # "router": serve_app.app.ROUTER_NAME (not imported here: it would load the router's stack)
+        live = {r.replica_id for r in serve_details().applications[app].deployments["router"].replicas}
+    except Exception:  # noqa: BLE001 - controller busy: no claim about circuits this period
+        return {}
+    return {m: {r: c for r, c in rs.items() if r in live} for m, rs in circuits.items()}
 
 
 def _nodes() -> dict[str, dict[str, Any]] | None:

@@ -19,8 +19,8 @@ from typing import Any
 from serve_app.config import AlertsConfig
 
 # What a problem is called in an alert, worst first (one incident shows its worst state).
-GONE, STALLED, UNHEALTHY, SILENT, NO_READY, NODE_LEFT = (
-    "gone", "stalled", "unhealthy", "silent", "no_ready_replica", "node_left")
+GONE, STALLED, UNHEALTHY, SILENT, NO_READY, NODE_LEFT, CIRCUIT_OPEN = (
+    "gone", "stalled", "unhealthy", "silent", "no_ready_replica", "node_left", "circuit_open")
 PLANNED_STOP_STATUSES = frozenset({"UPDATING", "DOWNSCALING"})
 STARTING_STATUSES = frozenset({"UPDATING", "UPSCALING"})
 _WHAT = {
@@ -30,6 +30,8 @@ _WHAT = {
     SILENT: "replica stopped reporting its health (wedged, or its node is unreachable)",
     NO_READY: "no ready replica: requests to this model fail or wait",
     NODE_LEFT: "node left the cluster",
+    CIRCUIT_OPEN: "circuit open: routers refuse this model after its own repeated failures "
+                  "(engine errors its probe confirmed, missed deadlines)",
 }
 
 
@@ -51,6 +53,8 @@ class World:
     models: dict[str, ModelView] | None
     reports: dict[str, dict[str, dict[str, Any]]]  # model -> replica id -> the replica's snapshot
     nodes: dict[str, dict[str, Any]] | None  # node id -> {"alive": bool, "ip": str}
+    # model -> router replica id -> {"state", "since", "last_error"}, live router replicas only
+    circuits: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -95,6 +99,7 @@ class AlertTracker:
                 self._replicas(model, view, world.reports.get(model, {}), now)
         if world.nodes is not None:
             self._nodes(world, now)
+        self._circuits(world, now)
         return self._messages(now)
 
     # --- incidents ---
@@ -174,6 +179,18 @@ class AlertTracker:
             if all(self._model_ok(m) for m in world.models):
                 for key in [k for k in self.keys if k.startswith("node:")]:
                     self._close(key, "node", "every model back at its target replica count")
+
+    def _circuits(self, world: World, now: float) -> None:
+        """A model's circuit open on any router replica is one incident; closed on all, it is over."""
+        for model, routers in world.circuits.items():
+            refusing = [c for c in routers.values() if c.get("state") != "closed"]
+            if not refusing:
+                self._close(f"model:{model}", "circuit", "circuit closed again: the model answers")
+                continue
+            first = min(refusing, key=lambda c: c.get("since") or now)
+            self._open(Incident(key=f"model:{model}", model=model, replica=None, node_id=None, node_ip=None,
+                                what=CIRCUIT_OPEN, since=first.get("since") or now, last_error=first.get("last_error"),
+                                detail=f"open on {len(refusing)} of {len(routers)} router replica(s)"), "circuit")
 
     def _model_ok(self, model: str) -> bool:
         return not self.keys.get(f"model:{model}", _Key()).open

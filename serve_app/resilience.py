@@ -49,8 +49,10 @@ class Ticket:
 class CircuitBreaker:
     """Closed → (N consecutive failures) → open for a cooldown → half-open: one trial request."""
 
-    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[["CircuitBreaker"], None] = lambda b: None) -> None:
         self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
+        self.on_change = on_change  # called when the circuit opens (again) or closes: alerts
         self.consecutive = 0
         self.opened_at: float | None = None
         self.trial: Ticket | None = None  # the request holding the half-open trial
@@ -74,13 +76,17 @@ class CircuitBreaker:
         return None
 
     def success(self) -> None:
+        was_open = self.opened_at is not None
         self.consecutive, self.opened_at, self.trial = 0, None, None
+        if was_open:
+            self.on_change(self)
 
     def failure(self, error: str, ticket: Ticket | None = None) -> None:
         self.consecutive += 1
         self.note(error)
         if (ticket is not None and ticket is self.trial) or self.consecutive >= self.failures:
             self.opened_at, self.trial = self.clock(), None
+            self.on_change(self)
 
     def note(self, error: str) -> None:
         self.last_error, self.last_error_at = error, time.time()
@@ -103,12 +109,17 @@ class Dispatcher:
     def __init__(
         self, gateway: GatewayConfig, models: dict[str, ModelConfig], handles: dict[str, DeploymentHandle],
         ensure_replica: Callable[[str, float], Awaitable[None]], on_event: Callable[[str, str], None] = lambda e, m: None,
+        on_circuit: Callable[[str, dict[str, Any]], None] = lambda m, snapshot: None,
     ) -> None:
         self.gateway, self.models, self.handles = gateway, models, handles
         self.ensure_replica = ensure_replica
         # ("retry" | "fallback" | "circuit_open" | "input_failed", model): metrics hook
         self.on_event = on_event
-        self.breakers = {n: CircuitBreaker(gateway.breaker_failures, gateway.breaker_cooldown_s) for n in models}
+        self.breakers = {
+            n: CircuitBreaker(gateway.breaker_failures, gateway.breaker_cooldown_s,
+                              on_change=lambda b, n=n: on_circuit(n, b.snapshot()))
+            for n in models
+        }
 
     async def run(self, name: str, call: Callable[[DeploymentHandle, float], Awaitable[Any]],
                   fallbacks: bool = True) -> tuple[str, Any]:

@@ -71,7 +71,7 @@ class Router:
         self._cards: dict[str, tuple[float, ModelCard]] = {}  # (fetched at, card), for /v1/models
         self._warm_until: dict[str, float] = {}  # scale-to-zero models: known to have a replica until then
         self.events: dict[tuple[str, str], int] = {}
-        self.dispatch = Dispatcher(gateway, self.models, handles, self._ensure_replica, self._event)
+        self.dispatch = Dispatcher(gateway, self.models, handles, self._ensure_replica, self._event, self._circuit_changed)
         configure_alerts(gateway, self.models)  # the status board pushes them (deployments/status_board.py)
 
     def __serve_build_asgi_app__(self) -> Starlette:
@@ -364,6 +364,21 @@ class Router:
     def _admit(self, request: Request, tokens: int) -> None:
         """Charge the estimate (or 429); `_served` corrects it, AuthMiddleware releases the slot."""
         request.scope["state"]["quota"] = self.admission.admit(_principal(request), tokens)
+
+    def _circuit_changed(self, model: str, snapshot: dict[str, Any]) -> None:
+        """Tell the status board (it pushes the alert, one for all router replicas); best effort."""
+        try:
+            ctx = serve.get_replica_context()
+        except Exception:  # noqa: BLE001 - outside Serve (unit tests): no board
+            return
+        try:
+            from deployments.status_board import board
+
+            state = "closed" if snapshot["state"] == "closed" else "open"
+            board(ctx.app_name).circuit.remote(model, ctx.replica_id.unique_id, {
+                "state": state, "since": time.time(), "last_error": snapshot.get("last_error")})
+        except Exception:  # noqa: BLE001 - alerting never fails a request
+            logger.warning("could not report the circuit of %s to the status board", model, exc_info=True)
 
     def _event(self, event: str, model: str) -> None:
         self.events[(event, model)] = self.events.get((event, model), 0) + 1

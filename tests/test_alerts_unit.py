@@ -178,7 +178,7 @@ def test_the_board_loop_sends_what_the_tracker_decides(monkeypatch):
     monkeypatch.setattr(status_board, "_models", lambda app, models: {"ce": ModelView(2, dict(live), 7)})
     monkeypatch.setattr(status_board, "_nodes", lambda: None)
     cfg = AlertsConfig(targets=[AlertTarget(url=receiver.url)], check_period_s=0.05)
-    loop = status_board._AlertLoop(("k",), "app", cfg, {}, lambda: {"ce": {}})
+    loop = status_board._AlertLoop(("k",), "app", cfg, {}, lambda: {"ce": {}}, lambda: {})
     try:
         time.sleep(0.2)
         live.pop("r1")
@@ -228,3 +228,38 @@ def _tracked(monitor, rid):
     from deployments.health import _Tracked
 
     return _Tracked(monitor, rid)
+
+
+def test_an_open_circuit_alerts_once_and_recovers_when_every_router_closes_it():
+    from serve_app.alerts import CIRCUIT_OPEN, AlertTracker, World
+    from serve_app.config import AlertsConfig
+
+    now = [1000.0]
+    tracker = AlertTracker(AlertsConfig(targets=[{"kind": "webhook", "url": "http://127.0.0.1:9/x"}], window_s=60),
+                           "app", clock=lambda: now[0])
+
+    def period(circuits):
+        now[0] += 2
+        return tracker.observe(World(models=None, reports={}, nodes=None, circuits=circuits))
+
+    assert period({"chat": {"r1": {"state": "closed"}}}) == []
+    opened = {"state": "open", "since": 1001.0, "last_error": "the engine failed: CUDA error"}
+    (alert,) = period({"chat": {"r1": opened, "r2": {"state": "closed"}}})
+    assert alert["event"] == "alert" and alert["what"] == CIRCUIT_OPEN and alert["model"] == "chat"
+    assert "CUDA error" in alert["text"] and "1 of 2 router" in alert["text"]
+    assert period({"chat": {"r1": opened, "r2": opened}}) == []  # still the same incident
+    (recovery,) = period({"chat": {"r1": {"state": "closed"}, "r2": {"state": "closed"}}})
+    assert recovery["event"] == "recovery" and recovery["model"] == "chat"
+
+
+def test_the_breaker_reports_opening_and_closing_once_each():
+    from serve_app.resilience import CircuitBreaker
+
+    now, seen = [0.0], []
+    b = CircuitBreaker(failures=2, cooldown_s=10, clock=lambda: now[0], on_change=lambda br: seen.append(br.state))
+    b.failure("x")
+    assert seen == []
+    b.failure("y")
+    b.success()
+    b.success()
+    assert seen == ["open", "closed"]
