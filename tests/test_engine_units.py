@@ -80,7 +80,8 @@ def test_the_first_item_carries_the_first_token_and_usage_is_kept_for_the_router
     assert events[-1] == "[DONE]" and json.dumps(USAGE) not in events  # the client did not ask for usage
     assert items[-1][1] == USAGE["usage"]
     with_usage = asyncio.run(_items(_sse(ROLE, TOKEN, END, USAGE, "[DONE]"), want_usage=True))
-    assert json.dumps(USAGE) in [e for evs, _ in with_usage for e in evs]
+    usage_event = json.dumps(USAGE)
+    assert usage_event in [e for evs, _ in with_usage for e in evs]
 
 
 def test_what_the_engine_made_while_the_reader_was_busy_leaves_as_one_item():

@@ -140,22 +140,15 @@ def serving_args(cfg, path: str, default_max_tokens: int) -> dict[str, Any]:
 
 
 def parse(shape, body: dict[str, Any]):
-    """vLLM's request model, strictly: unknown fields are a 400 naming them (vLLM would only warn)."""
-    from pydantic import ValidationError
+    """vLLM's request model, strictly: unknown fields are a 400 naming them (vLLM would only warn);
+    validation errors are worded as the router words its own (serve_app/body.py)."""
+    from serve_app.body import validate
 
     known = set(shape.model_fields) | {f.alias for f in shape.model_fields.values() if f.alias}
     unknown = sorted(set(body) - known)
     if unknown:
         raise UnsupportedParameter(f"unknown parameter '{unknown[0][:100]}'", unknown[0][:100])
-    try:
-        return shape.model_validate(body)
-    except ValidationError as err:
-        first = err.errors(include_input=False)[0]
-        loc = ".".join(str(p) for p in first["loc"])[:100]
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors(include_input=False)[:5]
-        )
-        raise InvalidRequest(f"invalid request: {detail[:1000]}", loc or None) from None
+    return validate(shape, body)
 
 
 def unwrap(result: Any) -> Any:
