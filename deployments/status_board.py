@@ -10,7 +10,9 @@ The board is also the one component that pushes alerts (serve_app/alerts.py deci
 serve_app/alert_delivery.py sends): it already hears from every replica every health period,
 and it is one actor per app, so every router replica does not alert on its own. The router
 hands it `gateway.alerts` when it starts; a thread then compares, each `check_period_s`,
-Serve's replica list, the reports and the live nodes.
+Serve's replica list, the reports and the live nodes. That thread runs even with no alert
+targets, sending nothing: the tracker's rules are what tell a replica Serve lost from one it
+stopped on purpose, so the per-model restart count on /v1/status comes from the same place.
 """
 
 from __future__ import annotations
@@ -60,13 +62,19 @@ class StatusBoard:
         from serve_app.config import AlertsConfig
 
         cfg = AlertsConfig.model_validate(alerts)
-        self._alerts = _AlertLoop(wanted, app, cfg, models, self._read_copy, self._circuits_copy) if cfg.targets else None
+        restarts = self._alerts.restarts if self._alerts is not None else {}  # a new config keeps the count
+        self._alerts = _AlertLoop(wanted, app, cfg, models, self._read_copy, self._circuits_copy, restarts)
 
     def alert_state(self) -> dict[str, Any]:
-        """Recent alerts and delivery counts, for /v1/status."""
-        if self._alerts is None:
+        """Recent alerts, delivery counts and replicas lost per model (`restarts`), for /v1/status.
+        `restarts` is absent until a router replica has configured the board (nothing counted yet)."""
+        loop = self._alerts
+        if loop is None:
             return {"enabled": False}
-        return {"enabled": True, "delivery": dict(self._alerts.delivery.stats), "recent": list(self._alerts.recent)}
+        if loop.delivery is None:
+            return {"enabled": False, "restarts": dict(loop.restarts)}
+        return {"enabled": True, "delivery": dict(loop.delivery.stats), "recent": list(loop.recent),
+                "restarts": dict(loop.restarts)}
 
     def _read_copy(self) -> dict[str, dict[str, dict[str, Any]]]:
         with self._lock:
@@ -87,16 +95,20 @@ class StatusBoard:
 
 
 class _AlertLoop:
-    """The board's alert thread: gather one World per period, send what the tracker returns."""
+    """The board's alert thread: gather one World per period, send what the tracker returns
+    (with no targets, nothing: it then only keeps the restart count)."""
 
-    def __init__(self, wanted: tuple, app: str, cfg, models: dict[str, dict[str, Any]], reports, circuits) -> None:
+    def __init__(self, wanted: tuple, app: str, cfg, models: dict[str, dict[str, Any]], reports, circuits,
+                 restarts: dict[str, int] | None = None) -> None:
         from serve_app.alert_delivery import AlertDelivery
         from serve_app.alerts import AlertTracker
 
         self.wanted, self.app, self.cfg, self.models, self.reports = wanted, app, cfg, models, reports
         self.circuits = circuits
         self.tracker = AlertTracker(cfg, app)
-        self.delivery = AlertDelivery(cfg.targets, cfg.timeout_s)
+        self.tracker.restarts.update(restarts or {})
+        self.restarts = dict(self.tracker.restarts)  # copied after each period: the actor thread reads it
+        self.delivery = AlertDelivery(cfg.targets, cfg.timeout_s) if cfg.targets else None
         self.recent: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="status-board-alerts", daemon=True)
@@ -104,12 +116,17 @@ class _AlertLoop:
 
     def stop(self) -> None:
         self._stop.set()
-        self.delivery.close()
+        if self.delivery is not None:
+            self.delivery.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self.cfg.check_period_s):
             try:
-                for message in self.tracker.observe(self._world()):
+                messages = self.tracker.observe(self._world())
+                self.restarts = dict(self.tracker.restarts)
+                if self.delivery is None:
+                    continue
+                for message in messages:
                     logger.warning("alert: %s", message["text"])
                     self.recent = (self.recent + [message])[-RECENT_ALERTS:]
                     self.delivery.submit(message)
@@ -139,8 +156,11 @@ def _models(app: str, models: dict[str, dict[str, Any]]):
             return None
         replicas = {r.replica_id: {"state": str(getattr(r.state, "value", r.state)), "node_id": r.node_id,
                                    "node_ip": r.node_ip} for r in d.replicas}
+        auto = d.deployment_config.autoscaling_config  # a dict in the details (a config object if built in-process)
+        max_replicas = (auto.get("max_replicas") if isinstance(auto, dict) else getattr(auto, "max_replicas", None))
         out[name] = ModelView(target=d.target_num_replicas, replicas=replicas, silent_after_s=m["silent_after_s"],
-                              status=str(getattr(d.status, "value", d.status)))
+                              status=str(getattr(d.status, "value", d.status)), max_replicas=max_replicas,
+                              max_ongoing_requests=d.deployment_config.max_ongoing_requests)
     return out
 
 

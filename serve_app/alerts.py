@@ -7,6 +7,10 @@ Pure (no Ray, no I/O, an injectable clock) so the rules are unit-tested; the sta
 sends what it returns. Incidents of one model (or one node) share a rate-limit key: a flapping
 replica, replaced again and again, yields one alert and one recovery per `window_s`, and the
 next alert says how many incidents were folded meanwhile.
+
+It also counts, per model, the replicas Serve lost outside a planned stop (`restarts`, for the
+status page): the same rules that decide `gone` decide what counts, so the count and the
+alerts never disagree.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Any
 from serve_app.config import AlertsConfig
 
 # What a problem is called in an alert, worst first (one incident shows its worst state).
-GONE, STALLED, UNHEALTHY, SILENT, NO_READY, NODE_LEFT, CIRCUIT_OPEN = (
-    "gone", "stalled", "unhealthy", "silent", "no_ready_replica", "node_left", "circuit_open")
+GONE, STALLED, UNHEALTHY, SILENT, NO_READY, NODE_LEFT, CIRCUIT_OPEN, AT_MAX = (
+    "gone", "stalled", "unhealthy", "silent", "no_ready_replica", "node_left", "circuit_open", "at_max_replicas")
 PLANNED_STOP_STATUSES = frozenset({"UPDATING", "DOWNSCALING"})
 STARTING_STATUSES = frozenset({"UPDATING", "UPSCALING"})
 _WHAT = {
@@ -32,17 +36,22 @@ _WHAT = {
     NODE_LEFT: "node left the cluster",
     CIRCUIT_OPEN: "circuit open: routers refuse this model after its own repeated failures "
                   "(engine errors its probe confirmed, missed deadlines)",
+    AT_MAX: "autoscaler at max_replicas and every replica full: further requests queue at the router "
+            "(raise max_replicas or add GPUs)",
 }
 
 
 @dataclasses.dataclass
 class ModelView:
-    """Serve's view of one model's deployment, plus how often its replicas report."""
+    """Serve's view of one model's deployment (replicas, target, bounds), plus how often its
+    replicas report."""
 
     target: int
     replicas: dict[str, dict[str, Any]]  # replica id -> {"state", "node_id", "node_ip"}
     silent_after_s: float
     status: str = "HEALTHY"  # Serve's deployment status (UPDATING, DOWNSCALING, ...)
+    max_replicas: int | None = None  # the autoscaler's upper bound; None: a fixed replica count
+    max_ongoing_requests: int = 0  # what Serve sends one replica at once; more waits at the handle
 
 
 @dataclasses.dataclass
@@ -90,6 +99,8 @@ class AlertTracker:
         self.keys: dict[str, _Key] = {}
         self.seen: dict[str, dict[str, dict[str, Any]]] = {}  # model -> replica id -> where it ran
         self.nodes_alive: dict[str, str] = {}  # node id -> ip, nodes seen alive
+        self.restarts: dict[str, int] = {}  # model -> replicas gone outside a planned stop
+        self.full_since: dict[str, float] = {}  # model -> first period seen at max_replicas and full
 
     def observe(self, world: World) -> list[dict[str, Any]]:
         """Update incidents from one period's view; return the messages to send now."""
@@ -97,6 +108,7 @@ class AlertTracker:
         if world.models is not None:
             for model, view in world.models.items():
                 self._replicas(model, view, world.reports.get(model, {}), now)
+                self._at_max(model, view, world.reports.get(model, {}), now)
         if world.nodes is not None:
             self._nodes(world, now)
         self._circuits(world, now)
@@ -118,12 +130,15 @@ class AlertTracker:
             stopping = info.get("state") == "STOPPING"
             planned = before.get("planned_stop") if before.get("state") == "STOPPING" else (stopping and planned_now)
             seen[rid] = {"node_id": info.get("node_id"), "node_ip": info.get("node_ip"), "state": info.get("state"),
-                         "planned_stop": bool(planned)}
+                         "planned_stop": bool(planned), "counted": before.get("counted", False)}
         healthy = []
         for rid, where in list(seen.items()):
             report = reports.get(rid, {})
             problem = self._problem(rid, view, report, now, where["planned_stop"])
             iid = f"replica:{rid}"
+            if problem == GONE and not where["counted"]:
+                where["counted"] = True
+                self.restarts[model] = self.restarts.get(model, 0) + 1
             if problem is None:
                 if rid in view.replicas and view.replicas[rid].get("state") == "RUNNING":
                     healthy.append(rid)
@@ -147,6 +162,38 @@ class AlertTracker:
                                 what=NO_READY, since=now, detail=f"target {view.target} replica(s), 0 ready"), no_ready)
         else:
             self._close(f"model:{model}", no_ready, f"{len(healthy)} ready replica(s)")
+
+    def _at_max(self, model: str, view: ModelView, reports: dict[str, dict[str, Any]], now: float) -> None:
+        """At max_replicas with every replica full, held for `at_max_sustain_s` (a burst is not an
+        alert); over when demand fits again or the target drops below max.
+
+        Full: the in-flight counts the replicas post with their health (deployments/health.py),
+        summed over running replicas with a fresh report, reach target x max_ongoing_requests.
+        Serve's handle sends no replica more than that, so the next request waits in the router's
+        queue. Ray 2.60's controller knows the queued count (handles report it for autoscaling)
+        but gives it out only through a `_..._for_testing` method, and the deployment details'
+        `autoscaling_detail` is never filled; Prometheus has it directly
+        (`ray_serve_deployment_queued_queries`, rule ServeAutoscalerAtMaxWithQueue). Replicas
+        post once per health period, so the sustain spans several reports.
+        """
+        iid, key = "at_max", f"model:{model}"
+        capacity = view.target * view.max_ongoing_requests
+        demand = sum(int(r.get("in_flight") or 0) for rid, r in reports.items()
+                     if view.replicas.get(rid, {}).get("state") == "RUNNING"
+                     and now - r.get("reported_at", now) <= view.silent_after_s)
+        if view.max_replicas is None or view.target < view.max_replicas:
+            self.full_since.pop(model, None)
+            self._close(key, iid, f"target {view.target} replica(s), below max_replicas {view.max_replicas}")
+            return
+        if capacity <= 0 or demand < capacity:
+            self.full_since.pop(model, None)
+            self._close(key, iid, f"demand fits: {demand} request(s) in flight, room for {capacity}")
+            return
+        since = self.full_since.setdefault(model, now)
+        if now - since >= self.cfg.at_max_sustain_s:
+            self._open(Incident(key=key, model=model, replica=None, node_id=None, node_ip=None, what=AT_MAX,
+                                since=since, detail=f"{demand} request(s) in flight on {view.target} of max_replicas "
+                                       f"{view.max_replicas}, each takes {view.max_ongoing_requests} at once"), iid)
 
     @staticmethod
     def _problem(rid: str, view: ModelView, report: dict[str, Any], now: float, planned_stop: bool) -> str | None:

@@ -370,7 +370,8 @@ class AlertTarget(_Strict):
 
 class AlertsConfig(_Strict):
     """Alerts the app's status board pushes when a replica dies, stalls or fails its deep health,
-    a model has no ready replica, or a node leaves, and again when each recovers."""
+    a model has no ready replica or its circuit opens, a node leaves, or an autoscaler sits at
+    max_replicas with every replica full, and again when each recovers."""
 
     targets: list[AlertTarget] = Field(default_factory=list, description="no targets: no alerts are sent")
     window_s: float = Field(
@@ -381,6 +382,10 @@ class AlertsConfig(_Strict):
                                   "the replicas' reports and the live nodes")
     timeout_s: float = Field(5.0, gt=0, le=60, description="per delivery attempt; failures are logged and counted, "
                              "never retried into a storm")
+    at_max_sustain_s: float = Field(
+        30.0, ge=0, description="a model at max_replicas with every replica full for this long is an alert "
+        "(a shorter burst is not); Serve's default autoscaling look-back is also 30 s"
+    )
 
 
 class GatewayConfig(_Strict):

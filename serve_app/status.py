@@ -5,6 +5,8 @@ Serve's replica list decides who exists: a replica that posted to the board but 
 longer lists is shown as `gone` (with when it was first missed) and dropped after
 `gateway.status_gone_retention_s`; a replica Serve lists that has not posted yet is `starting`.
 When the controller cannot be asked, board entries are `unknown`, never live or silent.
+Per model, `restarts` is how many replicas Serve lost outside a planned stop since the board
+began watching (serve_app/alerts.py decides; None when the board cannot say).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], br
     app = _app_name()
     serve_state, reports, alerts = await asyncio.gather(_serve_state(app), _board_reports(app), _board_alerts(app))
     now = time.time()
+    restarts = alerts.pop("restarts", None)
     out: dict[str, Any] = {"app": app, "generated_at": now, "models": {}, "alerts": alerts}
     for name, m in models.items():
         dep = serve_state.get(m.deployment_name)
@@ -35,6 +38,7 @@ async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], br
             "autoscaling": auto.model_dump() if auto else {"num_replicas": m.deployment.num_replicas},
             "circuit": breakers[name].snapshot() if name in breakers else None,
             "router_events": {e: n for (e, mdl), n in events.items() if mdl == name},
+            "restarts": None if restarts is None else restarts.get(name, 0),
             "replicas": await _replicas(app, name, m, dep, reports.get(name, {}), gateway.status_gone_retention_s, now),
         }
     return out
@@ -142,7 +146,7 @@ async def _board_call(app: str | None, method: str, *args: Any) -> None:
 
 
 async def _board_alerts(app: str | None) -> dict[str, Any]:
-    """Recent pushed alerts and delivery counts (the board sends them; see configure_alerts)."""
+    """Recent pushed alerts, delivery counts and restarts per model (see configure_alerts)."""
     if app is None:
         return {"enabled": False}
     try:
@@ -154,8 +158,9 @@ async def _board_alerts(app: str | None) -> dict[str, Any]:
 
 
 def configure_alerts(gateway: GatewayConfig, models: dict[str, ModelConfig]) -> None:
-    """Hand `gateway.alerts` to the app's status board, the one component that pushes alerts;
-    each router replica calls this at start (the same config twice changes nothing)."""
+    """Hand `gateway.alerts` to the app's status board, the one component that pushes alerts (and
+    counts restarts, targets or not); each router replica calls this at start (the same config
+    twice changes nothing)."""
     app = _app_name()
     if app is None:
         return

@@ -90,6 +90,28 @@ PROMTOOL_TESTS = {
                  "exp_alerts": [{"exp_labels": {"severity": "critical", "ip": "10.0.0.12"}}]},
             ],
         },
+        {   # `capped` wants 5 replicas, max_replicas holds it at 4, requests queue from 30 s on: it fires after 30 s
+            # more; `burst` queues for one scrape; `fits` queues at its max while the policy wants no more
+            "interval": "15s",
+            "input_series": [
+                {"series": 'ray_serve_autoscaling_desired_replicas{application="a",deployment="capped"}', "values": "5x12"},
+                {"series": 'ray_serve_autoscaling_target_replicas{application="a",deployment="capped"}', "values": "4x12"},
+                {"series": 'ray_serve_deployment_queued_queries{application="a",deployment="capped",handle="h1"}',
+                 "values": "0 0 3x10"},
+                {"series": 'ray_serve_autoscaling_desired_replicas{application="a",deployment="burst"}', "values": "5x12"},
+                {"series": 'ray_serve_autoscaling_target_replicas{application="a",deployment="burst"}', "values": "4x12"},
+                {"series": 'ray_serve_deployment_queued_queries{application="a",deployment="burst",handle="h1"}',
+                 "values": "0 0 3 0x9"},
+                {"series": 'ray_serve_autoscaling_desired_replicas{application="a",deployment="fits"}', "values": "4x12"},
+                {"series": 'ray_serve_autoscaling_target_replicas{application="a",deployment="fits"}', "values": "4x12"},
+                {"series": 'ray_serve_deployment_queued_queries{application="a",deployment="fits",handle="h1"}', "values": "3x12"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "45s", "alertname": "ServeAutoscalerAtMaxWithQueue", "exp_alerts": []},
+                {"eval_time": "2m", "alertname": "ServeAutoscalerAtMaxWithQueue",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning", "application": "a", "deployment": "capped"}}]},
+            ],
+        },
         {   # an open circuit refuses requests
             "interval": "15s",
             "input_series": [{"series": 'ray_serve_app_circuit_rejections_total{model="chat"}', "values": "0+5x10"}],

@@ -134,6 +134,128 @@ def test_a_node_leaving_is_one_alert_naming_it_and_its_replicas():
     assert sorted(m["key"] for m in back if m["event"] == "recovery") == ["model:ce", f"node:{NODE_B}"]
 
 
+def at_max(clock: Clock, in_flight: int, target: int = 2, max_replicas: int | None = 2) -> World:
+    """Two running replicas, 4 requests each at once at most, each reporting `in_flight`."""
+    replicas = {"r1": replica(NODE_A), "r2": replica(NODE_B)}
+    view = ModelView(target=target, replicas=replicas, silent_after_s=7, max_replicas=max_replicas, max_ongoing_requests=4)
+    return World(models={"ce": view}, reports={"ce": {r: ok_report(clock, in_flight=in_flight) for r in replicas}}, nodes=None)
+
+
+def test_an_autoscaler_at_max_with_every_replica_full_alerts_only_after_the_sustain_then_recovers_once():
+    t, clock = tracker()  # at_max_sustain_s: 30 s by default; a period is 2 s
+    assert [m for _ in range(10) for m in step(t, clock, at_max(clock, 4))] == []  # a 20 s burst...
+    assert step(t, clock, at_max(clock, 3)) == []  # ...that fits again restarts the clock
+    assert [m for _ in range(15) for m in step(t, clock, at_max(clock, 4))] == []  # full for 28 s
+    [alert] = step(t, clock, at_max(clock, 4))  # 30 s
+    assert alert["event"] == "alert" and alert["what"] == "at_max_replicas" and alert["model"] == "ce"
+    assert "8 request(s) in flight on 2 of max_replicas 2" in alert["text"] and alert["since"] == clock.t - 30
+    assert [m for _ in range(5) for m in step(t, clock, at_max(clock, 4))] == []
+    [back] = step(t, clock, at_max(clock, 3))
+    assert back["event"] == "recovery" and "demand fits: 6 request(s) in flight, room for 8" in back["text"]
+    assert [m for _ in range(5) for m in step(t, clock, at_max(clock, 3))] == []
+
+
+def test_full_replicas_are_no_incident_without_autoscaling_or_while_the_target_is_below_max():
+    for world_at in (lambda c: at_max(c, 4, max_replicas=None), lambda c: at_max(c, 4, target=2, max_replicas=3)):
+        t, clock = tracker()
+        assert [m for _ in range(60) for m in step(t, clock, world_at(clock))] == []
+    t, clock = tracker()  # a replica that stopped reporting: its last in-flight count is no evidence
+    stale = at_max(clock, 4)
+    stale.reports["ce"]["r2"]["reported_at"] = clock.t - 60
+    [silent] = [m for _ in range(20) for m in step(t, clock, stale)]
+    assert silent["what"] == "silent" and "at_max" not in t.keys["model:ce"].open
+    t, clock = tracker()
+    assert [m for _ in range(20) for m in step(t, clock, at_max(clock, 4))][0]["what"] == "at_max_replicas"
+    [back] = step(t, clock, at_max(clock, 4, target=2, max_replicas=3))  # max raised: the autoscaler can add one
+    assert back["event"] == "recovery" and "below max_replicas 3" in back["text"]
+
+
+def test_the_board_reads_max_replicas_and_max_ongoing_requests_from_serves_deployment_details(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentDetails, DeploymentSchema
+
+    from deployments import status_board
+    from serve_app import status
+
+    def details(name: str, **config) -> DeploymentDetails:
+        schema = DeploymentSchema(name=name, max_ongoing_requests=5, **config)
+        built = DeploymentDetails(name=name, status="HEALTHY", status_trigger="CONFIG_UPDATE_COMPLETED", message="",
+                                  deployment_config=schema, target_num_replicas=3, required_resources={}, replicas=[])
+        return DeploymentDetails(**built.model_dump(exclude_unset=True))  # as the controller's dict comes back
+
+    auto = AutoscalingConfig(min_replicas=1, max_replicas=3).model_dump()
+    deps = {"rerank-ce": details("rerank-ce", autoscaling_config=auto), "embed-em": details("embed-em", num_replicas=3)}
+    monkeypatch.setattr(status, "serve_details", lambda: SimpleNamespace(applications={"app": SimpleNamespace(deployments=deps)}))
+    views = status_board._models("app", {"ce": {"deployment": "rerank-ce", "silent_after_s": 7},
+                                         "em": {"deployment": "embed-em", "silent_after_s": 7}})
+    assert (views["ce"].target, views["ce"].max_replicas, views["ce"].max_ongoing_requests) == (3, 3, 5)
+    assert (views["em"].max_replicas, views["em"].max_ongoing_requests) == (None, 5)
+
+
+def test_restarts_count_each_replica_serve_lost_once_and_never_a_planned_stop():
+    t, clock = tracker()
+    both = {"r1": replica(NODE_A), "r2": replica(NODE_B)}
+    step(t, clock, world(clock, both))
+    for _ in range(5):  # r1 killed: gone for five periods is one restart
+        step(t, clock, world(clock, {"r2": replica(NODE_B)}))
+    step(t, clock, world(clock, {"r2": replica(NODE_B), "r3": replica(NODE_A)}))
+    assert t.restarts == {"ce": 1}
+    for _ in range(3):  # dead, Serve stops it
+        step(t, clock, world(clock, {"r2": replica(NODE_B, "STOPPING"), "r3": replica(NODE_A)}))
+    step(t, clock, world(clock, {"r3": replica(NODE_A)}))
+    step(t, clock, world(clock, {"r3": replica(NODE_A), "r4": replica(NODE_B)}))
+    assert t.restarts == {"ce": 2}
+    step(t, clock, world(clock, {"r3": replica(NODE_A), "r4": replica(NODE_B, "STOPPING")}, target=1))  # downscale
+    step(t, clock, world(clock, {"r3": replica(NODE_A)}, target=1))
+    assert t.restarts == {"ce": 2}
+
+
+def test_the_board_counts_restarts_without_alert_targets_sends_nothing_and_keeps_the_count_on_reconfigure(monkeypatch):
+    from deployments import status_board
+
+    live = {"r1": replica(NODE_A), "r2": replica(NODE_B)}
+    monkeypatch.setattr(status_board, "_models", lambda app, models: {"ce": ModelView(2, dict(live), 7)})
+    monkeypatch.setattr(status_board, "_nodes", lambda: None)
+    board = status_board.StatusBoard.__ray_actor_class__()  # the actor's class, in-process
+    assert board.alert_state() == {"enabled": False}  # not configured yet: no count to claim
+    models = {"ce": {"deployment": "rerank-ce", "silent_after_s": 7}}
+    board.configure_alerts("app", {"check_period_s": 0.05}, models)
+    try:
+        time.sleep(0.2)
+        live.pop("r1")
+        wait_until(lambda: board.alert_state() == {"enabled": False, "restarts": {"ce": 1}})
+        board.configure_alerts("app", {"check_period_s": 0.05, "window_s": 10}, models)
+        assert board.alert_state()["restarts"] == {"ce": 1}
+    finally:
+        board._alerts.stop()
+
+
+def test_the_status_view_shows_the_boards_restart_count_per_model(monkeypatch):
+    import asyncio
+
+    from serve_app import status
+
+    async def board_alerts(app):
+        return {"enabled": False, "restarts": {"ce": 2}}
+
+    async def empty(app):
+        return {}
+
+    cfg = parse_app_config({"models": [{"name": "ce", "kind": "rerank", "engine": "transformers", "source": "o/ce"},
+                                       {"name": "em", "kind": "embed", "engine": "transformers", "source": "o/em"}]})
+    monkeypatch.setattr(status, "_app_name", lambda: "app")
+    monkeypatch.setattr(status, "_board_alerts", board_alerts)
+    monkeypatch.setattr(status, "_board_reports", empty)
+    monkeypatch.setattr(status, "_serve_state", empty)
+    view = asyncio.run(status.status_view(cfg.gateway, {m.name: m for m in cfg.models}, {}, {}))
+    assert view["models"]["ce"]["restarts"] == 2 and view["models"]["em"]["restarts"] == 0
+    assert "restarts" not in view["alerts"]
+    monkeypatch.setattr(status, "_board_alerts", lambda app: empty(app))  # board unreachable: no claim
+    assert asyncio.run(status.status_view(cfg.gateway, {m.name: m for m in cfg.models}, {}, {}))["models"]["ce"]["restarts"] is None
+
+
 # --- delivery ---
 def wait_until(predicate, timeout: float = 5.0) -> None:
     deadline = time.time() + timeout

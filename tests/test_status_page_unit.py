@@ -1,10 +1,11 @@
 """The status page in a real headless Chromium: it renders every model → replica → node from
-/v1/status, shows a killed replica as gone after one refresh, asks for a key when keys are on,
-and logs no console error. The router serves the page without a key and nothing else with it."""
+/v1/status, shows a killed replica as gone and counted in the model's restarts after one
+refresh, asks for a key when keys are on, and logs no console error. The router serves the page without a key and nothing else with it."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -18,6 +19,13 @@ from starlette.testclient import TestClient
 
 from serve_app.status_page import page_response
 from tests.browser import chromium_dom, console_errors, needs_chromium
+
+
+def restarts_cell(dom: str) -> tuple[str, str]:
+    """The model's restarts cell, found by its tooltip."""
+    match = re.search(r'<td( class="\w+")? title="replicas Serve lost[^"]*">([^<]*)</td>', dom)
+    assert match, dom
+    return match.group(1) or "", match.group(2)
 
 
 def view(victim_state: str) -> dict:
@@ -35,7 +43,7 @@ def view(victim_state: str) -> dict:
         "serve_message": "", "replica_states": {"RUNNING": 2},
         "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
         "circuit": {"state": "open", "last_error": "boom"}, "router_events": {"retry": 3},
-        "replicas": [keeper, victim]}},
+        "restarts": 1 if victim_state == "gone" else 0, "replicas": [keeper, victim]}},
         "alerts": {"enabled": True, "delivery": {"sent": 1, "failed": 0, "dropped": 0},
                    "recent": [{"at": time.time(), "event": "alert", "text": "[llm-stack] ALERT ce: replica victim01 gone"}]}}
 
@@ -80,12 +88,14 @@ def test_the_page_renders_models_replicas_and_nodes_and_shows_a_killed_replica_g
         assert "cuda:1 bfloat16" in first and "rid-42" in first and "min 1 / max 4, target 8 ongoing" in first
         assert "open (last error: boom)" in first and "ALERT ce: replica victim01 gone" in first
         assert "&lt;b&gt;x&lt;/b&gt;" in first  # data is text, never markup
+        assert restarts_cell(first) == ("", "0")
         assert console_errors(log) == [], console_errors(log)
         gw.calls = 0
         later, log = chromium_dom(gw.url, 4000, tmp_path)  # one refresh (every 3 s) later
         assert gw.calls >= 2
         row = later[later.index("victim01"):].split("</tr>")[0]
         assert ">gone<" in row and "gone since" in row, row
+        assert restarts_cell(later) == (' class="warn"', "1")
         assert console_errors(log) == [], console_errors(log)
     finally:
         gw.close()

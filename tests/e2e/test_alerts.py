@@ -1,15 +1,19 @@
 """Pushed alerts on the real stack: a webhook receiver on loopback hears exactly one alert, naming
 the node, when a replica is killed, and one recovery when Serve has replaced it; a stall alerts
-within two health periods; replicas killed again and again inside the window stay one alert."""
+within two health periods; replicas killed again and again inside the window stay one alert; the
+status page in headless Chromium shows a killed replica as gone within one refresh."""
 
 from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 import ray
 from ray import serve
 
+from serve_app.status import serve_details
+from tests.browser import chromium_dom, console_errors, needs_chromium
 from tests.e2e.conftest import all_apps, deploy, wait_for
 from tests.e2e.test_chaos import DEPLOYMENT, Load, chaos_app, replica_ids
 from tests.webhook_receiver import Receiver
@@ -41,6 +45,16 @@ def _node_of(replica_id: str) -> str:
 
 def _kill(replica_id: str) -> None:
     ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#{replica_id}", namespace="serve"), no_restart=True)
+
+
+def _listed() -> set[str]:
+    """The replicas Serve lists (the status view's source of who exists)."""
+    return {r.replica_id for r in serve_details().applications[APP].deployments[DEPLOYMENT].replicas}
+
+
+def _restarts(stack) -> int:
+    with httpx.Client(base_url=f"{stack.base}/{APP}", timeout=30) as c:
+        return c.get("/v1/status").json()["models"]["ce"]["restarts"]
 
 
 def _settled(receiver: Receiver) -> None:
@@ -95,3 +109,19 @@ def test_a_stalled_replica_alerts_within_two_health_periods_with_its_request_ids
         wait_for(lambda: any(b["event"] == "recovery" for b in alerting.bodies), 90, "the recovery after replacement")
     finally:
         load.stop()
+
+
+@needs_chromium
+def test_the_status_page_shows_a_killed_replica_gone_within_one_refresh(stack, alerting, tmp_path):
+    _settled(alerting)
+    page = f"{stack.base}/{APP}/status"
+    victim, restarts = sorted(replica_ids(APP))[0], _restarts(stack)
+    before, log = chromium_dom(page, 1000, tmp_path)
+    assert victim in before and console_errors(log) == [], console_errors(log)
+    _kill(victim)
+    wait_for(lambda: victim not in _listed(), 30, "Serve to stop listing the killed replica")
+    later, log = chromium_dom(page, 4000, tmp_path)  # the first fetch and one refresh (every 3 s)
+    row = later[later.index(victim):].split("</tr>")[0]
+    assert ">gone<" in row and "gone since" in row, row
+    assert console_errors(log) == [], console_errors(log)
+    wait_for(lambda: _restarts(stack) == restarts + 1, 10, "the killed replica counted in the model's restarts")
