@@ -54,11 +54,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def run(url: str, body: dict, concurrency: int, seconds: float, warmup_s: float = 1.0, stream: bool = False,
-              honour_retry_after: bool = False) -> Result:
+              honour_retry_after: bool = False, think_s: float = 0.0) -> Result:
     """`stream=True`: an OpenAI SSE stream; the first `content` delta is the first token, and the
     final usage chunk (`stream_options.include_usage`) gives the tokens generated.
     `honour_retry_after=True`: after a 429/503 a worker waits Retry-After seconds, as the openai
-    SDK does, instead of sending again at once."""
+    SDK does, instead of sending again at once. `think_s`: each worker pauses this long between
+    requests (a person, or a service with gaps), instead of sending the next one at once."""
     result = Result()
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=600)
@@ -94,6 +95,8 @@ async def run(url: str, body: dict, concurrency: int, seconds: float, warmup_s: 
         async def worker(record: bool, until: float) -> None:
             while time.perf_counter() < until:
                 await one(record)
+                if think_s:
+                    await asyncio.sleep(think_s)
 
         stop_warm = time.perf_counter() + warmup_s
         await asyncio.gather(*(worker(False, stop_warm) for _ in range(concurrency)))

@@ -36,6 +36,8 @@ STEPS = [
     ("long-list-1", "1,000-document rerank, one replica", ["bench.stack", "--scenario", "long-list", "--replicas", "1"], SERVE_ENV),
     ("long-list-2", "1,000-document rerank, two replicas", ["bench.stack", "--scenario", "long-list", "--replicas", "2"], SERVE_ENV),
     ("overload", "rerank at 3x capacity vs unloaded", ["bench.stack", "--scenario", "overload"], SERVE_ENV),
+    ("batch", "interactive rerank p99 with a 20,000-line batch on the same model vs without (same run)",
+     ["bench.stack", "--scenario", "batch"], SERVE_ENV),
     ("vllm-serve", "bare `vllm serve`, SmolLM2 (baseline)", ["bench.baselines", "vllm-serve"], {}),
     ("llm-stack", "SmolLM2 through the stack", ["bench.stack", "--scenario", "llm"], SERVE_ENV),
 ]
@@ -101,6 +103,13 @@ def table(r: dict[str, dict]) -> str:
             add(f"| overload 3x ({label}): admitted req/s | {lo['admitted_per_s']:.1f} | {u['rps']:.1f} (unloaded, c=1) | {_x(lo['admitted_per_s'], u['rps'])} |")
             add(f"| overload 3x ({label}): rejection p50 / p99 | {lo['rejected_p50']:.1f} / {lo['rejected_p99']:.1f} ms | | |")
             add(f"| overload 3x ({label}): status codes | {lo['codes']} | | |")
+    if b := r.get("batch"):
+        for name, label in (("steady", "steady, 0.25 s between requests"), ("sporadic", "sporadic, 2.5 s between: each preempts the batch")):
+            a, w = b["alone"][name], b["with_batch"][name]
+            add(f"| interactive rerank p99 with a batch running ({label}) | {w['p99']:.1f} ms | {a['p99']:.1f} ms (no batch) | {_x(w['p99'], a['p99'])} |")
+            add(f"| interactive rerank p50 with a batch running ({label}) | {w['p50']:.1f} ms | {a['p50']:.1f} ms (no batch) | {_x(w['p50'], a['p50'])} |")
+            add(f"| batch lines/s meanwhile ({name}) | {b['batch_lines_per_s'][name]:.1f} | | |")
+        add(f"| batch lines done in the first 3 s on the quiet model | {b['batch_lines_per_s']['start']} | | |")
     if "vllm-serve" in r and "llm-stack" in r:
         v, s = r["vllm-serve"], r["llm-stack"]
         for c in ("c1", "c8"):

@@ -92,6 +92,44 @@ def overload(base: str, seconds: float) -> dict:
     return out
 
 
+def batch(base: str, seconds: float) -> dict:
+    """Interactive rerank latency on a model with a big batch queued on it vs the same load without
+    (same run, same replica). Steady: one client, 0.25 s between requests: the model never stays
+    quiet for batch.quiet_s, so the batch waits. Sporadic: 2.5 s between requests: the batch runs in
+    every gap and each interactive request preempts it (what that costs is this row)."""
+    import httpx
+
+    from bench.models import ensure_cross_encoder
+
+    _deploy([cross_encoder_model(str(ensure_cross_encoder()), cpus=CORES)])
+    url = f"{base}/v1/rerank"
+    body = {**RERANK_BODY, "documents": RERANK_BODY["documents"][:16]}
+    phases = {"steady": (0.25, 3 * seconds), "sporadic": (2.5, max(6 * seconds, 40))}
+
+    def measure() -> dict:
+        return {name: asyncio.run(run(url, body, 1, length, warmup_s=0.1, think_s=think)).summary()
+                for name, (think, length) in phases.items()}
+
+    alone = measure()
+    lines = b"\n".join(json.dumps({"custom_id": f"b{i}", "method": "POST", "url": "/v1/rerank", "body": {
+        **body, "query": f"{QUERY} ({i})"}}).encode() for i in range(20_000))
+    with httpx.Client(base_url=base, timeout=120) as http:
+        f = http.post("/v1/files", files={"file": ("b.jsonl", lines)}, data={"purpose": "batch"}).json()
+        b = http.post("/v1/batches", json={"input_file_id": f["id"], "endpoint": "/v1/rerank", "completion_window": "24h"}).json()
+        time.sleep(3)  # the batch is running: the model is quiet
+        done = {"start": http.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"]}
+        out: dict = {"alone": alone, "with_batch": {}}
+        for name, (think, length) in phases.items():
+            before = http.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"]
+            t0 = time.time()
+            out["with_batch"][name] = asyncio.run(run(url, body, 1, length, warmup_s=0.1, think_s=think)).summary()
+            after = http.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"]
+            done[name] = (after - before) / (time.time() - t0)
+        http.post(f"/v1/batches/{b['id']}/cancel")
+    out["batch_lines_per_s"] = done
+    return out
+
+
 def llm(base: str, seconds: float) -> dict:
     """serve_config.yaml's LLM alone, the same engine settings bare `vllm serve` gets."""
     t0 = time.time()
@@ -109,7 +147,7 @@ def _deploy(models: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm"], required=True)
+    p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm", "batch"], required=True)
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--port", type=int, default=8031)
     p.add_argument("--seconds", type=float, default=8)
@@ -118,6 +156,10 @@ def main() -> None:
     import ray
     from ray import serve
 
+    if args.scenario == "batch":  # a fresh batch store, not the checkout's data/ (read by the router at start)
+        import tempfile
+
+        os.environ["SERVE_APP_DATA_DIR"] = tempfile.mkdtemp(prefix="bench-data-")
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     base = f"http://127.0.0.1:{args.port}"
@@ -125,7 +167,7 @@ def main() -> None:
         if args.scenario in ("long-list", "rerank"):
             out = {"long-list": long_list, "rerank": rerank}[args.scenario](base, args.seconds, args.replicas)
         else:
-            out = {"gateway": gateway, "overload": overload, "llm": llm}[args.scenario](base, args.seconds)
+            out = {"gateway": gateway, "overload": overload, "llm": llm, "batch": batch}[args.scenario](base, args.seconds)
     finally:
         serve.shutdown()
         ray.shutdown()

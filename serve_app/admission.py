@@ -83,6 +83,19 @@ class Admission:
             raise Unauthorized(f"API key expired at {found.expires_at.isoformat()}")
         return Principal.of(found)
 
+    def principal_named(self, name: str) -> Principal | None:
+        """The principal of the key called `name` now (batch lines run as their owner's key, which
+        is stored by name, never as the key). None with keys off; 401 if it was removed or expired."""
+        keys = self._keys
+        if not keys:
+            return None
+        found = next((k for k in keys if k.name == name), None)
+        if found is None:
+            raise Unauthorized(f"API key '{name}' that owns this batch no longer exists")
+        if found.expired(time.time()):
+            raise Unauthorized(f"API key '{name}' that owns this batch expired at {found.expires_at.isoformat()}")
+        return Principal.of(found)
+
     @staticmethod
     def require_admin(principal: Principal | None, enabled: bool) -> None:
         if enabled and (principal is None or not principal.admin):

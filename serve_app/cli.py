@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--until", help="same forms (default: now)")
     p.add_argument("--key", help="one key name only")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("batches", help="list batches (progress, rate, ETA, failures) or cancel one")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--key-env", default="SERVE_APP_ADMIN_KEY", help="env var holding an admin API key, if keys are on")
+    p.add_argument("--cancel", metavar="BATCH_ID", help="cancel this batch: no new line starts, finished results stay")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("kuberay", help="print a KubeRay RayService manifest generated from a Serve config")
     p.add_argument("config")
     p.add_argument("--name", default="llm-stack")
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"check": cmd_check, "prepare-models": cmd_prepare, "up": cmd_up, "down": cmd_down,
                     "hash-key": cmd_hash_key, "kuberay": cmd_kuberay, "status": cmd_status, "usage": cmd_usage,
+                    "batches": cmd_batches,
                     "alert-rules": cmd_alert_rules}
         return commands[args.cmd](args)
     except ConfigError as e:
@@ -146,13 +152,27 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_get(args: argparse.Namespace, path: str) -> dict | None:
-    """GET one of the router's admin views with the admin key from `--key-env`; None after saying why."""
+def cmd_batches(args: argparse.Namespace) -> int:
+    if args.cancel:
+        batch = _admin_get(args, f"/v1/batches/{urllib.parse.quote(args.cancel, safe='')}/cancel", method="POST")
+        if batch is None:
+            return 1
+        print(json.dumps(batch, indent=2) if args.json else f"{batch['id']}: {batch['status']} {batch['request_counts']}")
+        return 0
+    view = _admin_get(args, "/v1/status")
+    if view is None:
+        return 1
+    print(json.dumps(view.get("batches"), indent=2) if args.json else render_batches(view.get("batches") or {}))
+    return 0
+
+
+def _admin_get(args: argparse.Namespace, path: str, method: str = "GET") -> dict | None:
+    """Call one of the router's admin views with the admin key from `--key-env`; None after saying why."""
     headers = {"x-request-id": f"cli-{args.cmd}-{int(time.time())}"}
     key = os.environ.get(args.key_env)
     if key:
         headers["authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(f"{args.url.rstrip('/')}{path}", headers=headers)
+    req = urllib.request.Request(f"{args.url.rstrip('/')}{path}", headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
@@ -196,8 +216,9 @@ def render_status(view: dict) -> str:
         scale = (f"autoscale {auto.get('min_replicas')}..{auto.get('max_replicas')} target {auto.get('target_ongoing_requests')}"
                  if "max_replicas" in auto else f"replicas {auto.get('num_replicas')}")
         events = ", ".join(f"{k}={v}" for k, v in (m.get("router_events") or {}).items())
+        restarts = "" if m.get("restarts") is None else f"  restarts: {m['restarts']}"
         lines.append(f"\n{name} [{m['kind']}/{m['engine']}] {m['serve_status']}  replicas: {states}  {scale}  "
-                     f"circuit: {circuit.get('state', '-')}" + (f"  router: {events}" if events else ""))
+                     f"circuit: {circuit.get('state', '-')}{restarts}" + (f"  router: {events}" if events else ""))
         if circuit.get("last_error"):
             lines.append(f"  circuit last error: {circuit['last_error']} at {_ts(circuit.get('last_error_at'))}")
         if m.get("serve_message"):
@@ -210,6 +231,21 @@ def render_status(view: dict) -> str:
                 err = f"gone since {_ts(r.get('gone_at'))}; Serve no longer lists it" + ("" if err == "-" else f"; last error {err}")
             lines.append(f"  {r.get('replica_id', '?'):<10} {r.get('state', '?'):<10} {str(r.get('node_id', '?'))[:12]:<14} "
                          f"{r.get('node_ip', '?'):<15} {_device(r):<14} {r.get('in_flight', 0):>8} {probe:>12}  {err}")
+    if view.get("batches"):
+        lines.append("\n" + render_batches(view["batches"]))
+    return "\n".join(lines)
+
+
+def render_batches(view: dict) -> str:
+    """Batches running or ended within the hour, newest first."""
+    lines = [f"batch store: {view.get('store', '?')}" + (f"  ERROR: {view['error']}" if view.get("error") else ""),
+             f"{'batch':<40} {'owner':<14} {'status':<11} {'done':>7} {'failed':>7} {'left':>7} {'lines/s':>8} {'eta':>8}  endpoint"]
+    for b in view.get("batches", []):
+        eta = "-" if b.get("eta_s") is None else f"{b['eta_s']}s"
+        lines.append(f"{b['id'][:40]:<40} {b['owner'][:14]:<14} {b['status']:<11} {b['completed']:>7} {b['failed']:>7} "
+                     f"{b['pending'] + b['running']:>7} {b['lines_per_s']:>8} {eta:>8}  {b['endpoint']}")
+    if not view.get("batches"):
+        lines.append("(no batch running or ended within the hour)")
     return "\n".join(lines)
 
 

@@ -388,6 +388,42 @@ class AlertsConfig(_Strict):
     )
 
 
+class BatchConfig(_Strict):
+    """The OpenAI Batch API (docs/BATCHES.md): where batches live and how much of each model they may use."""
+
+    store: str = Field(
+        "sqlite", description="'sqlite' (a file under data_dir: one node's router replicas share it) or "
+        "postgresql://user:pass@host:port/db (every router replica on every node shares the work)"
+    )
+    max_file_bytes: int = Field(100 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024, description="POST /v1/files -> 413 beyond")
+    max_lines: int = Field(50_000, ge=1, le=1_000_000, description="lines per batch input file -> 400 beyond")
+    idle_share: float = Field(
+        0.5, gt=0, le=1, description="share of a model's capacity (replicas x max_ongoing_requests) batch lines "
+        "may hold while no interactive request is in flight or seen within quiet_s"
+    )
+    busy_lines: int = Field(
+        0, ge=0, description="batch lines per model (in all router replicas) while interactive requests are "
+        "about: 0 pauses batches until the model is quiet again"
+    )
+    quiet_s: float = Field(2.0, ge=0, le=600, description="an interactive request seen this recently makes a model busy")
+    lease_s: float = Field(
+        120.0, ge=1, le=86_400, description="a claimed line is renewed while its router replica lives; one not "
+        "renewed this long (replica or node gone) is run again by another"
+    )
+    poll_s: float = Field(0.5, gt=0, le=60, description="how often an idle worker looks for work")
+    max_attempts: int = Field(
+        5, ge=1, le=100, description="a line failing with 5xx this many times becomes an error line (429s are "
+        "retried until the batch expires)"
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, v: str) -> str:
+        if v != "sqlite" and not re.match(r"^postgres(ql)?(\+psycopg)?://\S+$", v):
+            raise ValueError("expected 'sqlite' or a PostgreSQL URL: postgresql://user:password@host:port/db")
+        return v
+
+
 class GatewayConfig(_Strict):
     """The router (HTTP ingress) and settings shared by every model."""
 
@@ -436,8 +472,9 @@ class GatewayConfig(_Strict):
         "router's memory for quotas (docs/OPERATIONS.md)"
     )
     alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="pushed alerts (docs/OPERATIONS.md)")
+    batch: BatchConfig = Field(default_factory=BatchConfig, description="the Batch API's store and share (docs/BATCHES.md)")
     data_dir: str = Field(
-        "data", description="durable router state (usage-<app>.sqlite3 with a memory limits_store); relative "
+        "data", description="durable router state (usage-<app>.sqlite3 with a memory limits_store, batches-<app>.sqlite3); relative "
         "paths are from the project root"
     )
 

@@ -19,6 +19,8 @@ def ray_factory(kind: str, name: str, description: str, tag_keys: tuple[str, ...
 
         if kind == "histogram":
             return metrics.Histogram(name, description=description, boundaries=LATENCY_MS, tag_keys=tag_keys)
+        if kind == "gauge":
+            return metrics.Gauge(name, description=description, tag_keys=tag_keys)
         return metrics.Counter(name, description=description, tag_keys=tag_keys)
     except Exception:  # noqa: BLE001 - not in a Ray worker
         return _NoOp()
@@ -28,6 +30,8 @@ class _NoOp:
     def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
 
     def observe(self, value: float, tags: dict[str, str] | None = None) -> None: ...
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None: ...
 
 
 class RouterMetrics:
@@ -49,6 +53,12 @@ class RouterMetrics:
         self.key_requests = c("serve_app_key_requests", "requests served per key name and model", ("key", "model"))
         self.key_tokens = c("serve_app_key_tokens", "tokens per key name, model and type (prompt, completion)",
                             ("key", "model", "type"))
+        # Batch lines per model (serve_app/batches/): finished by outcome here; pending as the store has it.
+        self.batch_lines = c("serve_app_batch_lines", "batch lines finished by this router replica, by model and "
+                             "outcome (completed: a 2xx answer; failed: in the error file)", ("model", "outcome"))
+        self.batch_lines_pending = factory("gauge", "serve_app_batch_lines_pending",
+                                           "batch lines waiting or running, by model (the whole store's count)", ("model",))
+        self._pending_models: set[str] = set()
         self.store_errors = c("serve_app_quota_store_errors",
                               "quota/usage store calls that failed, or were decided on this router's memory while the "
                               "store was unreachable, by operation", ("op",))
@@ -66,6 +76,15 @@ class RouterMetrics:
             self.key_tokens.inc(prompt_tokens, {"key": key, "model": model, "type": "prompt"})
         if completion_tokens:
             self.key_tokens.inc(completion_tokens, {"key": key, "model": model, "type": "completion"})
+
+    def batch_line(self, model: str, ok: bool) -> None:
+        self.batch_lines.inc(1, {"model": model, "outcome": "completed" if ok else "failed"})
+
+    def batch_pending(self, pending: dict[str, int]) -> None:
+        """Set every model's gauge, and 0 for models that had lines before: a finished batch reads 0."""
+        for model in self._pending_models | set(pending):
+            self.batch_lines_pending.set(pending.get(model, 0), {"model": model or "?"})
+        self._pending_models |= set(pending)
 
     def event(self, event: str, model: str) -> None:
         {"retry": self.retries, "fallback": self.fallbacks, "circuit_open": self.circuit_open,

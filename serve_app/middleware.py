@@ -6,6 +6,7 @@ behaviour without repeating it in handlers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -17,6 +18,9 @@ from serve_app.errors import ApiError, InvalidRequest, from_exception
 
 logger = logging.getLogger("ray.serve")
 _VALID_ID = re.compile(rb"[\x21-\x7e]{1,256}")
+# Set only by the batch worker's in-process calls (an HTTP scope from Serve never has it): the
+# line's owner, already resolved from the key name the batch was stored with.
+BATCH_SCOPE = "serve_app.batch_principal"
 
 
 class RequestIdMiddleware:
@@ -119,7 +123,9 @@ class AuthMiddleware:
             path, root = scope["path"], scope.get("root_path", "")
             if root and path.startswith(root):  # Serve keeps the app's route_prefix in root_path
                 path = path[len(root):]
-            if path in self.OPEN_PATHS:
+            if BATCH_SCOPE in scope:  # a batch line, run in-process as its owner (serve_app/batches/worker.py)
+                state["principal"] = scope[BATCH_SCOPE]
+            elif path in self.OPEN_PATHS:
                 try:
                     state["principal"] = self.admission.authenticate(auth) if auth else None
                 except ApiError:
@@ -159,6 +165,9 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, recording_send)
+        except asyncio.CancelledError:
+            status = 499  # the client went away (or a batch line was preempted): not a server error
+            raise
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,6 +28,10 @@ from starlette.routing import Route
 from deployments.protocol import EmbedRequest, ModelCard, OpenAIChunk, RerankRequest
 from serve_app.admission import Admission, Principal, estimate_tokens
 from serve_app.api import admin, openai, rerank
+from serve_app.batches.routes import BatchApi
+from serve_app.batches.store import BatchStore
+from serve_app.batches.traffic import Traffic, TrafficMiddleware
+from serve_app.batches.worker import Answer, BatchWorker, answer_of, call_app
 from serve_app.config import GatewayConfig, ModelConfig, ModelKind, RouterSettings
 from serve_app.errors import (
     ApiError, GatewayTimeout, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge, ServiceUnavailable,
@@ -36,7 +41,7 @@ from serve_app.fanout import plan_chunks
 from serve_app.body import parse_body, read_object, validate
 from serve_app.http import json_response, request_id, sse_response
 from serve_app.metrics import RouterMetrics
-from serve_app.middleware import AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
+from serve_app.middleware import BATCH_SCOPE, AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve_app.quota_store import QuotaStore
 from serve_app.openapi import docs_response, schema_response
 from serve_app.replica_calls import gather_all, with_deadline
@@ -72,10 +77,38 @@ class Router:
         self._warm_until: dict[str, float] = {}  # scale-to-zero models: known to have a replica until then
         self.events: dict[tuple[str, str], int] = {}
         self.dispatch = Dispatcher(gateway, self.models, handles, self._ensure_replica, self._event, self._circuit_changed)
+        # The Batch API (serve_app/batches/): its store, and the worker started with the app below.
+        self.batch_store = BatchStore(gateway.batch.store, gateway.data_path, app)
+        self.batch_api = BatchApi(self.batch_store, gateway.batch, gateway.max_body_bytes, lambda n: self.aliases.get(n, n))
+        self.traffic = Traffic()
+        self.batch_worker: BatchWorker | None = None
+        self._worker_task: asyncio.Task | None = None
         configure_alerts(gateway, self.models)  # the status board pushes them (deployments/status_board.py)
 
     def __serve_build_asgi_app__(self) -> Starlette:
-        """Called by `@serve.ingress()` on each replica after __init__: the route table."""
+        """Called by `@serve.ingress()` on each replica after __init__ (on the replica's event
+        loop): the route table; in a Serve replica, the batch worker starts with it."""
+        self.asgi = self._routes()
+        if _in_serve():
+            self.start_batch_worker()
+        return self.asgi
+
+    def start_batch_worker(self) -> None:
+        """Run batch lines through this app (serve_app/batches/worker.py); needs a running loop."""
+        self.batch_worker = BatchWorker(self.batch_store, self.gateway.batch, self.models, self.traffic, self._run_line,
+                                        worker_id=f"{_replica_id()}:{uuid.uuid4().hex[:8]}",
+                                        on_line=self.metrics.batch_line, on_pending=self.metrics.batch_pending)
+        self._worker_task = asyncio.get_running_loop().create_task(self.batch_worker.run())
+
+    async def _run_line(self, endpoint: str, body: str, owner: str, rid: str) -> Answer:
+        """One batch line through this router's own app, as its owner's key (by name, as stored)."""
+        try:
+            principal = self.admission.principal_named(owner)
+        except ApiError as err:  # the key was removed or expired: the line is refused as its request would be
+            return Answer(err.status, err.body(rid), rid)
+        return answer_of(*await call_app(self.asgi, endpoint, body.encode(), rid, principal), rid)
+
+    def _routes(self) -> Starlette:
         return Starlette(
             routes=[
                 Route("/health", self.health, methods=["GET"]),
@@ -94,6 +127,14 @@ class Router:
                 Route("/v2/rerank", self.rerank_cohere, methods=["POST"]),
                 Route("/v1/score", self.score, methods=["POST"]),
                 Route("/score", self.score, methods=["POST"]),
+                Route("/v1/files", self.batch_api.create_file, methods=["POST"]),
+                Route("/v1/files/{file_id}", self.batch_api.get_file, methods=["GET"]),
+                Route("/v1/files/{file_id}", self.batch_api.delete_file, methods=["DELETE"]),
+                Route("/v1/files/{file_id}/content", self.batch_api.file_content, methods=["GET"]),
+                Route("/v1/batches", self.batch_api.create_batch, methods=["POST"]),
+                Route("/v1/batches", self.batch_api.list_batches, methods=["GET"]),
+                Route("/v1/batches/{batch_id}", self.batch_api.get_batch, methods=["GET"]),
+                Route("/v1/batches/{batch_id}/cancel", self.batch_api.cancel_batch, methods=["POST"]),
                 Route("/status", self.status_page, methods=["GET"]),
                 Route("/openapi.json", self.openapi_schema, methods=["GET"]),
                 Route("/docs", self.api_docs, methods=["GET"]),
@@ -101,7 +142,7 @@ class Router:
             # Inside Starlette's ServerErrorMiddleware, so we shape errors before it answers 500.
             middleware=[
                 Middleware(RequestIdMiddleware), Middleware(MetricsMiddleware, self.metrics), Middleware(ErrorMiddleware),
-                Middleware(AuthMiddleware, self.admission),
+                Middleware(AuthMiddleware, self.admission), Middleware(TrafficMiddleware, self.traffic),
             ],
             exception_handlers={HTTPException: _http_exception},
         )
@@ -169,7 +210,16 @@ class Router:
         Admission.require_admin(_principal(request), self.admission.enabled)
         view = await status_view(self.gateway, self.models, self.dispatch.breakers, self.events)
         view["quota_store"] = self.admission.store.describe()  # this router replica's view of it
+        view["batches"] = await self._batch_progress()
         return JSONResponse(view)
+
+    async def _batch_progress(self) -> dict[str, Any]:
+        """Batches running or ended within the hour: progress, rate, ETA (and which store holds them)."""
+        try:
+            rows = await asyncio.to_thread(self.batch_store.progress, time.time())
+        except Exception as err:  # noqa: BLE001 - the status view must answer while the batch store is down
+            return {"store": self.batch_store.where, "error": f"{type(err).__name__}: {str(err)[:200]}", "batches": []}
+        return {"store": self.batch_store.where, "batches": rows}
 
     # --- generation: vLLM's own OpenAI layer in the replica; the router reads only what it owns ---
     async def chat_completions(self, request: Request) -> Response:
@@ -356,7 +406,11 @@ class Router:
         if model is None or not self._allowed(request, canonical):
             raise ModelNotFound(f"model '{name}' does not exist; GET /v1/models lists the served models", "model")
         name = canonical
-        request.scope["state"]["model"] = name  # metrics label: only names we serve
+        state = request.scope["state"]
+        state["model"] = name  # metrics label: only names we serve
+        if TrafficMiddleware.KEY not in state and BATCH_SCOPE not in request.scope:
+            state[TrafficMiddleware.KEY] = name  # interactive: batch lines yield to it; the middleware ends it
+            self.traffic.begin(name)
         if model.kind is not kind:
             raise InvalidRequest(f"model '{name}' is a {model.kind.value} model and cannot serve this endpoint", "model")
         return name
@@ -433,6 +487,9 @@ class Router:
         usage = getattr(self, "usage", None)
         if usage is not None:
             usage.close()
+        worker = getattr(self, "batch_worker", None)
+        if worker is not None:
+            worker.give_back()  # lines it runs go back to pending now, not when their lease ends
 
     # --- the status page (issue 15) ---
     async def status_page(self, request: Request) -> Response:
@@ -461,6 +518,22 @@ def _scored_response(body: dict[str, Any], results: list[Any], truncated: int) -
 
 def _principal(request: Request) -> Principal | None:
     return request.scope.get("state", {}).get("principal")
+
+
+def _replica_id() -> str:
+    """This router replica's Serve id (names the batch worker: operators see who ran a line)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve
+        return "local"
+
+
+def _in_serve() -> bool:
+    try:
+        serve.get_replica_context()
+        return True
+    except Exception:  # noqa: BLE001 - unit tests build the app outside Serve: no worker
+        return False
 
 
 def _app_name() -> str:

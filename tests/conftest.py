@@ -35,3 +35,13 @@ def redis_url(redis_server) -> str:
 
     redis.Redis.from_url(redis_server.url).flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One real PostgreSQL server for the session (tests/pg_server.py); skips where none can start."""
+    from tests.pg_server import PgServer
+
+    server = PgServer()
+    yield server
+    server.close()

@@ -45,7 +45,12 @@ def view(victim_state: str) -> dict:
         "circuit": {"state": "open", "last_error": "boom"}, "router_events": {"retry": 3},
         "restarts": 1 if victim_state == "gone" else 0, "replicas": [keeper, victim]}},
         "alerts": {"enabled": True, "delivery": {"sent": 1, "failed": 0, "dropped": 0},
-                   "recent": [{"at": time.time(), "event": "alert", "text": "[llm-stack] ALERT ce: replica victim01 gone"}]}}
+                   "recent": [{"at": time.time(), "event": "alert", "text": "[llm-stack] ALERT ce: replica victim01 gone"}]},
+        "batches": {"store": "sqlite:///data/batches-llm-stack.sqlite3", "batches": [
+            {"id": "batch_nightly01", "owner": "etl", "endpoint": "/v1/embeddings", "status": "in_progress",
+             "created_at": time.time() - 60, "expires_at": time.time() + 86_000, "ended_at": None, "total": 2000,
+             "completed": 1500, "failed": 3, "running": 16, "pending": 481, "lines_per_s": 25.0, "eta_s": 20,
+             "pending_by_model": {"ce": 497}}]}}
 
 
 class FakeGateway:
@@ -89,6 +94,8 @@ def test_the_page_renders_models_replicas_and_nodes_and_shows_a_killed_replica_g
         assert "open (last error: boom)" in first and "ALERT ce: replica victim01 gone" in first
         assert "&lt;b&gt;x&lt;/b&gt;" in first  # data is text, never markup
         assert restarts_cell(first) == ("", "0")
+        batch = first[first.index("batch_nightly01"):].split("</tr>")[0]
+        assert all(f">{v}<" in batch for v in ("etl", "/v1/embeddings", "in_progress", "1500", "3", "497", "25", "20s")), batch
         assert console_errors(log) == [], console_errors(log)
         gw.calls = 0
         later, log = chromium_dom(gw.url, 4000, tmp_path)  # one refresh (every 3 s) later

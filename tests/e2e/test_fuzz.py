@@ -206,7 +206,7 @@ def test_model_by_id(http, name):
 @FUZZ
 @given(raw=RAW, path=st.sampled_from(["/tiny/v1/chat/completions", "/tiny/v1/completions", "/v1/embeddings",
                                       "/tiny/v1/rerank", "/tiny/v2/rerank", "/tiny/tokenize", "/tiny/detokenize",
-                                      "/tiny/v1/score"]),
+                                      "/tiny/v1/score", "/tiny/v1/batches", "/tiny/v1/files"]),
        chunked=st.booleans())
 def test_raw_bodies(http, raw, path, chunked):
     content = iter([raw]) if chunked else raw  # an iterator is sent without Content-Length
@@ -267,6 +267,84 @@ def test_api_page_and_schema(http, params, raw, prefix, path, who):
         assert "/v1/chat/completions" in r.json()["paths"]
 
 
+# --- the Batch API (on the tiny app: its lines rerank with tiny-ce) ---
+UPLOADED, BATCH_ID = "<uploaded-file>", "<a-batch>"
+FILES: list[str] = []
+BATCHES: list[str] = []
+BATCH_LINE = st.fixed_dictionaries({"custom_id": TEXT.filter(bool), "method": st.just("POST"), "url": st.just("/v1/rerank"),
+                                    "body": RERANK_JINA})
+
+
+@pytest.fixture(scope="module")
+def uploaded(http) -> str:
+    lines = [{"custom_id": f"ok-{i}", "method": "POST", "url": "/v1/rerank",
+              "body": {"model": "tiny-ce", "query": "q", "documents": ["a", "b"]}} for i in range(3)]
+    r = http.post("/tiny/v1/files", files={"file": ("ok.jsonl", "\n".join(json.dumps(x) for x in lines))},
+                  data={"purpose": "batch"})
+    assert r.status_code == 200, r.text
+    FILES.append(r.json()["id"])
+    return r.json()["id"]
+
+
+@FUZZ
+@given(lines=st.lists(mutated(BATCH_LINE) | ANY_JSON, min_size=1, max_size=4), raw=st.none() | RAW,
+       purpose=st.sampled_from(["batch", "batch", "batch", "fine-tune", "", "x" * 300]),
+       field=st.sampled_from(["file", "file", "file", "document"]))
+def test_file_upload(http, lines, raw, purpose, field):
+    """POST /v1/files: any JSONL (its lines are checked when a batch uses it), any bytes, any purpose."""
+    content = raw if raw is not None else "\n".join(json.dumps(x) for x in lines).encode()
+    r = http.post("/tiny/v1/files", files={field: ("b.jsonl", content)}, data={"purpose": purpose})
+    check(r, (lines, raw, purpose, field))
+    if r.status_code == 200:
+        FILES.append(r.json()["id"])
+
+
+BATCH_BODY = st.fixed_dictionaries(
+    {"input_file_id": st.sampled_from([UPLOADED, UPLOADED, "file-nope", ""]),
+     "endpoint": st.sampled_from(["/v1/rerank", "/v1/rerank", "/v1/embeddings", "/v1/chat/completions", "/v1/x"])},
+    optional={"completion_window": st.sampled_from(["24h", "1h", "30m", "0h", "24", "169h"]),
+              "metadata": st.dictionaries(TEXT, TEXT, max_size=3)})
+
+
+@FUZZ
+@given(body=mutated(BATCH_BODY), use_any_file=st.booleans())
+def test_batch_create(http, uploaded, body, use_any_file):
+    """POST /v1/batches over the uploaded file (or any fuzzed upload): its lines run through the router."""
+    real = FILES[-1] if use_any_file and FILES else uploaded
+    raw = json.dumps(body).replace(UPLOADED, real).encode()
+    r = http.post("/tiny/v1/batches", content=raw, headers={"content-type": "application/json"})
+    check(r, body)
+    if r.status_code == 200:
+        BATCHES.append(r.json()["id"])
+
+
+@FUZZ
+@given(route=st.sampled_from(["GET /v1/files/{}", "GET /v1/files/{}/content", "DELETE /v1/files/{}",
+                              "GET /v1/batches/{}", "POST /v1/batches/{}/cancel"]),
+       ident=st.sampled_from([UPLOADED, BATCH_ID]) | TEXT | EDGE_TEXT.filter(lambda t: len(t) < 1000))
+def test_file_and_batch_ids(http, uploaded, route, ident):
+    from urllib.parse import quote
+
+    ident = {UPLOADED: uploaded, BATCH_ID: BATCHES[0] if BATCHES else "batch_none"}.get(ident, ident)
+    method, path = route.split(" ")
+    r = http.request(method, "/tiny" + path.format(quote(ident, safe="")))
+    check(r, (route, ident))
+    assert r.status_code in (200, 400, 404), r.text[:300]
+
+
+@FUZZ
+@given(params=st.lists(st.tuples(st.sampled_from(["after", "limit"]) | TEXT,
+                                 st.integers(-5, 200).map(str) | TEXT | st.just(BATCH_ID)), max_size=3),
+       raw=st.none() | USAGE_RAW)
+def test_batch_list(http, params, raw):
+    params = [(k, BATCHES[0] if v == BATCH_ID and BATCHES else v) for k, v in params]
+    r = http.get(f"/tiny/v1/batches?{raw}") if raw else http.get("/tiny/v1/batches", params=params)
+    check(r, (params, raw))
+    assert r.status_code in (200, 400), r.text[:300]
+    if r.status_code == 200:
+        assert r.json()["object"] == "list"
+
+
 def test_afterwards_every_model_is_ready_and_every_circuit_closed(http):
     """Runs after the fuzzing above (pytest keeps file order)."""
     if not SEEN:
@@ -276,6 +354,20 @@ def test_afterwards_every_model_is_ready_and_every_circuit_closed(http):
     assert served >= {"/tiny/v1/chat/completions", "/tiny/v1/completions", "/v1/embeddings", "/tiny/v2/rerank",
                       "/tiny/tokenize", "/tiny/detokenize"}, SEEN
     assert served & {"/tiny/v1/rerank", "/tiny/rerank"}, SEEN
+    assert served >= {"/tiny/v1/files", "/tiny/v1/batches"}, SEEN
+    # every fuzzed batch ended, and none of its lines got a 5xx from the router path
+    assert BATCHES, "no fuzzed batch was created"
+    for batch_id in BATCHES:
+        import time
+
+        deadline = time.time() + 180
+        while (b := http.get(f"/tiny/v1/batches/{batch_id}").json())["status"] not in ("completed", "failed", "cancelled"):
+            assert time.time() < deadline, b
+            time.sleep(1)
+        for file_id in (b["output_file_id"], b["error_file_id"]):
+            for line in http.get(f"/tiny/v1/files/{file_id}/content").text.splitlines() if file_id else []:
+                response = json.loads(line)["response"]
+                assert response is None or response["status_code"] < 500, line[:400]
     for prefix in ("", "/tiny"):
         ready = http.get(f"{prefix}/ready")
         assert ready.status_code == 200, ready.text[:500]

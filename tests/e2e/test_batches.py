@@ -1,0 +1,169 @@
+"""The Batch API on the real stack, driven by the unchanged `openai` client: a 2,000-line
+embeddings batch and a 200-line chat batch complete (every custom_id answered exactly once) while
+interactive requests keep succeeding; malformed lines end in the error file by line number;
+cancel starts nothing new and keeps what finished; and with PostgreSQL shared by two router
+replicas, one of them killed mid-batch loses and duplicates nothing, on a model that scaled from
+zero for the batch."""
+
+from __future__ import annotations
+
+import collections
+import io
+import time
+
+import httpx
+import openai
+import orjson
+import psycopg
+import pytest
+import ray
+
+from tests.e2e.conftest import all_apps, default_args, deploy, wait_for
+
+pytestmark = pytest.mark.e2e
+EMBED, LLM = "all-minilm-l6-v2", "smollm2-135m-instruct"
+ENDED = ("completed", "failed", "expired", "cancelled")
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def upload(c: openai.OpenAI, rows: list[dict | bytes]) -> str:
+    raw = b"\n".join(r if isinstance(r, bytes) else orjson.dumps(r) for r in rows) + b"\n"
+    return c.files.create(file=("batch.jsonl", io.BytesIO(raw)), purpose="batch").id
+
+
+def embed_line(i: int, model: str = EMBED) -> dict:
+    return {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+            "body": {"model": model, "input": f"document {i}: batch work runs on spare capacity"}}
+
+
+def chat_line(i: int, max_tokens: int = 4) -> dict:
+    return {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": LLM, "messages": [{"role": "user", "content": f"Say the number {i}."}],
+                     "max_tokens": max_tokens, "temperature": 0}}
+
+
+def results(c: openai.OpenAI, file_id: str | None) -> list[dict]:
+    return [] if file_id is None else [orjson.loads(x) for x in c.files.content(file_id).content.splitlines()]
+
+
+def answered_once(lines: list[dict], expected: list[str]) -> None:
+    counts = collections.Counter(line["custom_id"] for line in lines)
+    assert sorted(counts) == sorted(expected) and set(counts.values()) == {1}, counts.most_common(3)
+
+
+def test_big_embeddings_and_chat_batches_complete_while_interactive_requests_succeed(stack):
+    c = client(stack.base)
+    emb = c.batches.create(input_file_id=upload(c, [embed_line(i) for i in range(2000)]), endpoint="/v1/embeddings",
+                           completion_window="24h")
+    chat = c.batches.create(input_file_id=upload(c, [chat_line(i) for i in range(200)]), endpoint="/v1/chat/completions",
+                            completion_window="24h", metadata={"job": "e2e"})
+    interactive: list[int] = []
+    deadline = time.time() + 900
+    with httpx.Client(base_url=stack.base, timeout=120) as http:
+        while time.time() < deadline:
+            now = [c.batches.retrieve(b.id) for b in (emb, chat)]
+            if all(b.status in ENDED for b in now):
+                break
+            interactive.append(http.post("/v1/embeddings", json={"model": EMBED, "input": "an interactive query"}).status_code)
+            interactive.append(http.post("/v1/chat/completions", json={
+                "model": LLM, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).status_code)
+            time.sleep(4)
+        status = http.get("/v1/status").json()["batches"]
+    emb, chat = now
+    assert (emb.status, emb.request_counts.completed, emb.request_counts.failed) == ("completed", 2000, 0), emb
+    assert (chat.status, chat.request_counts.completed, chat.request_counts.failed) == ("completed", 200, 0), chat
+    assert chat.metadata == {"job": "e2e"} and emb.error_file_id is None
+    out = results(c, emb.output_file_id)
+    answered_once(out, [f"e{i}" for i in range(2000)])
+    assert all(len(o["response"]["body"]["data"][0]["embedding"]) == 384 for o in out)
+    out = results(c, chat.output_file_id)
+    answered_once(out, [f"c{i}" for i in range(200)])
+    assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["choices"][0]["message"]["content"] for o in out)
+    assert len(interactive) >= 4 and set(interactive) == {200}, interactive  # served while the batches ran
+    shown = {b["id"]: b for b in status["batches"]}
+    assert shown[emb.id]["total"] == 2000 and status["store"].startswith("sqlite")
+
+
+def test_malformed_lines_end_in_the_error_file_named_by_line_and_the_rest_completes(stack):
+    c = client(stack.base)
+    rows = [embed_line(0), b'{"custom_id": "cut", "method":', embed_line(2), {**embed_line(3), "url": "/v1/completions"},
+            embed_line(4, model="no-such-model"), embed_line(5)]
+    b = c.batches.create(input_file_id=upload(c, rows), endpoint="/v1/embeddings", completion_window="24h")
+    b = wait_for(lambda: (x := c.batches.retrieve(b.id)).status in ENDED and x, 120, "the batch to end")
+    assert (b.status, b.request_counts.completed, b.request_counts.failed) == ("completed", 3, 3)
+    answered_once(results(c, b.output_file_id), ["e0", "e2", "e5"])
+    errors = {(e["error"] or {}).get("line") or e["custom_id"]: e for e in results(c, b.error_file_id)}
+    assert set(errors) == {2, 4, "e4"}
+    assert "not valid JSON" in errors[2]["error"]["message"] and "/v1/completions" in errors[4]["error"]["message"]
+    assert errors["e4"]["response"]["status_code"] == 404  # the router's own answer to that line
+
+
+def test_cancel_starts_no_new_line_and_keeps_finished_results(stack):
+    c = client(stack.base)
+    b = c.batches.create(input_file_id=upload(c, [chat_line(i, max_tokens=48) for i in range(80)]),
+                         endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(lambda: c.batches.retrieve(b.id).request_counts.completed >= 4, 300, "a few lines done")
+    cancelled = c.batches.cancel(b.id)
+    done_then = cancelled.request_counts.completed
+    assert cancelled.status in ("cancelling", "cancelled")
+    b = wait_for(lambda: (x := c.batches.retrieve(b.id)).status == "cancelled" and x, 120, "the cancel to end")
+    # what ran when the cancel came may finish (8 lines at once on an idle model), nothing after it starts
+    assert done_then <= b.request_counts.completed <= done_then + 8 < 80, (done_then, b.request_counts)
+    assert b.request_counts.completed + b.request_counts.failed == 80
+    answered_once(results(c, b.output_file_id) + results(c, b.error_file_id), [f"c{i}" for i in range(80)])
+    assert {e["error"]["code"] for e in results(c, b.error_file_id)} == {"batch_cancelled"}
+
+
+# --- PostgreSQL, two router replicas, a model at min_replicas 0 ---
+APP = "batchpg"
+ZERO = "minilm-zero"
+
+
+@pytest.fixture(scope="module")
+def pg_app(stack, pg_server):
+    pg_server.reset()
+    embed = next(m for m in default_args()["models"] if m["name"] == EMBED)
+    args = {
+        "gateway": {"deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
+                    "batch": {"store": pg_server.url, "lease_s": 5, "poll_s": 0.2}},
+        "models": [{**embed, "name": ZERO, "deployment": {
+            "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600},
+            "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 1}}}],
+    }
+    deploy({**all_apps(stack.tiny_models), APP: args})
+    try:
+        yield pg_server.url
+    finally:
+        deploy(all_apps(stack.tiny_models))
+
+
+def _running(deployment: str) -> int:
+    from ray import serve
+
+    return serve.status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def test_a_router_replica_killed_mid_batch_loses_and_duplicates_nothing_on_postgres(stack, pg_app):
+    assert _running(f"embed-{ZERO}") == 0  # scaled to zero: the batch must wake it
+    c = client(f"{stack.base}/{APP}")
+    b = c.batches.create(input_file_id=upload(c, [embed_line(i, model=ZERO) for i in range(600)]),
+                         endpoint="/v1/embeddings", completion_window="24h")
+    wait_for(lambda: c.batches.retrieve(b.id).request_counts.completed >= 60, 240, "the model to wake and lines to finish")
+    assert _running(f"embed-{ZERO}") == 1
+    with psycopg.connect(pg_app) as db:
+        holders = db.execute("SELECT lease_owner, COUNT(*) FROM batch_lines WHERE batch_id = %s AND state = 'leased' "
+                             "GROUP BY lease_owner ORDER BY 2 DESC", (b.id,)).fetchall()
+        assert holders, "no line was running"
+        victim, running = holders[0]
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#router#{victim.split(':')[0]}", namespace="serve"), no_restart=True)
+    b = wait_for(lambda: (x := c.batches.retrieve(b.id)).status in ENDED and x, 300, "the batch to end after the kill")
+    assert (b.status, b.request_counts.completed, b.request_counts.failed) == ("completed", 600, 0), b
+    answered_once(results(c, b.output_file_id), [f"e{i}" for i in range(600)])
+    with psycopg.connect(pg_app) as db:
+        rerun = db.execute("SELECT COUNT(*) FROM batch_lines WHERE batch_id = %s AND attempts > 1", (b.id,)).fetchone()[0]
+        workers = {r[0] for r in db.execute("SELECT DISTINCT finished_by FROM batch_lines WHERE batch_id = %s", (b.id,))}
+    assert rerun >= 1, "the killed replica's running lines were not run again"  # what it held when it died
+    assert victim in workers and len(workers) >= 3, workers  # both replicas shared the work, then the replacement
