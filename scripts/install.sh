@@ -21,6 +21,10 @@ apt_tool() {  # apt_tool COMMAND PACKAGE
     echo "[install] note: no $1 (apt-get install -y $2); the tests that need it will skip"
   fi
 }
+# PostgreSQL: the batch store's shared backend (tests/pg_server.py); Debian keeps initdb off PATH.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  apt_tool initdb postgresql
+fi
 apt_tool redis-server redis-server
 apt_tool promtool prometheus
 apt_tool chromium chromium

@@ -89,6 +89,9 @@ class Router:
         """Called by `@serve.ingress()` on each replica after __init__ (on the replica's event
         loop): the route table; in a Serve replica, the batch worker starts with it."""
         self.asgi = self._routes()
+        # A trailing slash is a 404 in OpenAI's shape, not a 307 to another route (POST bodies do
+        # not follow redirects, and `/v1/files/` with an empty id is no file).
+        self.asgi.router.redirect_slashes = False
         if _in_serve():
             self.start_batch_worker()
         return self.asgi

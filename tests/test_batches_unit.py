@@ -263,3 +263,14 @@ def test_a_line_preempted_before_its_task_began_is_put_back_at_once(tmp_path):
         assert tuple(state) == ("pending", 1, 0)
 
     asyncio.run(main())
+
+
+def test_an_empty_id_is_a_404_in_openai_shape_not_a_redirect(monkeypatch, tmp_path):
+    from starlette.testclient import TestClient
+
+    monkeypatch.setenv("SERVE_APP_DATA_DIR", str(tmp_path))
+    cfg = config(keys=[])
+    c = TestClient(Router(cfg.gateway, cfg.models, {}).__serve_build_asgi_app__(), raise_server_exceptions=False)
+    for method, path in (("GET", "/v1/files/"), ("GET", "/v1/batches/"), ("POST", "/v1/embeddings/")):
+        r = c.request(method, path, follow_redirects=False)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.status_code, r.text)

@@ -218,6 +218,11 @@ def test_status_view_is_admin_only_and_shows_circuits():
                                            "last_error": "stalled: 2 request(s) in flight", "last_error_at": 1.0}]
     table = render_status(view)
     assert "circuit: open" in table and "abc123" in table and "10.0.0.7" in table and "12ms FAIL" in table and "stalled" in table
+    assert view["batches"] == {"store": view["batches"]["store"], "batches": []} and "sqlite" in view["batches"]["store"]
+    view["batches"]["batches"] = [{"id": "batch_x1", "owner": "ops", "endpoint": "/v1/embeddings", "status": "in_progress",
+                                   "completed": 7, "failed": 1, "pending": 40, "running": 2, "lines_per_s": 3.5, "eta_s": 12}]
+    table = render_status(view)
+    assert "batch store: sqlite" in table and "batch_x1" in table and "in_progress" in table and "12s" in table
 
 
 def test_metrics_count_requests_tokens_retries_and_rejections():

@@ -96,14 +96,19 @@ class BatchWorker:
     # --- the loop ---
     async def run(self) -> None:
         logger.info("batch worker %s started (store: %s)", self.id, self.store.where)
+        failures = 0
         while not self._stopped:
             try:
                 await self._tick()
+                failures = 0
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a store hiccup must not end the worker; it tries again
-                logger.warning("batch worker: a store call failed; retrying", exc_info=True)
-                await asyncio.sleep(max(self.cfg.poll_s, 1.0))
+            except Exception as err:  # noqa: BLE001 - a store outage must not end the worker; it tries again
+                failures += 1
+                wait = min(MAX_BACKOFF_S, 2.0 ** failures)
+                logger.warning("batch worker: the batch store failed (%s: %s); retrying in %.0fs", type(err).__name__,
+                               str(err)[:200], wait, exc_info=failures == 1)
+                await asyncio.sleep(wait)
                 continue
             self._wake.clear()
             try:
