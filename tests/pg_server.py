@@ -85,10 +85,12 @@ class PgServer:
         raise RuntimeError(f"PostgreSQL did not accept connections on port {self.port} within 20 s")
 
     def reset(self) -> None:
-        """Drop every table: each test starts on an empty database."""
+        """Drop every table and every app's batch schema: each test starts on an empty database."""
         import psycopg
 
         with psycopg.connect(self.url, autocommit=True) as c:
+            for (name,) in c.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'batches_%'").fetchall():
+                c.execute(f'DROP SCHEMA "{name}" CASCADE')
             c.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
 
     def stop(self) -> None:

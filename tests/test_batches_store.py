@@ -72,7 +72,7 @@ def test_a_lapsed_lease_is_claimed_again_and_the_old_holder_writes_nothing(store
     store.advance("a", now, 60)
     first = store.claim("a", ["emb"], 2, now, lease_s=5)
     assert len(first) == 2 and store.claim("b", ["emb"], 2, now + 1, 5) == []  # leased: nobody else
-    store.renew("a", now + 8)  # a lives: its lease runs on
+    store.renew("a", now + 8, [(bid, 0), (bid, 1)])  # a lives and runs them: their lease runs on
     assert store.claim("b", ["emb"], 2, now + 6, 5) == []
     again = store.claim("b", ["emb"], 2, now + 9, 5)  # a died: its lines are b's now
     assert [r["idx"] for r in again] == [0, 1] and all(r["attempts"] == 2 for r in again)
@@ -176,3 +176,29 @@ def test_batches_list_newest_first_with_a_cursor(store):
     page, more = store.list_batches("team", page[-1][0]["id"], 10)
     assert [r["id"] for r, _ in page] == ids[::-1][2:] and not more
     assert store.list_batches("nobody", None, 10) == ([], False)
+
+
+def test_a_batch_whose_lines_all_finished_completes_even_if_first_looked_at_after_its_window(store):
+    now = time.time()
+    bid = batch(store, 1, now, window_s=60)
+    store.advance("w", now, 60)
+    (a,) = store.claim("w", ["emb"], 1, now, 600)
+    assert store.finish("w", bid, a["idx"], True, "{}", now + 59)
+    assert store.advance("w", now + 120, 60) == [bid]
+    assert store.get_batch(bid, None)[0]["status"] == "completed"
+
+
+def test_two_apps_on_one_postgres_database_never_see_each_others_lines(request, tmp_path):
+    pg = request.getfixturevalue("pg_server")
+    pg.reset()
+    a, b = BatchStore(pg.url, tmp_path, "app-a"), BatchStore(pg.url, tmp_path, "app-b")
+    try:
+        now = time.time()
+        bid = batch(a, 3, now)
+        a.advance("wa", now, 60)
+        b.advance("wb", now, 60)
+        assert b.claim("wb", ["emb"], 10, now, 60) == [] and b.get_batch(bid, None) is None
+        assert len(a.claim("wa", ["emb"], 10, now, 60)) == 3
+    finally:
+        a.close()
+        b.close()

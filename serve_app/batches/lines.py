@@ -102,7 +102,8 @@ def parse_input(content: bytes, endpoint: str, canonical: Callable[[str], str]) 
             continue
         first_seen[custom_id] = number
         model = body.get("model")
-        lines.append(Line(idx, custom_id, canonical(model) if isinstance(model, str) else "",
+        served = isinstance(model, str) and "\x00" not in model  # a NUL name is no model: the router's 404
+        lines.append(Line(idx, custom_id, canonical(model) if served else "",
                           body=orjson.dumps(body).decode()))
     return lines
 
@@ -119,8 +120,8 @@ def _request_line(raw: bytes, endpoint: str) -> tuple[str, dict[str, Any]]:
         raise InvalidRequest(f"unknown field(s) {', '.join(repr(k[:64]) for k in extra[:5])}; a line has custom_id, "
                              "method, url and body")
     custom_id = line.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID:
-        raise InvalidRequest(f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID} characters")
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID or "\x00" in custom_id:
+        raise InvalidRequest(f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID} characters, without NUL")
     if line.get("method") != "POST":
         raise InvalidRequest("method must be 'POST'")
     if line.get("url") != endpoint:
@@ -139,7 +140,7 @@ def _custom_id_of(raw: bytes) -> str | None:
         cid = orjson.loads(raw).get("custom_id")
     except Exception:  # noqa: BLE001 - the line is not even an object: no custom_id to name
         return None
-    return cid if isinstance(cid, str) and 0 < len(cid) <= MAX_CUSTOM_ID else None
+    return cid if isinstance(cid, str) and 0 < len(cid) <= MAX_CUSTOM_ID and "\x00" not in cid else None
 
 
 def new_id(prefix: str) -> str:

@@ -9,6 +9,7 @@ store that does not answer is a 503, never a 500.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -58,7 +59,7 @@ class BatchApi:
             raise InvalidRequest("the file has no lines; a batch file has one JSON request per line", "file")
         if lines > self.cfg.max_lines:
             raise InvalidRequest(f"the file has {lines} lines; at most {self.cfg.max_lines} per batch", "file")
-        filename = (upload.filename or "batch.jsonl")[:255]
+        filename = (upload.filename or "batch.jsonl").replace("\x00", "")[:255] or "batch.jsonl"
         row = await self._db(self.store.create_file, _owner(request), filename, purpose, content, time.time())
         return JSONResponse(file_object(row))
 
@@ -128,8 +129,12 @@ class BatchApi:
         return batch_object(*got)
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        if any(isinstance(a, str) and "\x00" in a for a in args):  # an id or cursor no store can hold (PostgreSQL text)
+            raise NotFound("no such file or batch: the id contains a NUL character")
         try:
             return await asyncio.to_thread(fn, *args)
+        except sqlalchemy.exc.DataError as err:  # a value the database refuses: the client's, not an outage
+            raise InvalidRequest(f"the batch store refused a value of this request ({str(err.orig)[:200]})") from None
         except sqlalchemy.exc.SQLAlchemyError as err:
             raise StoreUnavailable(f"the batch store did not answer ({type(err).__name__}); retry shortly", retry_after=5) from None
 
@@ -161,7 +166,7 @@ def _page(params: list[tuple[str, str]]) -> tuple[str | None, int]:
             raise InvalidRequest(f"query parameter '{name}' given more than once", name)
         values[name] = value
     raw = values.get("limit", str(DEFAULT_PAGE))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= MAX_PAGE:
         raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE}", "limit")
     return values.get("after"), int(raw)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-import time
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -80,8 +80,10 @@ class BatchStore:
             url = url.replace("postgres://", "postgresql://", 1)
             if url.startswith("postgresql://"):
                 url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+            # One schema per app: two apps sharing a database never claim each other's lines.
+            self.schema = "batches_" + re.sub(r"[^a-z0-9_]", "_", app.lower())[:50]
             self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4,
-                                           connect_args={"connect_timeout": 5})
+                                           connect_args={"connect_timeout": 5, "options": f"-csearch_path={self.schema}"})
             self.postgres = True
         self.where = self.engine.url.render_as_string(hide_password=True)
         self._schema_ready = False
@@ -94,6 +96,7 @@ class BatchStore:
             with self.engine.begin() as c:
                 if self.postgres:  # several router replicas may start at once: create the schema once
                     c.execute(text("SELECT pg_advisory_xact_lock(4242013)"))
+                    c.execute(text(f"CREATE SCHEMA IF NOT EXISTS {self.schema}"))
                 for statement in filter(str.strip, _SCHEMA.format(blob="BYTEA" if self.postgres else "BLOB").split(";")):
                     c.execute(text(statement))
             self._schema_ready = True
@@ -217,6 +220,8 @@ class BatchStore:
         """Say this worker lives (and when it last saw interactive requests per model); returns
         how many workers live now, so each takes its share of a model's batch slots."""
         with self._tx() as c:
+            c.execute(text("DELETE FROM batch_workers WHERE seen_at < :old"), {"old": now - 3600})
+            c.execute(text("DELETE FROM batch_traffic WHERE interactive_at < :old"), {"old": now - 3600})
             c.execute(text("INSERT INTO batch_workers (worker, seen_at) VALUES (:w, :now) "
                            "ON CONFLICT (worker) DO UPDATE SET seen_at = excluded.seen_at"), {"w": worker, "now": now})
             for model, at in interactive:
@@ -257,10 +262,15 @@ class BatchStore:
             ).mappings().all()
         return sorted((dict(r) for r in rows), key=lambda r: (r["batch_id"], r["idx"]))  # RETURNING has no order
 
-    def renew(self, worker: str, until: float) -> None:
+    def renew(self, worker: str, until: float, lines: list[tuple[str, int]]) -> None:
+        """Extend the leases of the lines this worker is running (only those: a line it holds but
+        no longer runs must lapse, so another worker takes it)."""
+        if not lines:
+            return
         with self._tx() as c:
-            c.execute(text("UPDATE batch_lines SET lease_until = :until WHERE lease_owner = :w AND state = 'leased'"),
-                      {"w": worker, "until": until})
+            c.execute(text("UPDATE batch_lines SET lease_until = :until WHERE batch_id = :b AND idx = :i "
+                           "AND lease_owner = :w AND state = 'leased'"),
+                      [{"w": worker, "until": until, "b": b, "i": i} for b, i in lines])
 
     def finish(self, worker: str, batch_id: str, idx: int, ok: bool, result: str, now: float) -> bool:
         """Record a line's one result; False (nothing written) when this worker no longer holds it."""
@@ -297,12 +307,12 @@ class BatchStore:
                                  {"b": batch_id}).scalar_one()
                 leased = c.execute(text("SELECT COUNT(*) FROM batch_lines WHERE batch_id = :b AND state = 'leased' "
                                         "AND lease_until >= :now"), {"b": batch_id, "now": now}).scalar_one()
-                if status in ACTIVE and now >= expires_at:
+                if status == "finalizing" or (status == "in_progress" and not left):
+                    target, code = "completed", None
+                elif status in ACTIVE and now >= expires_at:
                     target, code = "expired", "batch_expired"
                 elif status == "cancelling" and not leased:
                     target, code = "cancelled", "batch_cancelled"
-                elif status == "finalizing" or (status == "in_progress" and not left):
-                    target, code = "completed", None
                 else:
                     continue
                 # Claim the move (one worker wins), show `finalizing`, then end the batch.
@@ -328,7 +338,8 @@ class BatchStore:
                          {"b": batch_id}).all()
         if rows:
             c.execute(text("UPDATE batch_lines SET state = 'failed', result = :result, finished_at = :now, body = NULL, "
-                           "lease_owner = NULL, lease_until = NULL WHERE batch_id = :b AND idx = :i"),
+                           "lease_owner = NULL, lease_until = NULL WHERE batch_id = :b AND idx = :i "
+                           "AND state IN ('pending', 'leased')"),  # a finish committed meanwhile stays
                       [{"result": error_line(cid, code, why), "now": now, "b": batch_id, "i": idx} for idx, cid in rows])
 
     def _finalize(self, c: sa.Connection, batch_id: str, status: str, now: float) -> None:

@@ -12,8 +12,9 @@ How much it runs, per model (each worker takes its share; the store counts live 
 
 What a line's answer means for it:
 - 2xx: the output file; other 4xx: the error file, with the router's own error body;
-- 429 (the owner's quota, or admission): back to pending after Retry-After, not a try;
-- 5xx and 504: back to pending with backoff, one try; after `max_attempts`, the error file.
+- 429 (the owner's quota) and 503 (the model is full or unavailable): back to pending after
+  Retry-After, not a try (until the batch's window ends), and the model's slow start begins again;
+- other 5xx and 504: back to pending with backoff, one try; after `max_attempts`, the error file.
 A line whose router replica died while running it is claimed again after its lease, and
 counts that try: a line that kills replicas ends in the error file, not in a loop.
 """
@@ -69,21 +70,29 @@ class BatchWorker:
         self._batches: dict[str, tuple[str, str]] = {}  # batch id -> (endpoint, owner)
         self._wake = asyncio.Event()
         self._releasing: set[asyncio.Task] = set()
+        self.window: dict[str, float] = {}  # quiet model -> lines it may run now (slow start, see cap)
         self._stopped = False
         self._beat_at = self._advance_at = self._renew_at = 0.0
         traffic.on_busy = self.preempt
 
     # --- how much may run ---
     def cap(self, model: str) -> int:
+        """Lines this worker may run on `model` now. A quiet model starts at one line and gains one
+        per line that finishes (doubling each round, as TCP's slow start), up to its share: work
+        in flight when the next interactive request comes is what that request waits behind (an
+        encoder's forward pass cannot be stopped), so a short gap between requests risks little."""
         m = self.models.get(model)
         if m is None:
             return UNKNOWN_MODEL_LINES
         if self.traffic.busy(model, self.cfg.quiet_s) or model in self.remote_busy:
+            self.window.pop(model, None)
             return self.cfg.busy_lines // self.workers
-        return max(1, math.floor(self.cfg.idle_share * m.capacity / self.workers))
+        share = max(1, math.floor(self.cfg.idle_share * m.capacity / self.workers))
+        return min(share, int(self.window.setdefault(model, 1)))
 
     def preempt(self, model: str) -> None:
         """An interactive request arrived on a quiet model: put back what runs beyond the busy cap."""
+        self.window.pop(model, None)
         running = self.running.get(model, {})
         extra = len(running) - self.cfg.busy_lines // max(1, self.workers)
         for task, preemptions in list(running.values()):
@@ -142,7 +151,10 @@ class BatchWorker:
             self._beat_at = now + HEARTBEAT_S
             self.workers = max(1, await asyncio.to_thread(
                 self.store.heartbeat, self.id, now, self.traffic.seen_since(now - 2 * HEARTBEAT_S)))
-            self.remote_busy = await asyncio.to_thread(self.store.busy_models, now - self.cfg.quiet_s)
+            busy = await asyncio.to_thread(self.store.busy_models, now - self.cfg.quiet_s)
+            for model in busy - self.remote_busy - {m for m in busy if self.traffic.busy(m, self.cfg.quiet_s)}:
+                self.preempt(model)  # another router replica serves it now
+            self.remote_busy = busy
         if now >= self._advance_at:
             self._advance_at = now + HEARTBEAT_S
             for batch_id in await asyncio.to_thread(self.store.advance, self.id, now, self.cfg.lease_s):
@@ -150,7 +162,8 @@ class BatchWorker:
             self.on_pending(await asyncio.to_thread(self.store.pending_by_model))
         if now >= self._renew_at and any(self.running.values()):
             self._renew_at = now + self.cfg.lease_s / 3
-            await asyncio.to_thread(self.store.renew, self.id, now + self.cfg.lease_s)
+            await asyncio.to_thread(self.store.renew, self.id, now + self.cfg.lease_s,
+                                    [key for lines in self.running.values() for key in lines])
         for model in await asyncio.to_thread(self.store.models_with_work, now):
             free = self.cap(model) - len(self.running.get(model, {}))
             if free <= 0:
@@ -160,13 +173,19 @@ class BatchWorker:
 
     def _start(self, line: dict[str, Any]) -> None:
         key = (line["batch_id"], line["idx"])
+        if key in self.running.get(line["model"], {}):
+            return  # its lease lapsed while it ran here and we claimed it again: the running task finishes it
         task = asyncio.get_running_loop().create_task(self._line(line))
         self.running.setdefault(line["model"], {})[key] = (task, line["preemptions"])
 
         def done(t: asyncio.Task) -> None:
             self.running.get(line["model"], {}).pop(key, None)
             self._wake.set()
-            if t.cancelled():  # preempted or shut down, maybe before it even started: put the line back
+            failed = not t.cancelled() and t.exception() is not None
+            if failed:
+                logger.warning("batch %s line %d: %s; it goes back to pending", line["batch_id"], line["idx"],
+                               type(t.exception()).__name__, exc_info=t.exception())
+            if t.cancelled() or failed:  # preempted, shut down (maybe before it began), or the store failed
                 release = asyncio.get_running_loop().create_task(asyncio.to_thread(
                     self.store.release, self.id, line["batch_id"], line["idx"], self.clock(), False, not self._stopped))
                 self._releasing.add(release)
@@ -195,8 +214,10 @@ class BatchWorker:
 
     async def _settle(self, line: dict[str, Any], answer: Answer) -> None:
         status, now = answer.status, self.clock()
-        if status == 429 or (status >= 500 and line["attempts"] < self.cfg.max_attempts):
-            counted = status != 429
+        if status in (429, 503) or (status >= 500 and line["attempts"] < self.cfg.max_attempts):
+            counted = status not in (429, 503)  # quota or back-pressure: come back later, not a failure
+            if status in (429, 503) and line["model"] in self.window:
+                self.window[line["model"]] = 1  # the model (or the key) is full: start again from one line
             wait = answer.retry_after or min(MAX_BACKOFF_S, 2.0 ** line["attempts"])
             await asyncio.to_thread(self.store.release, self.id, line["batch_id"], line["idx"],
                                     now + min(wait, MAX_BACKOFF_S), counted)
@@ -207,6 +228,8 @@ class BatchWorker:
         written = await asyncio.to_thread(self.store.finish, self.id, line["batch_id"], line["idx"], ok, result, self.clock())
         if written:
             self.on_line(line["model"] or "?", ok)
+            if line["model"] in self.window:
+                self.window[line["model"]] += 1
         else:
             logger.info("batch %s line %d: lease lost (ran again elsewhere, or the batch ended); result dropped",
                         line["batch_id"], line["idx"])

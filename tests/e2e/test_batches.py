@@ -153,7 +153,7 @@ def test_a_router_replica_killed_mid_batch_loses_and_duplicates_nothing_on_postg
                          endpoint="/v1/embeddings", completion_window="24h")
     wait_for(lambda: c.batches.retrieve(b.id).request_counts.completed >= 60, 240, "the model to wake and lines to finish")
     assert _running(f"embed-{ZERO}") == 1
-    with psycopg.connect(pg_app) as db:
+    with psycopg.connect(pg_app, options=f"-csearch_path=batches_{APP}") as db:  # the app's own schema
         holders = db.execute("SELECT lease_owner, COUNT(*) FROM batch_lines WHERE batch_id = %s AND state = 'leased' "
                              "GROUP BY lease_owner ORDER BY 2 DESC", (b.id,)).fetchall()
         assert holders, "no line was running"
@@ -162,7 +162,7 @@ def test_a_router_replica_killed_mid_batch_loses_and_duplicates_nothing_on_postg
     b = wait_for(lambda: (x := c.batches.retrieve(b.id)).status in ENDED and x, 300, "the batch to end after the kill")
     assert (b.status, b.request_counts.completed, b.request_counts.failed) == ("completed", 600, 0), b
     answered_once(results(c, b.output_file_id), [f"e{i}" for i in range(600)])
-    with psycopg.connect(pg_app) as db:
+    with psycopg.connect(pg_app, options=f"-csearch_path=batches_{APP}") as db:
         rerun = db.execute("SELECT COUNT(*) FROM batch_lines WHERE batch_id = %s AND attempts > 1", (b.id,)).fetchone()[0]
         workers = {r[0] for r in db.execute("SELECT DISTINCT finished_by FROM batch_lines WHERE batch_id = %s", (b.id,))}
     assert rerun >= 1, "the killed replica's running lines were not run again"  # what it held when it died
