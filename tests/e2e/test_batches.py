@@ -163,7 +163,9 @@ def test_a_router_replica_killed_mid_batch_loses_and_duplicates_nothing_on_postg
     assert (b.status, b.request_counts.completed, b.request_counts.failed) == ("completed", 600, 0), b
     answered_once(results(c, b.output_file_id), [f"e{i}" for i in range(600)])
     with psycopg.connect(pg_app, options=f"-csearch_path=batches_{APP}") as db:
-        rerun = db.execute("SELECT COUNT(*) FROM batch_lines WHERE batch_id = %s AND attempts > 1", (b.id,)).fetchone()[0]
+        rerun = {r[0] for r in db.execute("SELECT finished_by FROM batch_lines WHERE batch_id = %s AND attempts > 1",
+                                          (b.id,))}
         workers = {r[0] for r in db.execute("SELECT DISTINCT finished_by FROM batch_lines WHERE batch_id = %s", (b.id,))}
-    assert rerun >= 1, "the killed replica's running lines were not run again"  # what it held when it died
-    assert victim in workers and len(workers) >= 3, workers  # both replicas shared the work, then the replacement
+    # what it held when it died was run again, by the other router replica (or the victim's replacement)
+    assert rerun and victim not in rerun, rerun
+    assert victim in workers and len(workers) >= 2, workers  # the two replicas shared the work before the kill
