@@ -202,3 +202,13 @@ def test_two_apps_on_one_postgres_database_never_see_each_others_lines(request, 
     finally:
         a.close()
         b.close()
+
+
+def test_renew_extends_only_the_lines_named(store):
+    """A worker renews the lines it runs; one it holds but no longer runs must lapse."""
+    now = time.time()
+    bid = batch(store, 2, now)
+    store.advance("a", now, 60)
+    assert len(store.claim("a", ["emb"], 2, now, lease_s=5)) == 2
+    store.renew("a", now + 100, [(bid, 0)])
+    assert [r["idx"] for r in store.claim("b", ["emb"], 2, now + 6, 5)] == [1]

@@ -339,3 +339,33 @@ def test_hostile_batch_ids_cursors_and_limits_are_4xx(monkeypatch, tmp_path):
     lines = parse_input(b'{"custom_id": "a\\u0000", "method": "POST", "url": "/v1/embeddings", "body": {}}\n'
                         + line(1, model="e\x00", input="x"), "/v1/embeddings", lambda m: m)
     assert orjson.loads(lines[0].result)["error"]["code"] == "invalid_line" and lines[1].model == ""
+
+
+def test_traffic_seen_by_another_router_replica_preempts_this_ones_lines(tmp_path):
+    async def main():
+        store = BatchStore("sqlite", tmp_path, "w")
+        content = line(0)
+        f = store.create_file("-", "x", "batch", content, time.time())
+        store.create_batch("-", "/v1/embeddings", f["id"], "1h", 3600, None,
+                           parse_input(content, "/v1/embeddings", lambda m: m), time.time())
+        never = asyncio.Event()
+
+        async def run_line(endpoint, body, owner, rid):
+            await never.wait()
+
+        cfg = config(keys=[])
+        worker = BatchWorker(store, BatchConfig(), {m.name: m for m in cfg.models}, Traffic(), run_line, worker_id="w")
+        await worker._tick()  # the batch starts; its line runs here
+        await worker._tick()
+        assert len(worker.running.get("emb", {})) == 1
+        store.heartbeat("other-router", time.time(), [("emb", time.time())])  # an interactive request there
+        worker._beat_at = 0  # the next heartbeat is due
+        await worker._tick()
+        await asyncio.sleep(0.3)
+        assert not worker.running.get("emb")
+        with store.engine.begin() as conn:
+            from sqlalchemy import text
+
+            assert tuple(conn.execute(text("SELECT state, preemptions FROM batch_lines")).one()) == ("pending", 1)
+
+    asyncio.run(main())
