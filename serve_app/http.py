@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.protocol import ReplicaInfo
 
+if TYPE_CHECKING:
+    from serve_app.admission import Principal
+
 
 def request_id(request: Request) -> str:
     return request.scope["state"]["request_id"]
+
+
+def principal_of(request: Request) -> Principal | None:
+    """The request's API-key principal (set by AuthMiddleware), None with keys off."""
+    return request.scope.get("state", {}).get("principal")
 
 
 def served_headers(replica: ReplicaInfo) -> dict[str, str]:

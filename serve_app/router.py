@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from deployments.protocol import EmbedRequest, ModelCard, OpenAIChunk, RerankRequest
-from serve_app.admission import Admission, Principal, estimate_tokens
+from serve_app.admission import Admission, estimate_tokens
 from serve_app.api import admin, openai, rerank
 from serve_app.batches.routes import BatchApi
 from serve_app.batches.store import BatchStore
@@ -39,7 +39,7 @@ from serve_app.errors import (
 )
 from serve_app.fanout import plan_chunks
 from serve_app.body import parse_body, read_object, validate
-from serve_app.http import json_response, request_id, sse_response
+from serve_app.http import json_response, principal_of, request_id, sse_response
 from serve_app.metrics import RouterMetrics
 from serve_app.middleware import BATCH_SCOPE, AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve_app.quota_store import QuotaStore
@@ -162,7 +162,7 @@ class Router:
         report = {n: (r if isinstance(r, dict) else {"ready": False, "error": _short(r)}) for n, r in zip(names, results)}
         ok = all(r["ready"] for r in report.values())
         body: dict[str, Any] = {"status": "ready" if ok else "not_ready"}
-        principal = _principal(request)
+        principal = principal_of(request)
         if not self.admission.enabled or (principal is not None and principal.admin):
             body["models"] = report
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -210,7 +210,7 @@ class Router:
 
     async def status(self, request: Request) -> Response:
         """Every model → every replica, with health, circuit and autoscaling (admin only with keys)."""
-        Admission.require_admin(_principal(request), self.admission.enabled)
+        Admission.require_admin(principal_of(request), self.admission.enabled)
         view = await status_view(self.gateway, self.models, self.dispatch.breakers, self.events)
         view["quota_store"] = self.admission.store.describe()  # this router replica's view of it
         view["batches"] = await self._batch_progress()
@@ -420,7 +420,7 @@ class Router:
 
     def _admit(self, request: Request, tokens: int) -> None:
         """Charge the estimate (or 429); `_served` corrects it, AuthMiddleware releases the slot."""
-        request.scope["state"]["quota"] = self.admission.admit(_principal(request), tokens)
+        request.scope["state"]["quota"] = self.admission.admit(principal_of(request), tokens)
 
     def _circuit_changed(self, model: str, snapshot: dict[str, Any]) -> None:
         """Tell the status board (it pushes the alert, one for all router replicas); best effort."""
@@ -452,7 +452,7 @@ class Router:
         if truncated:
             self.metrics.truncations.inc(truncated, {"model": model})
         self.admission.settle(state.get("quota"), prompt_tokens + completion_tokens)
-        principal = _principal(request)
+        principal = principal_of(request)
         key = principal.name if principal is not None else "-"
         self.metrics.served_for(key, model, prompt_tokens, completion_tokens)
         self.usage.record(key, model, prompt_tokens, completion_tokens, time.time())
@@ -470,14 +470,14 @@ class Router:
 
     async def usage_report(self, request: Request) -> Response:
         """`GET /v1/usage?since=&until=&key=`: requests and tokens per key and model (admin only with keys)."""
-        Admission.require_admin(_principal(request), self.admission.enabled)
+        Admission.require_admin(principal_of(request), self.admission.enabled)
         q = admin.usage_query(request.query_params.multi_items(), time.time())
         rows = await asyncio.to_thread(self.usage.query, q.since, q.until, q.key)
         return JSONResponse(admin.usage_response(q, rows))
 
     def _allowed(self, request: Request, canonical: str) -> bool:
         """Whether the request's key may use this model (allow-lists may name aliases)."""
-        principal = _principal(request)
+        principal = principal_of(request)
         if principal is None or principal.models is None:
             return True
         return canonical in {self.aliases.get(n, n) for n in principal.models}
@@ -517,10 +517,6 @@ def _scored_response(body: dict[str, Any], results: list[Any], truncated: int) -
     response.headers["x-served-replica"] = ",".join(dict.fromkeys(r.replica.replica_id for r in results))
     response.headers["x-truncated-documents"] = str(truncated)
     return response
-
-
-def _principal(request: Request) -> Principal | None:
-    return request.scope.get("state", {}).get("principal")
 
 
 def _replica_id() -> str:

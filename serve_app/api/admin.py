@@ -26,14 +26,21 @@ class UsageQuery:
     key: str | None
 
 
-def usage_query(params: Iterable[tuple[str, str]], now: float) -> UsageQuery:
+def strict_query(params: Iterable[tuple[str, str]], route: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """Query parameters as strict as bodies: an unknown or repeated one is a 400 naming it."""
+    takes = ", ".join(allowed[:-1]) + f" and {allowed[-1]}" if len(allowed) > 1 else allowed[0]
     values: dict[str, str] = {}
     for name, value in params:
-        if name not in ("since", "until", "key"):
-            raise InvalidRequest(f"unknown query parameter '{name}'; /v1/usage takes since, until and key", name)
+        if name not in allowed:
+            raise InvalidRequest(f"unknown query parameter '{name}'; {route} takes {takes}", name)
         if name in values:
             raise InvalidRequest(f"query parameter '{name}' given more than once", name)
         values[name] = value
+    return values
+
+
+def usage_query(params: Iterable[tuple[str, str]], now: float) -> UsageQuery:
+    values = strict_query(params, "/v1/usage", ("since", "until", "key"))
     until = _time("until", values["until"]) if "until" in values else now
     since = _time("since", values["since"]) if "since" in values else until - DEFAULT_RANGE_S
     if since > until:

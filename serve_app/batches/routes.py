@@ -19,10 +19,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serve_app.admission import Principal
+from serve_app.api.admin import strict_query
 from serve_app.batches.lines import BatchCreate, batch_object, file_object, parse_input, window_seconds
 from serve_app.batches.store import BatchStore
 from serve_app.body import parse_body, read_body
+from serve_app.http import principal_of
 from serve_app.config import BatchConfig
 from serve_app.errors import InvalidRequest, NotFound, PayloadTooLarge, StoreUnavailable
 
@@ -158,32 +159,22 @@ async def _form(request: Request, raw: bytes) -> dict[str, Any]:
 
 
 def _page(params: list[tuple[str, str]]) -> tuple[str | None, int]:
-    values: dict[str, str] = {}
-    for name, value in params:
-        if name not in ("after", "limit"):
-            raise InvalidRequest(f"unknown query parameter '{name}'; /v1/batches takes after and limit", name)
-        if name in values:
-            raise InvalidRequest(f"query parameter '{name}' given more than once", name)
-        values[name] = value
+    values = strict_query(params, "/v1/batches", ("after", "limit"))
     raw = values.get("limit", str(DEFAULT_PAGE))
     if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= MAX_PAGE:
         raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE}", "limit")
     return values.get("after"), int(raw)
 
 
-def _principal(request: Request) -> Principal | None:
-    return request.scope.get("state", {}).get("principal")
-
-
 def _owner(request: Request) -> str:
     """Who owns what this request creates: the key's name ('-' with keys off)."""
-    p = _principal(request)
+    p = principal_of(request)
     return p.name if p is not None else "-"
 
 
 def _owner_filter(request: Request) -> str | None:
     """Whose files and batches this request may see: its own, or all for an admin key or with keys off."""
-    p = _principal(request)
+    p = principal_of(request)
     return None if p is None or p.admin else p.name
 
 

@@ -203,9 +203,10 @@ class BatchStore:
 
     def cancel(self, batch_id: str, owner: str | None, now: float) -> bool:
         """validating/in_progress -> cancelling; no new line starts, finished results stay. False when absent."""
-        if self.get_batch(batch_id, owner) is None:
-            return False
         with self._tx() as c:
+            found = c.execute(text("SELECT owner FROM batches WHERE id = :id"), {"id": batch_id}).first()
+            if found is None or (owner is not None and found[0] != owner):
+                return False
             c.execute(text("UPDATE batches SET status = 'cancelling', cancelling_at = :now "
                            "WHERE id = :id AND status IN ('validating', 'in_progress')"), {"id": batch_id, "now": int(now)})
         return True

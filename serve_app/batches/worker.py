@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -248,8 +249,8 @@ def answer_of(status: int, headers: dict[str, str], body: bytes, request_id: str
         parsed = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         parsed = {"error": {"message": body[:500].decode("utf-8", "replace"), "type": "internal_error"}}
-    retry = headers.get("retry-after")
-    return Answer(status, parsed, request_id, float(retry) if retry and retry.isdigit() else None)
+    retry = headers.get("retry-after", "")
+    return Answer(status, parsed, request_id, float(retry) if re.fullmatch(r"[0-9]{1,6}", retry) else None)
 
 
 async def call_app(app: Any, path: str, body: bytes, request_id: str, principal: Any) -> tuple[int, dict[str, str], bytes]:
