@@ -31,7 +31,7 @@ ROUTES: dict[str, tuple[str, type[BaseModel] | str | None, tuple[str, ...]]] = {
     "/ready": ("200 when every model answers through a replica, else 503", None, ()),
     "/v1/models": ("served models (OpenAI shape, plus kind, engine, max_model_len, device, dtype)", None, ()),
     "/v1/models/{model}": ("one served model", None, ()),
-    "/v1/status": ("every model → replica → node: health, circuit, autoscaling, alerts (admin)", None, ()),
+    "/v1/status": ("every model → replica → node: health, circuit, autoscaling, restarts, batches, alerts (admin)", None, ()),
     "/v1/usage": ("requests and tokens per key name and model, by hour (admin)", None, ("since", "until", "key")),
     "/v1/chat/completions": ("OpenAI chat completions, streaming (SSE) or not", openai.ChatEnvelope, ()),
     "/v1/completions": ("OpenAI completions, streaming (SSE) or not", openai.CompletionEnvelope, ()),
