@@ -4,6 +4,7 @@ lease is claimed again, a worker that lost its lease writes nothing, and a batch
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -136,6 +137,7 @@ def test_concurrent_workers_answer_every_line_exactly_once(store):
     bid = batch(store, 300, now)
     store.advance("w0", now, 60)
     written: list[tuple[str, int]] = []
+    claimed: list[tuple[str, int]] = []  # every claim, kept or not: a double claim shows here even if one finish loses
     lock = threading.Lock()
 
     def work(name: str) -> None:
@@ -143,6 +145,8 @@ def test_concurrent_workers_answer_every_line_exactly_once(store):
             got = store.claim(name, ["emb"], 7, time.time(), 60)
             if not got:
                 return
+            with lock:
+                claimed.extend((name, line["idx"]) for line in got)
             for line in got:
                 if store.finish(name, bid, line["idx"], True, f'{{"w": "{name}"}}', time.time()):
                     with lock:
@@ -154,6 +158,8 @@ def test_concurrent_workers_answer_every_line_exactly_once(store):
         t.start()
     for t in threads:
         t.join(60)
+    # Leases of 60 s never lapse here, so no line may be claimed twice, by two workers or one.
+    assert sorted(i for _, i in claimed) == list(range(300)), [i for i, n in collections.Counter(i for _, i in claimed).items() if n > 1]
     assert sorted(i for _, i in written) == list(range(300))
     assert len({w for w, _ in written}) > 1  # the work was really shared
     store.advance("w0", time.time(), 60)

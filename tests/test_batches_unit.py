@@ -317,7 +317,9 @@ def test_a_line_whose_task_failed_goes_back_and_only_running_lines_keep_their_le
 
             rows = dict(conn.execute(text("SELECT idx, state FROM batch_lines")).all())
             renewed = conn.execute(text("SELECT idx FROM batch_lines WHERE lease_until > :t"), {"t": time.time() + 900}).all()
+            preemptions = conn.execute(text("SELECT preemptions FROM batch_lines WHERE idx = 0")).scalar_one()
         assert rows == {0: "pending", 1: "leased"} and [r[0] for r in renewed] == [1]
+        assert preemptions == 0  # a store error is no preemption: the line keeps its three preemptions
         release.set()
         await asyncio.sleep(0.3)
 

@@ -33,10 +33,11 @@ from typing import Any
 
 import orjson
 
+from serve_app.batches.config import BatchApiConfig
 from serve_app.batches.lines import error_line, response_line
 from serve_app.batches.store import BatchStore
 from serve_app.batches.traffic import Traffic
-from serve_app.config import BatchConfig, ModelConfig
+from serve_app.config import ModelConfig
 
 logger = logging.getLogger("ray.serve")
 MAX_PREEMPTIONS = 3
@@ -58,7 +59,7 @@ RunLine = Callable[[str, str, str, str], Awaitable[Answer]]
 
 
 class BatchWorker:
-    def __init__(self, store: BatchStore, cfg: BatchConfig, models: dict[str, ModelConfig], traffic: Traffic,
+    def __init__(self, store: BatchStore, cfg: BatchApiConfig, models: dict[str, ModelConfig], traffic: Traffic,
                  run_line: RunLine, worker_id: str | None = None, clock: Callable[[], float] = time.time,
                  on_line: Callable[[str, bool], None] = lambda model, ok: None,
                  on_pending: Callable[[dict[str, int]], None] = lambda pending: None) -> None:
@@ -187,8 +188,10 @@ class BatchWorker:
                 logger.warning("batch %s line %d: %s; it goes back to pending", line["batch_id"], line["idx"],
                                type(t.exception()).__name__, exc_info=t.exception())
             if t.cancelled() or failed:  # preempted, shut down (maybe before it began), or the store failed
+                # Only a preemption counts toward the line's preemption cap: a store blip is not one.
+                preempted = t.cancelled() and not self._stopped
                 release = asyncio.get_running_loop().create_task(asyncio.to_thread(
-                    self.store.release, self.id, line["batch_id"], line["idx"], self.clock(), False, not self._stopped))
+                    self.store.release, self.id, line["batch_id"], line["idx"], self.clock(), False, preempted))
                 self._releasing.add(release)
                 release.add_done_callback(self._releasing.discard)
 
