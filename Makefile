@@ -23,8 +23,11 @@ up: models
 down:
 	@$(PY) -m serve_app down
 
+# REQUIRE_TEST_TOOLS: redis-server, PostgreSQL, Chromium and promtool (installed above) are required,
+# so a missing one fails instead of skipping; ENGINE_SUITE_DEVICE=cpu runs the GPU suite's engine
+# layer (tests/gpu) on the CPU, so its checks cannot rot between GPU runs.
 test: models
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@REQUIRE_TEST_TOOLS=1 ENGINE_SUITE_DEVICE=cpu $(PY) -m pytest $(PYTEST_ARGS)
 
 # Every benchmark against its baselines, same run (~10 min; docs/benchmarks.md). Not part of `make test`.
 bench: models

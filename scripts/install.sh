@@ -8,17 +8,18 @@ PY=${PYTHON:-python3}
 if [[ -z "${PROFILE:-}" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PROFILE=gpu; else PROFILE=cpu; fi
 fi
-# System tools some tests use for real; CI runs as root on a fresh clone; elsewhere those tests
-# skip and say why. redis-server: the shared quota store (tests/redis_server.py); promtool (Debian
-# package prometheus): the alert rules; chromium: the /status page in a headless browser.
+# System tools some tests use for real; CI runs as root on a fresh clone. `make test` fails when one
+# is still missing (REQUIRE_TEST_TOOLS); pytest run by hand skips those tests and says why.
+# redis-server: the shared quota store (tests/redis_server.py); promtool (Debian package
+# prometheus): the alert rules; chromium: the /status page in a headless browser.
 apt_tool() {  # apt_tool COMMAND PACKAGE
   command -v "$1" >/dev/null 2>&1 && return 0
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
     echo "[install] installing $2 (apt)"
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; } \
-      || echo "[install] warning: $2 could not be installed; the tests that need $1 will skip"
+      || echo "[install] warning: $2 could not be installed; the tests that need $1 will fail under make test"
   else
-    echo "[install] note: no $1 (apt-get install -y $2); the tests that need it will skip"
+    echo "[install] note: no $1 (apt-get install -y $2); the tests that need it will fail under make test"
   fi
 }
 # PostgreSQL: the batch store's shared backend (tests/pg_server.py); Debian keeps initdb off PATH.

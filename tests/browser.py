@@ -5,15 +5,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import pytest
+from tests.local_servers import needs, require
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium (apt-get install -y chromium; scripts/install.sh does it as root)")
+NO_CHROMIUM = "no chromium (apt-get install -y chromium; scripts/install.sh does it as root)"
+needs_chromium = needs(CHROMIUM is not None, NO_CHROMIUM)
 
 
 def chromium_dom(url: str, budget_ms: int, tmp_path) -> tuple[str, str]:
     """(rendered DOM, browser log) after `budget_ms` of virtual time (timers run that far)."""
+    require(CHROMIUM is not None, NO_CHROMIUM)
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
            f"--virtual-time-budget={budget_ms}", "--dump-dom", url]

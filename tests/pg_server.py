@@ -3,7 +3,7 @@
 The Debian package (`postgresql`) puts its binaries under /usr/lib/postgresql/<version>/bin;
 `.ci/run` (through scripts/install.sh) installs it when missing. PostgreSQL refuses to run as
 root, so as root the cluster is made and run as the package's `postgres` user. Where none can
-be started, the tests that need it skip and say why.
+be started, `make test` fails and a run by hand skips (tests/local_servers.py).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 
-import pytest
+from tests.local_servers import free_port, missing_tool
 
 
 def _bin(name: str) -> str | None:
@@ -29,32 +28,26 @@ def _bin(name: str) -> str | None:
     return versions[-1] if versions else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PgServer:
     def __init__(self) -> None:
         initdb, self.postgres = _bin("initdb"), _bin("postgres")
         if initdb is None or self.postgres is None:
-            pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql; scripts/install.sh does it as root)")
+            missing_tool("PostgreSQL is not installed (apt-get install -y postgresql; scripts/install.sh does it as root)")
         self.user = None
         if os.geteuid() == 0:
             try:
                 self.user = pwd.getpwnam("postgres")
             except KeyError:
-                pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+                missing_tool("running as root and there is no 'postgres' user to run PostgreSQL as")
         self.dir = tempfile.mkdtemp(prefix="pg-test-")
         if self.user is not None:
             os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
         done = subprocess.run([initdb, "-D", f"{self.dir}/data", "-U", "test", "--auth=trust", "-E", "UTF8", "--no-sync"],
                               capture_output=True, text=True, preexec_fn=self._demote)
         if done.returncode != 0:
-            pytest.skip(f"initdb failed: {done.stderr.strip()[-300:]}")
+            missing_tool(f"initdb failed: {done.stderr.strip()[-300:]}")
         self.start()
 
     @property

@@ -1,7 +1,7 @@
 """A real, throw-away `redis-server` on a free loopback port, in a temp dir, for tests.
 
 `.ci/run` (through scripts/install.sh) installs the Debian package when it is missing; where it
-still is (no root), the tests that need it skip and say why.
+still is, `make test` fails and a run by hand skips (tests/local_servers.py).
 """
 
 from __future__ import annotations
@@ -13,23 +13,17 @@ import subprocess
 import tempfile
 import time
 
-import pytest
+from tests.local_servers import free_port, missing_tool
 
 BINARY = shutil.which("redis-server") or ("/usr/bin/redis-server" if pathlib.Path("/usr/bin/redis-server").exists() else None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
     def __init__(self) -> None:
         if BINARY is None:
-            pytest.skip("redis-server is not installed (apt-get install -y redis-server; scripts/install.sh does it as root)")
+            missing_tool("redis-server is not installed (apt-get install -y redis-server; scripts/install.sh does it as root)")
         self.dir = tempfile.mkdtemp(prefix="redis-test-")
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.start()
 

@@ -10,14 +10,15 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import yaml
+
+from tests.local_servers import needs, require
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RULES = ROOT / "docs" / "grafana" / "serve_app_alerts.yaml"
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool not installed (apt-get install -y prometheus; scripts/install.sh does it as root)")
+NO_PROMTOOL = "promtool not installed (apt-get install -y prometheus; scripts/install.sh does it as root)"
+needs_promtool = needs(PROMTOOL is not None, NO_PROMTOOL)
 
 
 def _exprs() -> list[str]:
@@ -52,6 +53,7 @@ def test_rules_use_only_metrics_that_are_exported():
 
 @needs_promtool
 def test_promtool_accepts_the_rules_and_the_generated_manifest_groups(tmp_path):
+    require(PROMTOOL is not None, NO_PROMTOOL)
     out = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     spec = tmp_path / "from-manifest.yaml"
@@ -124,6 +126,7 @@ PROMTOOL_TESTS = {
 
 @needs_promtool
 def test_rules_fire_on_the_conditions_they_name(tmp_path):
+    require(PROMTOOL is not None, NO_PROMTOOL)
     groups = yaml.safe_load(RULES.read_text())["groups"]
     for rule in (r for g in groups for r in g["rules"]):
         rule.pop("annotations", None)

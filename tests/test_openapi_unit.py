@@ -12,6 +12,7 @@ from serve_app.config import hash_key, parse_app_config
 from serve_app.openapi import schema
 from serve_app.router import Router
 from tests.browser import chromium_dom, console_errors, needs_chromium
+from tests.local_servers import ThreadedServer
 
 
 def client(keys: bool = True) -> TestClient:
@@ -62,25 +63,10 @@ def test_docs_is_served_without_a_key_and_loads_nothing_remote():
 
 @needs_chromium
 def test_docs_renders_every_route_in_a_real_browser(tmp_path):
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    app = client(keys=True).app
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    server = ThreadedServer(client(keys=True).app)
     try:
-        dom, log = chromium_dom(f"http://127.0.0.1:{port}/docs", 2000, tmp_path)
+        dom, log = chromium_dom(f"{server.url}/docs", 2000, tmp_path)
         assert "/v1/chat/completions" in dom and "/v2/rerank" in dom and "request body" in dom and "POST" in dom
         assert console_errors(log) == [], console_errors(log)
     finally:
-        server.should_exit = True
-        thread.join(5)
+        server.close()

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 import time
 
-import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -19,6 +16,7 @@ from starlette.testclient import TestClient
 
 from serve_app.status_page import page_response
 from tests.browser import chromium_dom, console_errors, needs_chromium
+from tests.local_servers import ThreadedServer
 
 
 def restarts_cell(dom: str) -> tuple[str, str]:
@@ -65,23 +63,12 @@ class FakeGateway:
             self.calls += 1
             return JSONResponse(view("reporting" if self.calls == 1 else "gone"))
 
-        app = Starlette(routes=[Route("/app/status", lambda r: page_response()), Route("/app/v1/status", status)])
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/app/status"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
+        self.server = ThreadedServer(Starlette(routes=[Route("/app/status", lambda r: page_response()),
+                                                       Route("/app/v1/status", status)]))
+        self.url = f"{self.server.url}/app/status"
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
+        self.server.close()
 
 
 @needs_chromium

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import time
 from types import SimpleNamespace
 
 import pytest
 import yaml
+
+from tests.local_servers import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -91,12 +92,6 @@ def guarded_args(ce: pathlib.Path) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> SimpleNamespace:
     from tests.tiny_models import build_tiny_cross_encoder, build_tiny_llama, build_tiny_qwen3_reranker
@@ -125,7 +120,7 @@ def stack(tiny_models) -> SimpleNamespace:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 16, "num_gpus": 1, "include_dashboard": False})
     gpu_node = cluster.add_node(num_cpus=12, num_gpus=2)
     ray.init(address=cluster.address, log_to_driver=False)  # replica logs stay in /tmp/ray/session_latest
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     deploy(all_apps(tiny_models))
     try:

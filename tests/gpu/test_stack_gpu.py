@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-import socket
 
 import pytest
+
+from tests.local_servers import free_port
 
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available() or not all(importlib.util.find_spec(m) for m in ("ray", "vllm")):
@@ -24,12 +25,6 @@ pytestmark = pytest.mark.gpu
 
 TOL = 1e-2
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +64,7 @@ def stack(models):
     from serve_app.app import build_app
 
     ray.init(num_cpus=8, num_gpus=GPUS, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(gpu_args(models)), name="gpu", route_prefix="/")
     try:
