@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from deployments import status_board
+from serve_app.serve_context import app_name
 
 POISON_MARKER = "\u2620poison\u2620"  # with the "poison" fault injected, inputs holding it fail
 
@@ -160,12 +162,11 @@ class MonitoredReplica:
         return self.replica.replica_id
 
     def _post_status(self) -> None:
+        app = app_name()
+        if app is None:
+            return  # outside Serve (unit tests): no board
         try:
-            from ray import serve
-
-            from deployments.status_board import board
-
-            board(serve.get_replica_context().app_name).post.remote(self.cfg.name, self.replica.replica_id, self._snapshot())
+            status_board.call(app, "post", self.cfg.name, self.replica.replica_id, self._snapshot())
         except Exception:  # noqa: BLE001 - status is best effort; health must not depend on it
             pass
 

@@ -6,8 +6,8 @@ small named actor per application, and the router reads them all. A replica that
 posting is shown as silent after two periods; one that Serve no longer lists, as gone
 (serve_app/status.py), and then forgotten.
 
-The board is also the one component that pushes alerts (serve_app/alerts.py decides,
-serve_app/alert_delivery.py sends): it already hears from every replica every health period,
+The board is also the one component that pushes alerts (serve_app/alerts/tracker.py decides,
+serve_app/alerts/delivery.py sends): it already hears from every replica every health period,
 and it is one actor per app, so every router replica does not alert on its own. The router
 hands it `gateway.alerts` when it starts; a thread then compares, each `check_period_s`,
 Serve's replica list, the reports and the live nodes. That thread runs even with no alert
@@ -17,12 +17,18 @@ stopped on purpose, so the per-model restart count on /v1/status comes from the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
 from typing import Any
 
 import ray
+from ray.exceptions import ActorDiedError
+
+from deployments.serve_view import live_replicas, serve_details, state_name
+from serve_app.alerts import AlertDelivery, AlertTracker, ModelView, World
+from serve_app.config import AlertsConfig
 
 logger = logging.getLogger("ray.serve")
 RECENT_ALERTS = 50  # kept for /v1/status
@@ -59,8 +65,6 @@ class StatusBoard:
             return
         if self._alerts is not None:
             self._alerts.stop()
-        from serve_app.config import AlertsConfig
-
         cfg = AlertsConfig.model_validate(alerts)
         restarts = self._alerts.restarts if self._alerts is not None else {}  # a new config keeps the count
         self._alerts = _AlertLoop(wanted, app, cfg, models, self._read_copy, self._circuits_copy, restarts)
@@ -100,9 +104,6 @@ class _AlertLoop:
 
     def __init__(self, wanted: tuple, app: str, cfg, models: dict[str, dict[str, Any]], reports, circuits,
                  restarts: dict[str, int] | None = None) -> None:
-        from serve_app.alert_delivery import AlertDelivery
-        from serve_app.alerts import AlertTracker
-
         self.wanted, self.app, self.cfg, self.models, self.reports = wanted, app, cfg, models, reports
         self.circuits = circuits
         self.tracker = AlertTracker(cfg, app)
@@ -133,18 +134,13 @@ class _AlertLoop:
             except Exception:  # noqa: BLE001 - a bad period must not end alerting
                 logger.exception("status board: alert check failed")
 
-    def _world(self):
-        from serve_app.alerts import World
-
+    def _world(self) -> World:
         return World(models=_models(self.app, self.models), reports=self.reports(), nodes=_nodes(),
                      circuits=_live_router_circuits(self.app, self.circuits()))
 
 
 def _models(app: str, models: dict[str, dict[str, Any]]):
     """Serve's view per model, or None when the controller cannot be asked (no claim then)."""
-    from serve_app.alerts import ModelView
-    from serve_app.status import serve_details
-
     try:
         deps = serve_details().applications[app].deployments
     except Exception:  # noqa: BLE001 - controller busy, restarting, or the app is being deployed
@@ -154,20 +150,16 @@ def _models(app: str, models: dict[str, dict[str, Any]]):
         d = deps.get(m["deployment"])
         if d is None:
             return None
-        replicas = {r.replica_id: {"state": str(getattr(r.state, "value", r.state)), "node_id": r.node_id,
-                                   "node_ip": r.node_ip} for r in d.replicas}
         auto = d.deployment_config.autoscaling_config  # a dict in the details (a config object if built in-process)
         max_replicas = (auto.get("max_replicas") if isinstance(auto, dict) else getattr(auto, "max_replicas", None))
-        out[name] = ModelView(target=d.target_num_replicas, replicas=replicas, silent_after_s=m["silent_after_s"],
-                              status=str(getattr(d.status, "value", d.status)), max_replicas=max_replicas,
+        out[name] = ModelView(target=d.target_num_replicas, replicas=live_replicas(d.replicas),
+                              silent_after_s=m["silent_after_s"], status=state_name(d.status), max_replicas=max_replicas,
                               max_ongoing_requests=d.deployment_config.max_ongoing_requests)
     return out
 
 
 def _live_router_circuits(app: str, circuits: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Only router replicas Serve still lists: a dead router's last word must not hold an alert open."""
-    from serve_app.status import serve_details
-
     if not circuits:
         return {}  # no router has reported a circuit change: nothing to ask the controller
     try:
@@ -185,8 +177,30 @@ def _nodes() -> dict[str, dict[str, Any]] | None:
         return None
 
 
+_boards: dict[str, Any] = {}  # app name -> its board's handle, in this process
+
+
 def board(app_name: str):
-    """The app's board, created on first use; detached so it outlives any one replica."""
-    return StatusBoard.options(
-        name=f"status_board::{app_name}", namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-    ).remote()
+    """The app's board, created on first use; detached so it outlives any one replica. The handle
+    is kept: finding the actor by name is a GCS round trip, and replicas post every health period."""
+    handle = _boards.get(app_name)
+    if handle is None:
+        handle = _boards[app_name] = StatusBoard.options(
+            name=f"status_board::{app_name}", namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        ).remote()
+    return handle
+
+
+def call(app_name: str, method: str, *args: Any) -> ray.ObjectRef:
+    """`method(*args)` on the app's board; await the ref or drop it. A crashed board is restarted
+    behind the same handle (max_restarts), but one killed for good fails every call with
+    ActorDiedError: then the kept handle is dropped, so the next call finds or creates a new board."""
+    handle = board(app_name)
+    ref = getattr(handle, method).remote(*args)
+    ref.future().add_done_callback(lambda done: _drop_if_dead(app_name, handle, done))
+    return ref
+
+
+def _drop_if_dead(app_name: str, handle: Any, done: concurrent.futures.Future) -> None:
+    if not done.cancelled() and isinstance(done.exception(), ActorDiedError) and _boards.get(app_name) is handle:
+        _boards.pop(app_name, None)

@@ -24,17 +24,17 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
-from limits.errors import StorageError
 from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from serve_app.store_errors import STORE_ERRORS
+
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
 RETRY_S = 5.0  # after a failure, this long on memory before Redis is tried again
 LEASE_S = 60.0  # a Redis slot not renewed this long is freed (its router died mid-request)
-STORE_ERRORS = (StorageError, redis.RedisError, OSError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,24 +6,28 @@ longer lists is shown as `gone` (with when it was first missed) and dropped afte
 `gateway.status_gone_retention_s`; a replica Serve lists that has not posted yet is `starting`.
 When the controller cannot be asked, board entries are `unknown`, never live or silent.
 Per model, `restarts` is how many replicas Serve lost outside a planned stop since the board
-began watching (serve_app/alerts.py decides; None when the board cannot say).
+began watching (serve_app/alerts/tracker.py decides; None when the board cannot say).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Any
 
+from deployments import status_board
+from deployments.serve_view import live_replicas, serve_details, state_name
 from serve_app.config import GatewayConfig, ModelConfig
+from serve_app.serve_context import app_name, replica_context
 
 logger = logging.getLogger("ray.serve")
 
 
 async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], breakers: dict[str, Any],
                       events: dict[tuple[str, str], int]) -> dict[str, Any]:
-    app = _app_name()
+    app = app_name()
     serve_state, reports, alerts = await asyncio.gather(_serve_state(app), _board_reports(app), _board_alerts(app))
     now = time.time()
     restarts = alerts.pop("restarts", None)
@@ -79,15 +83,6 @@ def silent_after_s(m: ModelConfig) -> float:
     return 2 * m.deployment.health_check_period_s + 5
 
 
-def _app_name() -> str | None:
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().app_name
-    except Exception:  # noqa: BLE001 - outside Serve (unit tests): the view shows what the router knows
-        return None
-
-
 async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
     """Per deployment: status, message, replica state counts and the live replicas by id.
     The same controller call `serve.status()` makes, kept whole for the replica list."""
@@ -97,39 +92,20 @@ async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
         details = await asyncio.to_thread(serve_details)
         deps = details.applications[app].deployments
         return {
-            n: {"status": str(getattr(d.status, "value", d.status)), "message": d.message,
-                "replica_states": _count_states(d.replicas),
-                "replicas": {r.replica_id: {"state": str(getattr(r.state, "value", r.state)), "node_id": r.node_id,
-                                            "node_ip": r.node_ip} for r in d.replicas}}
+            n: {"status": state_name(d.status), "message": d.message,
+                "replica_states": dict(collections.Counter(state_name(r.state) for r in d.replicas)),
+                "replicas": live_replicas(d.replicas)}
             for n, d in deps.items()
         }
     except Exception:  # noqa: BLE001 - controller busy or app going away: show what we have
         return {}
 
 
-def serve_details():
-    """The controller's full view (what `serve status` shows), for this view and the status board's alerts."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeInstanceDetails
-
-    return ServeInstanceDetails(**_get_global_client().get_serve_details())
-
-
-def _count_states(replicas: list[Any]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in replicas:
-        state = str(getattr(r.state, "value", r.state))
-        counts[state] = counts.get(state, 0) + 1
-    return counts
-
-
 async def _board_reports(app: str | None) -> dict[str, dict[str, dict[str, Any]]]:
     if app is None:
         return {}
     try:
-        from deployments.status_board import board
-
-        return await board(app).read.remote()
+        return await status_board.call(app, "read")
     except Exception:  # noqa: BLE001
         return {}
 
@@ -138,9 +114,7 @@ async def _board_call(app: str | None, method: str, *args: Any) -> None:
     if app is None:
         return
     try:
-        from deployments.status_board import board
-
-        await getattr(board(app), method).remote(*args)
+        await status_board.call(app, method, *args)
     except Exception:  # noqa: BLE001 - the view is still right; the board catches up next time
         pass
 
@@ -150,9 +124,7 @@ async def _board_alerts(app: str | None) -> dict[str, Any]:
     if app is None:
         return {"enabled": False}
     try:
-        from deployments.status_board import board
-
-        return await board(app).alert_state.remote()
+        return await status_board.call(app, "alert_state")
     except Exception:  # noqa: BLE001
         return {"enabled": False, "error": "status board unreachable"}
 
@@ -161,14 +133,26 @@ def configure_alerts(gateway: GatewayConfig, models: dict[str, ModelConfig]) -> 
     """Hand `gateway.alerts` to the app's status board, the one component that pushes alerts (and
     counts restarts, targets or not); each router replica calls this at start (the same config
     twice changes nothing)."""
-    app = _app_name()
+    app = app_name()
     if app is None:
         return
     try:
-        from deployments.status_board import board
-
-        board(app).configure_alerts.remote(app, gateway.alerts.model_dump(), {
+        status_board.call(app, "configure_alerts", app, gateway.alerts.model_dump(), {
             name: {"deployment": m.deployment_name, "silent_after_s": silent_after_s(m)}
             for name, m in models.items()})
     except Exception:  # noqa: BLE001 - alerts are best effort; serving must not depend on them
         logger.warning("could not configure alerts on the status board", exc_info=True)
+
+
+def report_circuit(model: str, snapshot: dict[str, Any]) -> None:
+    """Tell the status board a circuit opened or closed (it pushes the alert, one for all router
+    replicas); best effort, and nothing outside Serve (unit tests: no board)."""
+    ctx = replica_context()
+    if ctx is None:
+        return
+    try:
+        state = "closed" if snapshot["state"] == "closed" else "open"
+        status_board.call(ctx.app_name, "circuit", model, ctx.replica_id.unique_id, {
+            "state": state, "since": time.time(), "last_error": snapshot.get("last_error")})
+    except Exception:  # noqa: BLE001 - alerting never fails a request
+        logger.warning("could not report the circuit of %s to the status board", model, exc_info=True)

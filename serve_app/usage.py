@@ -14,19 +14,20 @@ import datetime
 import json
 import logging
 import pathlib
-import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Protocol
 
 import redis
+from sqlalchemy import text
 
 from serve_app.errors import StoreUnavailable
+from serve_app.sql import reading, sqlite_engine
+from serve_app.store_errors import STORE_ERRORS
 
 logger = logging.getLogger("ray.serve")
 HOUR = 3600
 FLUSH_S = 2.0
-STORE_ERRORS = (sqlite3.Error, redis.RedisError, OSError)
 
 
 @dataclasses.dataclass
@@ -49,39 +50,43 @@ class UsageStore(Protocol):
 
     def totals(self, since_hour: int, until: float, key: str | None) -> dict[tuple[str, str], Counts]: ...
 
+    def close(self) -> None: ...
+
 
 class SqliteUsage:
-    """One row per hour, key and model; WAL, so router replicas on one node share the file."""
+    """One row per hour, key and model; WAL, so router replicas on one node share the file (opened
+    as the batch store's is: serve_app/sql.py)."""
 
     def __init__(self, path: pathlib.Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS usage (hour INTEGER NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL, "
-                       "requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, "
-                       "PRIMARY KEY (hour, key, model))")
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=5)
+        self.engine = sqlite_engine(path, busy_timeout_s=5)
+        with self.engine.begin() as c:
+            c.execute(text("CREATE TABLE IF NOT EXISTS usage (hour INTEGER NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL, "
+                           "requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, "
+                           "PRIMARY KEY (hour, key, model))"))
 
     def add(self, tally: dict[Bucket, Counts]) -> None:
-        with self._connect() as db:  # one transaction
-            db.executemany(
-                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hour, key, model) DO UPDATE SET "
-                "requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                "completion_tokens = completion_tokens + excluded.completion_tokens",
-                [(*b, c.requests, c.prompt_tokens, c.completion_tokens) for b, c in tally.items()],
+        with self.engine.begin() as c:  # one transaction
+            c.execute(
+                text("INSERT INTO usage VALUES (:hour, :key, :model, :requests, :prompt_tokens, :completion_tokens) "
+                     "ON CONFLICT (hour, key, model) DO UPDATE SET requests = requests + excluded.requests, "
+                     "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                     "completion_tokens = completion_tokens + excluded.completion_tokens"),
+                [{"hour": hour, "key": key, "model": model, **dataclasses.asdict(counts)}
+                 for (hour, key, model), counts in tally.items()],
             )
 
     def totals(self, since_hour: int, until: float, key: str | None) -> dict[tuple[str, str], Counts]:
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT key, model, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) FROM usage "
-                "WHERE hour >= ? AND hour < ? AND (? IS NULL OR key = ?) GROUP BY key, model",
-                (since_hour, until, key, key),
-            ).fetchall()
-        return {(k, m): Counts(r, p, c) for k, m, r, p, c in rows}
+        with reading(self.engine) as c:  # waits for no writer
+            rows = c.execute(
+                text("SELECT key, model, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) FROM usage "
+                     "WHERE hour >= :since AND hour < :until AND (:key IS NULL OR key = :key) GROUP BY key, model"),
+                {"since": since_hour, "until": until, "key": key},
+            ).all()
+        return {(k, m): Counts(r, p, t) for k, m, r, p, t in rows}
+
+    def close(self) -> None:
+        self.engine.dispose()
 
 
 class RedisUsage:
@@ -92,6 +97,9 @@ class RedisUsage:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
+
+    def close(self) -> None:
+        """Nothing to release: the client is the quota store's."""
 
     def _day_key(self, hour: int) -> str:
         day = datetime.datetime.fromtimestamp(hour, datetime.timezone.utc).date()
@@ -173,6 +181,7 @@ class UsageRecorder:
     def close(self) -> None:
         self._stop.set()
         self.flush()
+        self.store.close()
 
     def _write_forever(self) -> None:
         while not self._stop.wait(FLUSH_S):

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from serve_app.alert_delivery import AlertDelivery
-from serve_app.alerts import AlertTracker, ModelView, World
+from serve_app.alerts import AlertDelivery, AlertTracker, ModelView, World
 from serve_app.config import AlertsConfig, AlertTarget, ConfigError, parse_app_config
 from tests.webhook_receiver import Receiver
 
@@ -177,7 +176,6 @@ def test_the_board_reads_max_replicas_and_max_ongoing_requests_from_serves_deplo
     from ray.serve.schema import DeploymentDetails, DeploymentSchema
 
     from deployments import status_board
-    from serve_app import status
 
     def details(name: str, **config) -> DeploymentDetails:
         schema = DeploymentSchema(name=name, max_ongoing_requests=5, **config)
@@ -187,7 +185,7 @@ def test_the_board_reads_max_replicas_and_max_ongoing_requests_from_serves_deplo
 
     auto = AutoscalingConfig(min_replicas=1, max_replicas=3).model_dump()
     deps = {"rerank-ce": details("rerank-ce", autoscaling_config=auto), "embed-em": details("embed-em", num_replicas=3)}
-    monkeypatch.setattr(status, "serve_details", lambda: SimpleNamespace(applications={"app": SimpleNamespace(deployments=deps)}))
+    monkeypatch.setattr(status_board, "serve_details", lambda: SimpleNamespace(applications={"app": SimpleNamespace(deployments=deps)}))
     views = status_board._models("app", {"ce": {"deployment": "rerank-ce", "silent_after_s": 7},
                                          "em": {"deployment": "embed-em", "silent_after_s": 7}})
     assert (views["ce"].target, views["ce"].max_replicas, views["ce"].max_ongoing_requests) == (3, 3, 5)
@@ -245,7 +243,7 @@ def test_the_status_view_shows_the_boards_restart_count_per_model(monkeypatch):
 
     cfg = parse_app_config({"models": [{"name": "ce", "kind": "rerank", "engine": "transformers", "source": "o/ce"},
                                        {"name": "em", "kind": "embed", "engine": "transformers", "source": "o/em"}]})
-    monkeypatch.setattr(status, "_app_name", lambda: "app")
+    monkeypatch.setattr(status, "app_name", lambda: "app")
     monkeypatch.setattr(status, "_board_alerts", board_alerts)
     monkeypatch.setattr(status, "_board_reports", empty)
     monkeypatch.setattr(status, "_serve_state", empty)

@@ -218,3 +218,25 @@ def test_renew_extends_only_the_lines_named(store):
     assert len(store.claim("a", ["emb"], 2, now, lease_s=5)) == 2
     store.renew("a", now + 100, [(bid, 0)])
     assert [r["idx"] for r in store.claim("b", ["emb"], 2, now + 6, 5)] == [1]
+
+
+def test_sqlite_reads_wait_for_no_writer(tmp_path):
+    """Status and progress read while a writer holds SQLite's write lock (another router replica
+    mid-claim), instead of queueing behind it for the busy timeout and answering 503 (issue 20.7)."""
+    import sqlite3
+
+    store = BatchStore("sqlite", tmp_path, "test")
+    now = time.time()
+    bid = batch(store, 3, now)
+    writer = sqlite3.connect(tmp_path / "batches-test.sqlite3", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # held for the whole read below
+    try:
+        t0 = time.monotonic()
+        assert store.get_batch(bid, None)[0]["id"] == bid
+        assert [b["id"] for b in store.progress(now)] == [bid]
+        assert store.pending_by_model() == {"emb": 3} and store.models_with_work(now) == {"emb"}
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        store.close()

@@ -371,3 +371,37 @@ def test_traffic_seen_by_another_router_replica_preempts_this_ones_lines(tmp_pat
             assert tuple(conn.execute(text("SELECT state, preemptions FROM batch_lines")).one()) == ("pending", 1)
 
     asyncio.run(main())
+
+
+def test_requests_refused_before_a_model_never_pause_batches(monkeypatch, tmp_path):
+    """Only an admitted request is interactive traffic that batch lines yield to: a key with no
+    quota left, a wrong endpoint, an unknown model or too big a list pauses nothing (issue 20.4)."""
+    from starlette.testclient import TestClient
+
+    from serve_app.config import AppConfig, hash_key
+    from serve_app.router import Router
+    from tests.fakes import FakeModel
+
+    monkeypatch.setenv("SERVE_APP_DATA_DIR", str(tmp_path))
+    cfg = AppConfig.model_validate({
+        "gateway": {"max_documents": 4, "api_keys": [{"name": "t", "sha256": hash_key("sk-t"), "requests_per_minute": 1}]},
+        "models": [{"name": "chat", "kind": "llm", "engine": "vllm", "source": "org/chat"},
+                   {"name": "emb", "kind": "embed", "engine": "transformers", "source": "org/emb"}]})
+    router = Router(cfg.gateway, cfg.models, {"chat": FakeModel("chat", "llm"), "emb": FakeModel("emb", "embed")})
+    c = TestClient(router.__serve_build_asgi_app__(), raise_server_exceptions=False)
+    auth = {"authorization": "Bearer sk-t"}
+    refused = [
+        c.post("/v1/embeddings", json={"model": "chat", "input": "x"}, headers=auth),  # 400: an LLM
+        c.post("/v1/embeddings", json={"model": "nope", "input": "x"}, headers=auth),  # 404
+        c.post("/v1/embeddings", json={"model": "emb", "input": ["x"] * 5}, headers=auth),  # 413
+        c.post("/v1/embeddings", json={"model": "emb", "input": "x"}),  # 401
+    ]
+    assert [r.status_code for r in refused] == [400, 404, 413, 401]
+    assert router.traffic.last_seen == {}
+    assert c.post("/v1/embeddings", json={"model": "emb", "input": "x"}, headers=auth).status_code == 200
+    assert set(router.traffic.last_seen) == {"emb"} and router.traffic.in_flight == {"emb": 0}
+    router.traffic.last_seen.clear()
+    assert c.post("/v1/embeddings", json={"model": "emb", "input": "x"}, headers=auth).status_code == 429  # quota spent
+    assert c.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+                  headers=auth).status_code == 429
+    assert router.traffic.last_seen == {}

@@ -93,7 +93,7 @@ def test_usage_from_every_replica_lands_in_one_place(redis_url):
     one, two = router(redis_url), router(redis_url)
     for r in (one, two, two):
         assert client(r).post("/v1/chat/completions", json=CHAT, headers=TEAM).status_code == 200
-    two.usage.flush()  # the other replica's writer would within FLUSH_S
+    two.tenancy.usage.flush()  # the other replica's writer would within FLUSH_S
     rows = client(one).get("/v1/usage", params={"key": "team"}, headers=OPS).json()["data"]
     assert [(r["key"], r["model"], r["requests"]) for r in rows] == [("team", "chat", 3)]
 
@@ -124,13 +124,13 @@ def test_redis_down_fails_open_to_router_memory_then_recovers(monkeypatch):
         assert codes == [200] * 6 + [429]  # this router's own count: 6 per minute
         assert time.perf_counter() - t0 < 2.0  # one failed try, then memory without waiting on Redis
         assert "admit" in errors
-        assert r.admission.store.describe()["degraded"] is True
+        assert r.tenancy.admission.store.describe()["degraded"] is True
         err = assert_error(c.get("/v1/usage", headers=OPS), 503)
         assert err["code"] == "store_unavailable"
         server.start()
-        monkeypatch.setattr(r.admission.store, "_down_until", 0.0)  # skip the RETRY_S wait
+        monkeypatch.setattr(r.tenancy.admission.store, "_down_until", 0.0)  # skip the RETRY_S wait
         rows = c.get("/v1/usage", params={"key": "team"}, headers=OPS).json()["data"]
         assert rows[0]["requests"] == 7  # served during the outage, kept, then written
-        assert r.admission.store.describe()["degraded"] is False
+        assert r.tenancy.admission.store.describe()["degraded"] is False
     finally:
         server.close()

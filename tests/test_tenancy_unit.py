@@ -16,6 +16,7 @@ from serve_app.config import AppConfig, ConfigError, hash_key
 from serve_app.metrics import RouterMetrics
 from serve_app.router import Router
 from tests.fakes import FakeModel
+from tests.local_servers import ThreadedServer
 from tests.test_router_unit import assert_error
 
 MODELS = [
@@ -134,7 +135,7 @@ def test_max_concurrent_requests_holds_a_slot_until_the_stream_ends():
     async def scenario():
         hold = asyncio.Event()
         streaming = asyncio.create_task(_call(app, {**CHAT, "stream": True}, "sk-one", hold))
-        while router.admission.store.run("t", lambda lim: lim.slots.in_flight("one")) == 0:
+        while router.tenancy.admission.store.run("t", lambda lim: lim.slots.in_flight("one")) == 0:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # the handler has long returned; the stream is still open
         refused = await _call(app, CHAT, "sk-one")
@@ -154,7 +155,7 @@ def test_a_refused_or_failed_request_gives_its_slot_back():
     c = client(router)
     assert c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-one")).status_code >= 500
     assert_error(c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 500}, headers=bearer("sk-one")), 429, contains="whole quota")
-    assert router.admission.store.run("t", lambda lim: lim.slots.in_flight("one")) == 0
+    assert router.tenancy.admission.store.run("t", lambda lim: lim.slots.in_flight("one")) == 0
 
 
 # --- real token accounting ---
@@ -281,26 +282,13 @@ def test_store_and_key_fields_are_validated_naming_the_field():
 
 
 def test_cli_usage_verb_reads_the_router_over_http(monkeypatch, capsys):
-    import socket
-    import threading
-
-    import uvicorn
-
     from serve_app.cli import main
 
     router = make_router([key("team-a", "sk-a"), ADMIN])
     assert client(router).post("/v1/chat/completions", json=CHAT, headers=bearer("sk-a")).status_code == 200
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(router.__serve_build_asgi_app__(), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = ThreadedServer(router.__serve_build_asgi_app__(), log_level="error")
     try:
-        deadline = time.time() + 10
-        while not server.started and time.time() < deadline:
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{port}"
+        url = server.url
         monkeypatch.setenv("TEST_ADMIN_KEY", "sk-ops")
         assert main(["usage", "--url", url, "--key-env", "TEST_ADMIN_KEY", "--since", "1h", "--key", "team-a"]) == 0
         out = capsys.readouterr().out.splitlines()
@@ -309,5 +297,4 @@ def test_cli_usage_verb_reads_the_router_over_http(monkeypatch, capsys):
         assert main(["usage", "--url", url, "--key-env", "TEST_ADMIN_KEY"]) == 1
         assert "403" in capsys.readouterr().err
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.close()

@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve_app.api.admin import strict_query
+from serve_app.batches.config import BatchApiConfig
 from serve_app.batches.lines import BatchCreate, batch_object, file_object, parse_input, window_seconds
 from serve_app.batches.store import BatchStore
 from serve_app.body import parse_body, read_body
 from serve_app.http import principal_of
-from serve_app.config import BatchConfig
 from serve_app.errors import InvalidRequest, NotFound, PayloadTooLarge, StoreUnavailable
 
 T = TypeVar("T")
@@ -33,7 +33,7 @@ DEFAULT_PAGE, MAX_PAGE = 20, 100
 
 
 class BatchApi:
-    def __init__(self, store: BatchStore, cfg: BatchConfig, max_body_bytes: int, canonical: Callable[[str], str]) -> None:
+    def __init__(self, store: BatchStore, cfg: BatchApiConfig, max_body_bytes: int, canonical: Callable[[str], str]) -> None:
         self.store, self.cfg, self.max_body_bytes, self.canonical = store, cfg, max_body_bytes, canonical
 
     # --- files ---

@@ -25,9 +25,10 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from serve_app.batches.lines import Line, error_line, new_id
+from serve_app.sql import reading, sqlite_engine
 
 ACTIVE = ("validating", "in_progress")  # lines of these batches may be claimed
 RUNNING = ("pending", "leased")
@@ -71,10 +72,7 @@ class BatchStore:
     def __init__(self, url: str, data_dir: pathlib.Path, app: str) -> None:
         """url: 'sqlite' (a file `batches-<app>.sqlite3` under data_dir) or a PostgreSQL URL."""
         if url == "sqlite":
-            data_dir.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(f"sqlite:///{data_dir / f'batches-{app}.sqlite3'}",
-                                           connect_args={"timeout": 30, "check_same_thread": False})
-            _serialize_sqlite_writes(self.engine)
+            self.engine = sqlite_engine(data_dir / f"batches-{app}.sqlite3", busy_timeout_s=30)
             self.postgres = False
         else:
             url = url.replace("postgres://", "postgresql://", 1)
@@ -89,9 +87,10 @@ class BatchStore:
         self._schema_ready = False
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sa.Connection]:
-        """One transaction. The schema is made on first use, not at start: a database that is down
-        when the router starts fails batch calls (503) until it is back, never the router."""
+    def _tx(self, read: bool = False) -> Iterator[sa.Connection]:
+        """One transaction (`read`: it only reads, so on SQLite it waits for no writer). The schema
+        is made on first use, not at start: a database that is down when the router starts fails
+        batch calls (503) until it is back, never the router."""
         if not self._schema_ready:
             with self.engine.begin() as c:
                 if self.postgres:  # several router replicas may start at once: create the schema once
@@ -100,7 +99,7 @@ class BatchStore:
                 for statement in filter(str.strip, _SCHEMA.format(blob="BYTEA" if self.postgres else "BLOB").split(";")):
                     c.execute(text(statement))
             self._schema_ready = True
-        with self.engine.begin() as c:
+        with (reading(self.engine) if read else self.engine.begin()) as c:
             yield c
 
     def close(self) -> None:
@@ -117,13 +116,13 @@ class BatchStore:
 
     def get_file(self, file_id: str, owner: str | None) -> dict[str, Any] | None:
         """The file's row without its content; None when absent or another owner's (owner None: any)."""
-        with self._tx() as c:
+        with self._tx(read=True) as c:
             row = c.execute(text("SELECT id, owner, purpose, filename, bytes, created_at, batch_id, line_state "
                                  "FROM batch_files WHERE id = :id"), {"id": file_id}).mappings().first()
         return dict(row) if row and (owner is None or row["owner"] == owner) else None
 
     def input_content(self, file_id: str) -> bytes:
-        with self._tx() as c:
+        with self._tx(read=True) as c:
             return bytes(c.execute(text("SELECT content FROM batch_files WHERE id = :id"), {"id": file_id}).scalar_one())
 
     def content_pages(self, row: dict[str, Any]) -> Iterator[bytes]:
@@ -133,7 +132,7 @@ class BatchStore:
             return
         after = -1
         while True:
-            with self._tx() as c:
+            with self._tx(read=True) as c:
                 page = c.execute(text("SELECT idx, result FROM batch_lines WHERE batch_id = :b AND state = :s "
                                       "AND idx > :after ORDER BY idx LIMIT :n"),
                                  {"b": row["batch_id"], "s": row["line_state"], "after": after, "n": PAGE_LINES}).all()
@@ -179,7 +178,7 @@ class BatchStore:
         return batch_id
 
     def get_batch(self, batch_id: str, owner: str | None) -> tuple[dict[str, Any], dict[str, int]] | None:
-        with self._tx() as c:
+        with self._tx(read=True) as c:
             row = c.execute(text("SELECT * FROM batches WHERE id = :id"), {"id": batch_id}).mappings().first()
             if row is None or (owner is not None and row["owner"] != owner):
                 return None
@@ -190,7 +189,7 @@ class BatchStore:
         where, params = "", {"n": limit + 1}
         if owner is not None:
             where, params["owner"] = "WHERE owner = :owner", owner
-        with self._tx() as c:
+        with self._tx(read=True) as c:
             if after is not None:
                 cursor = c.execute(text("SELECT created_at, id FROM batches WHERE id = :id"), {"id": after}).first()
                 if cursor is not None:
@@ -234,12 +233,12 @@ class BatchStore:
 
     def busy_models(self, since: float) -> set[str]:
         """Models any router replica saw interactive requests for since then."""
-        with self._tx() as c:
+        with self._tx(read=True) as c:
             return {r[0] for r in c.execute(text("SELECT DISTINCT model FROM batch_traffic WHERE interactive_at >= :s"),
                                             {"s": since}).all()}
 
     def models_with_work(self, now: float) -> set[str]:
-        with self._tx() as c:
+        with self._tx(read=True) as c:
             return {r[0] for r in c.execute(text(
                 "SELECT DISTINCT l.model FROM batch_lines l JOIN batches b ON b.id = l.batch_id "
                 "WHERE b.status IN ('validating', 'in_progress') AND ((l.state = 'pending' AND l.not_before <= :now) "
@@ -365,7 +364,7 @@ class BatchStore:
     # --- operators ---
     def progress(self, now: float, window_s: float = 60.0, recent_s: float = 3600.0) -> list[dict[str, Any]]:
         """Batches not ended, and those ended within `recent_s`: counts, rate over `window_s`, ETA."""
-        with self._tx() as c:
+        with self._tx(read=True) as c:
             rows = c.execute(text(
                 "SELECT id, owner, endpoint, status, created_at, expires_at, COALESCE(completed_at, failed_at, expired_at, "
                 "cancelled_at) AS ended_at FROM batches WHERE status NOT IN ('completed', 'failed', 'expired', 'cancelled') "
@@ -388,22 +387,8 @@ class BatchStore:
         return out
 
     def pending_by_model(self) -> dict[str, int]:
-        with self._tx() as c:
+        with self._tx(read=True) as c:
             return {m: n for m, n in c.execute(text(
                 "SELECT l.model, COUNT(*) FROM batch_lines l JOIN batches b ON b.id = l.batch_id WHERE b.status IN "
                 "('validating', 'in_progress', 'cancelling') AND l.state IN ('pending', 'leased') GROUP BY l.model")).all()}
 
-
-def _serialize_sqlite_writes(engine: sa.Engine) -> None:
-    """SQLite: every transaction takes the write lock at BEGIN (IMMEDIATE) and waits for it, so two
-    processes never deadlock upgrading a read lock; WAL lets readers go on meanwhile."""
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_conn: Any, _: Any) -> None:
-        dbapi_conn.isolation_level = None  # the driver issues no BEGIN of its own
-        dbapi_conn.execute("PRAGMA journal_mode=WAL")
-        dbapi_conn.execute("PRAGMA busy_timeout=30000")
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")

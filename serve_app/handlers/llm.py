@@ -1,0 +1,108 @@
+"""Generation: chat and completions (JSON or SSE), tokenize and detokenize.
+
+vLLM's own OpenAI layer runs in the replica; the router reads only what it owns of a body (model,
+stream, the token estimate for quotas) and passes the body on as the client sent it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
+
+from deployments.protocol import OpenAIChunk
+from serve_app.api import openai
+from serve_app.body import read_object, validate
+from serve_app.config import ModelKind
+from serve_app.errors import from_exception
+from serve_app.handlers.context import Context
+from serve_app.http import json_response, request_id, sse_response
+from serve_app.replica_calls import with_deadline
+from serve_app.resilience import call_replica
+
+
+class LLMHandlers:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "chat", openai.ChatEnvelope)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completion", openai.CompletionEnvelope)
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._tokenization(request, "tokenize")
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._tokenization(request, "detokenize")
+
+    async def _generate(self, request: Request, api: str, shape: type[openai.LLMEnvelope]) -> Response:
+        """The body goes to the replica as the client sent it (after strict parsing); the router
+        checks the fields it needs for routing, quotas and streaming, vLLM validates the rest."""
+        ctx = self.ctx
+        data = await read_object(request, ctx.gateway.max_body_bytes)
+        env = validate(shape, data)
+        model = ctx.check_model(request, env.model, ModelKind.llm)
+        ctx.admit(request, model, env.estimated_tokens(ctx.gateway.default_max_tokens))
+        rid = request_id(request)
+        if env.stream:
+            return await self._stream(request, model, api, data, rid)
+        served, result = await ctx.dispatch.run(model, lambda h, left: call_replica(h.create.remote(api, data, rid), left))
+        use = result.body.get("usage") or {}
+        ctx.tenancy.served(request, served, use.get("prompt_tokens") or 0, use.get("completion_tokens") or 0)
+        return json_response(result.body, result.replica)
+
+    async def _stream(self, request: Request, model: str, api: str, data: dict[str, Any], rid: str) -> Response:
+        """SSE stream. The first item (it carries the first token) is awaited before answering,
+        with retries and fallbacks, so failures before any token get a real status code; later
+        ones end the stream in-band. Each item holds every event the engine produced since the
+        last one, written as one block."""
+        ctx = self.ctx
+
+        async def open_stream(handle: DeploymentHandle, left: float) -> tuple[Any, OpenAIChunk]:
+            stream = handle.options(stream=True).create_stream.remote(api, data, rid)
+            try:
+                return stream, await with_deadline(stream.__anext__(), left)
+            except BaseException:
+                stream.cancel()
+                raise
+
+        served, (stream, first) = await ctx.dispatch.run(model, open_stream)
+        started = request.scope["state"].get("started")
+        if started is not None:
+            ctx.metrics.ttft.observe((time.perf_counter() - started) * 1000, {"model": served})
+
+        async def blocks() -> AsyncIterator[bytes]:
+            usage, chunk = None, first
+            try:
+                while True:
+                    usage = chunk.usage or usage
+                    yield "".join(f"data: {e}\n\n" for e in chunk.events).encode()
+                    try:
+                        chunk = await stream.__anext__()
+                    except StopAsyncIteration:
+                        break
+                ctx.tenancy.served(request, served, (usage or {}).get("prompt_tokens") or 0, (usage or {}).get("completion_tokens") or 0)
+            except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band with the request id
+                yield f"data: {json.dumps(from_exception(exc).body(rid))}\n\ndata: [DONE]\n\n".encode()
+            finally:
+                stream.cancel()  # normal end: no-op; client gone or error: frees the engine's work
+
+        return sse_response(blocks(), first.replica)
+
+    async def _tokenization(self, request: Request, method: str) -> Response:
+        """vLLM's /tokenize and /detokenize, by the model named in the body."""
+        ctx = self.ctx
+        data = await read_object(request, ctx.gateway.max_body_bytes)
+        env = validate(openai.ModelOnly, data)
+        model = ctx.check_model(request, env.model, ModelKind.llm)
+        ctx.admit(request, model, 0)
+        served, result = await ctx.dispatch.run(
+            model, lambda h, left: call_replica(getattr(h, method).remote(data), left), fallbacks=False)
+        return json_response(result.body, result.replica)
