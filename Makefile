@@ -27,7 +27,7 @@ down:
 # so a missing one fails instead of skipping; ENGINE_SUITE_DEVICE=cpu runs the GPU suite's engine
 # layer (tests/gpu) on the CPU, so its checks cannot rot between GPU runs.
 test: models
-	@REQUIRE_TEST_TOOLS=1 ENGINE_SUITE_DEVICE=cpu $(PY) -m pytest $(PYTEST_ARGS)
+	@REQUIRE_TEST_TOOLS=1 ENGINE_SUITE_DEVICE=cpu $(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 # Every benchmark against its baselines, same run (~10 min; docs/benchmarks.md). Not part of `make test`.
 bench: models

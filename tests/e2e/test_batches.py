@@ -1,5 +1,5 @@
-"""The Batch API on the real stack, driven by the unchanged `openai` client: a 2,000-line
-embeddings batch and a 200-line chat batch complete (every custom_id answered exactly once) while
+"""The Batch API on the real stack, driven by the unchanged `openai` client: a 500-line
+embeddings batch and a 50-line chat batch complete (every custom_id answered exactly once) while
 interactive requests keep succeeding; malformed lines end in the error file by line number;
 cancel starts nothing new and keeps what finished; and with PostgreSQL shared by two router
 replicas, one of them killed mid-batch loses and duplicates nothing, on a model that scaled from
@@ -23,6 +23,10 @@ from tests.e2e.conftest import all_apps, default_args, deploy, wait_for
 pytestmark = pytest.mark.e2e
 EMBED, LLM = "all-minilm-l6-v2", "smollm2-135m-instruct"
 ENDED = ("completed", "failed", "expired", "cancelled")
+# As many lines as each property needs, no more: interactive requests are sent every 4 s while the
+# first two batches run (the chat batch takes longest); the cancel needs lines left after it; the
+# router replica killed on PostgreSQL must hold leased lines, with most of the batch still to run.
+EMBED_LINES, CHAT_LINES, CANCEL_LINES, PG_LINES = 500, 50, 40, 400
 
 
 def client(base: str) -> openai.OpenAI:
@@ -56,9 +60,9 @@ def answered_once(lines: list[dict], expected: list[str]) -> None:
 
 def test_big_embeddings_and_chat_batches_complete_while_interactive_requests_succeed(stack):
     c = client(stack.base)
-    emb = c.batches.create(input_file_id=upload(c, [embed_line(i) for i in range(2000)]), endpoint="/v1/embeddings",
+    emb = c.batches.create(input_file_id=upload(c, [embed_line(i) for i in range(EMBED_LINES)]), endpoint="/v1/embeddings",
                            completion_window="24h")
-    chat = c.batches.create(input_file_id=upload(c, [chat_line(i) for i in range(200)]), endpoint="/v1/chat/completions",
+    chat = c.batches.create(input_file_id=upload(c, [chat_line(i) for i in range(CHAT_LINES)]), endpoint="/v1/chat/completions",
                             completion_window="24h", metadata={"job": "e2e"})
     interactive: list[int] = []
     deadline = time.time() + 900
@@ -73,18 +77,18 @@ def test_big_embeddings_and_chat_batches_complete_while_interactive_requests_suc
             time.sleep(4)
         status = http.get("/v1/status").json()["batches"]
     emb, chat = now
-    assert (emb.status, emb.request_counts.completed, emb.request_counts.failed) == ("completed", 2000, 0), emb
-    assert (chat.status, chat.request_counts.completed, chat.request_counts.failed) == ("completed", 200, 0), chat
+    assert (emb.status, emb.request_counts.completed, emb.request_counts.failed) == ("completed", EMBED_LINES, 0), emb
+    assert (chat.status, chat.request_counts.completed, chat.request_counts.failed) == ("completed", CHAT_LINES, 0), chat
     assert chat.metadata == {"job": "e2e"} and emb.error_file_id is None
     out = results(c, emb.output_file_id)
-    answered_once(out, [f"e{i}" for i in range(2000)])
+    answered_once(out, [f"e{i}" for i in range(EMBED_LINES)])
     assert all(len(o["response"]["body"]["data"][0]["embedding"]) == 384 for o in out)
     out = results(c, chat.output_file_id)
-    answered_once(out, [f"c{i}" for i in range(200)])
+    answered_once(out, [f"c{i}" for i in range(CHAT_LINES)])
     assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["choices"][0]["message"]["content"] for o in out)
     assert len(interactive) >= 4 and set(interactive) == {200}, interactive  # served while the batches ran
     shown = {b["id"]: b for b in status["batches"]}
-    assert shown[emb.id]["total"] == 2000 and status["store"].startswith("sqlite")
+    assert shown[emb.id]["total"] == EMBED_LINES and status["store"].startswith("sqlite")
 
 
 def test_malformed_lines_end_in_the_error_file_named_by_line_and_the_rest_completes(stack):
@@ -103,7 +107,7 @@ def test_malformed_lines_end_in_the_error_file_named_by_line_and_the_rest_comple
 
 def test_cancel_starts_no_new_line_and_keeps_finished_results(stack):
     c = client(stack.base)
-    b = c.batches.create(input_file_id=upload(c, [chat_line(i, max_tokens=48) for i in range(80)]),
+    b = c.batches.create(input_file_id=upload(c, [chat_line(i, max_tokens=48) for i in range(CANCEL_LINES)]),
                          endpoint="/v1/chat/completions", completion_window="24h")
     wait_for(lambda: c.batches.retrieve(b.id).request_counts.completed >= 4, 300, "a few lines done")
     cancelled = c.batches.cancel(b.id)
@@ -111,9 +115,9 @@ def test_cancel_starts_no_new_line_and_keeps_finished_results(stack):
     assert cancelled.status in ("cancelling", "cancelled")
     b = wait_for(lambda: (x := c.batches.retrieve(b.id)).status == "cancelled" and x, 120, "the cancel to end")
     # what ran when the cancel came may finish (8 lines at once on an idle model), nothing after it starts
-    assert done_then <= b.request_counts.completed <= done_then + 8 < 80, (done_then, b.request_counts)
-    assert b.request_counts.completed + b.request_counts.failed == 80
-    answered_once(results(c, b.output_file_id) + results(c, b.error_file_id), [f"c{i}" for i in range(80)])
+    assert done_then <= b.request_counts.completed <= done_then + 8 < CANCEL_LINES, (done_then, b.request_counts)
+    assert b.request_counts.completed + b.request_counts.failed == CANCEL_LINES
+    answered_once(results(c, b.output_file_id) + results(c, b.error_file_id), [f"c{i}" for i in range(CANCEL_LINES)])
     assert {e["error"]["code"] for e in results(c, b.error_file_id)} == {"batch_cancelled"}
 
 
@@ -133,11 +137,11 @@ def pg_app(stack, pg_server):
             "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600},
             "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 1}}}],
     }
-    deploy({**all_apps(stack.tiny_models), APP: args})
+    deploy({**all_apps(stack), APP: args})
     try:
         yield pg_server.url
     finally:
-        deploy(all_apps(stack.tiny_models))
+        deploy(all_apps(stack))
 
 
 def _running(deployment: str) -> int:
@@ -149,9 +153,9 @@ def _running(deployment: str) -> int:
 def test_a_router_replica_killed_mid_batch_loses_and_duplicates_nothing_on_postgres(stack, pg_app):
     assert _running(f"embed-{ZERO}") == 0  # scaled to zero: the batch must wake it
     c = client(f"{stack.base}/{APP}")
-    b = c.batches.create(input_file_id=upload(c, [embed_line(i, model=ZERO) for i in range(600)]),
+    b = c.batches.create(input_file_id=upload(c, [embed_line(i, model=ZERO) for i in range(PG_LINES)]),
                          endpoint="/v1/embeddings", completion_window="24h")
-    wait_for(lambda: c.batches.retrieve(b.id).request_counts.completed >= 60, 240, "the model to wake and lines to finish")
+    wait_for(lambda: c.batches.retrieve(b.id).request_counts.completed >= PG_LINES // 10, 240, "the model to wake and lines to finish")
     assert _running(f"embed-{ZERO}") == 1
     with psycopg.connect(pg_app, options=f"-csearch_path=batches_{APP}") as db:  # the app's own schema
         holders = db.execute("SELECT lease_owner, COUNT(*) FROM batch_lines WHERE batch_id = %s AND state = 'leased' "
@@ -160,8 +164,8 @@ def test_a_router_replica_killed_mid_batch_loses_and_duplicates_nothing_on_postg
         victim, running = holders[0]
         ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#router#{victim.split(':')[0]}", namespace="serve"), no_restart=True)
     b = wait_for(lambda: (x := c.batches.retrieve(b.id)).status in ENDED and x, 300, "the batch to end after the kill")
-    assert (b.status, b.request_counts.completed, b.request_counts.failed) == ("completed", 600, 0), b
-    answered_once(results(c, b.output_file_id), [f"e{i}" for i in range(600)])
+    assert (b.status, b.request_counts.completed, b.request_counts.failed) == ("completed", PG_LINES, 0), b
+    answered_once(results(c, b.output_file_id), [f"e{i}" for i in range(PG_LINES)])
     with psycopg.connect(pg_app, options=f"-csearch_path=batches_{APP}") as db:
         rerun = {r[0] for r in db.execute("SELECT finished_by FROM batch_lines WHERE batch_id = %s AND attempts > 1",
                                           (b.id,))}

@@ -13,32 +13,17 @@ import pytest
 import ray
 from ray import serve
 
-from tests.e2e.conftest import all_apps, deploy, wait_for
+from tests.e2e.conftest import all_apps, chaos_app, deploy, wait_for
 
 pytestmark = pytest.mark.e2e
 DEPLOYMENT = "rerank-ce"
 
 
-def chaos_app(ce, deployment: dict, router: dict | None = None) -> dict:
-    return {
-        "gateway": {"retry_attempts": 6, "retry_backoff_s": 0.2, "request_timeout_s": 60, "status_gone_retention_s": 8,
-                    "deployment": router or {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
-        "models": [{
-            "name": "ce", "kind": "rerank", "engine": "transformers", "source": str(ce),
-            "allow_fault_injection": True,
-            "health": {"probe_timeout_s": 2, "fresh_s": 0, "stall_after_s": 1},
-            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.001},
-            "deployment": {"num_replicas": 2, "health_check_period_s": 1, "health_check_timeout_s": 5,
-                           "graceful_shutdown_timeout_s": 1, **deployment},
-        }],
-    }
-
-
 class Load:
     """Non-streaming requests from a few threads until stopped; every status is kept."""
 
-    def __init__(self, base: str, threads: int = 4, documents: int = 16, retry_dropped: bool = False) -> None:
-        self.base, self.codes, self.errors, self.documents = base, [], [], documents
+    def __init__(self, base: str, threads: int = 4, documents: int = 16, retry_dropped: bool = False, model: str = "ce") -> None:
+        self.base, self.codes, self.errors, self.documents, self.model = base, [], [], documents, model
         self.failures: list[str] = []  # no HTTP response at all (connection dropped)
         self.retry_dropped, self.dropped = retry_dropped, []
         self._stop = threading.Event()
@@ -46,7 +31,7 @@ class Load:
         self._futures = [self._pool.submit(self._run) for _ in range(threads)]
 
     def _run(self) -> None:
-        body = {"model": "ce", "query": "paris", "documents": [f"doc {i} paris" for i in range(self.documents)]}
+        body = {"model": self.model, "query": "paris", "documents": [f"doc {i} paris" for i in range(self.documents)]}
         with httpx.Client(base_url=self.base, timeout=90) as c:
             while not self._stop.is_set():
                 r = self._post(c, body)
@@ -74,8 +59,8 @@ class Load:
         self._pool.shutdown()
 
 
-def replica_ids(app: str, tries: int = 30) -> set[str]:
-    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=app)
+def replica_ids(app: str, tries: int = 30, deployment: str = DEPLOYMENT) -> set[str]:
+    handle = serve.get_deployment_handle(deployment, app_name=app)
     return {handle.card.remote().result().replica.replica_id for _ in range(tries)}
 
 
@@ -93,9 +78,8 @@ def status(stack, app: str) -> dict:
 
 @pytest.fixture(scope="module")
 def chaos(stack):
-    deploy({**all_apps(stack.tiny_models), "chaos": chaos_app(stack.tiny_models.ce, {})})
-    yield f"{stack.base}/chaos"
-    deploy(all_apps(stack.tiny_models))
+    """The session's `chaos` app (tests/e2e/conftest.py), model `ce`."""
+    return f"{stack.base}/chaos"
 
 
 def test_killing_a_replica_under_load_loses_no_request(stack, chaos):
@@ -198,7 +182,7 @@ def test_removing_a_node_that_hosts_a_router_and_a_model_replica_loses_no_reques
     cluster.wait_for_nodes()
     pinned = {"max_replicas_per_node": 1, "ray_actor_options": {"num_cpus": 0, "resources": {"chaos_slot": 0.5}}}
     router = {"num_replicas": 2, **pinned}
-    deploy({**all_apps(stack.tiny_models), "chaosnode": chaos_app(stack.tiny_models.ce, pinned, router)})
+    deploy({**all_apps(stack), "chaosnode": chaos_app(stack.tiny_models.ce, pinned, router)})
     try:
         handle = serve.get_deployment_handle(DEPLOYMENT, app_name="chaosnode")
         homes = {}
@@ -216,5 +200,5 @@ def test_removing_a_node_that_hosts_a_router_and_a_model_replica_loses_no_reques
         survivors = {handle.card.remote().result().replica.node_id for _ in range(10)}
         assert survivors == {nodes[1].node_id}
     finally:
-        deploy(all_apps(stack.tiny_models))
+        deploy(all_apps(stack))
         cluster.remove_node(nodes[1])

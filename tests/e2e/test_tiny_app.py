@@ -92,7 +92,7 @@ def test_batching_is_retuned_in_place_through_user_config(stack):
     want = {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "max_batch_tokens": 4096}
     # Same args (same code version), new user_config for one deployment: what an operator puts
     # in serve_config.yaml's `deployments:` section before `serve deploy`.
-    deploy(all_apps(stack.tiny_models), overrides={"tiny": [{"name": "rerank-tiny-ce", "user_config": want}]})
+    deploy(all_apps(stack), overrides={"tiny": [{"name": "rerank-tiny-ce", "user_config": want}]})
     for _ in range(60):  # the app may still read RUNNING before the controller applies the update
         after = handle.card.remote().result()
         if after.batching == want:
