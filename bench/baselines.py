@@ -38,7 +38,7 @@ def raw_rerank(seconds: float) -> dict:
     """The bench cross-encoder in-process through our own engine class, at each batch size; the
     best one is the baseline. torch uses every core, as it does by default."""
     from bench.models import ensure_cross_encoder
-    from deployments.engines import build_encoder
+    from deployments.engines.build import build_encoder
     from serve_app.config import ModelConfig
 
     path = ensure_cross_encoder()

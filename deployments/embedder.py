@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deployments.encoder_server import EncoderServer
-from deployments.engines import Scored
+from deployments.engines.base import Scored
 from deployments.protocol import EmbedRequest, EmbedResult
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engines import Encoder, Scored, build_encoder
+from deployments.engines.base import Encoder, Scored
+from deployments.engines.build import build_encoder
 from deployments.health import POISON_MARKER, MonitoredReplica
 from deployments.protocol import ModelCard
 from deployments.runtime import replica_info

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from deployments.encoder_server import EncoderServer
-from deployments.engines import Scored
+from deployments.engines.base import Scored
 from deployments.protocol import RerankRequest, RerankResult
 from serve_app.errors import InvalidRequest, preparing
 

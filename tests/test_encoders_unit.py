@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from deployments.engines import build_encoder
+from deployments.engines.build import build_encoder
 from deployments.engines.limits import input_limit, usable_positions
 from deployments.engines.transformers_encoder import TransformersEncoder, plan_batches, select_device, select_dtype
 from serve_app.config import REPO_ROOT, ModelConfig, load_serve_config

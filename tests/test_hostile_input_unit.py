@@ -153,7 +153,7 @@ def _embedder(forward):
 
 def test_a_poison_input_in_a_shared_batch_fails_only_its_own_request(outside_serve):
     """Serve's batch queue is per class (one replica per process), so both phases share one loop."""
-    from deployments.engines import Scored
+    from deployments.engines.base import Scored
     from deployments.protocol import EmbedRequest
     from serve_app.errors import InputFailed
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.engines import build_encoder
+from deployments.engines.build import build_encoder
 from deployments.protocol import RerankRequest
 from deployments.reranker import RerankerServer
 from serve_app.config import ModelConfig

@@ -1,87 +1,9 @@
-"""Engine adapters behind one small interface per model kind.
+"""Engine adapters behind one small interface per model kind: `base.py` (the `Encoder` interface,
+`Scored`, `TokenBudget`), `build.py` (the engine a model's config asks for), the adapters
+(`transformers_encoder.py`, `vllm_pooling.py`, `vllm_openai.py`) and `limits.py` (input limits).
 
 `Encoder` serves rerank and embed replicas (synchronous: replicas run it in a worker thread
 inside a `@serve.batch` call); `vllm_openai.VLLMOpenAI` (vLLM's own OpenAI serving layer)
 serves LLM replicas. Heavy imports (torch, vllm, transformers) happen inside the adapters, never
 at module import, so the router can import the deployment classes without them.
 """
-
-from __future__ import annotations
-
-import dataclasses
-import threading
-from typing import Any, Protocol
-
-
-@dataclasses.dataclass(frozen=True)
-class Scored:
-    """One scored or embedded input: the value, its token count, whether it was cut to fit."""
-
-    value: float | list[float]
-    tokens: int
-    truncated: bool
-
-
-class Encoder(Protocol):
-    max_input_tokens: int
-    device: str  # where the model runs: "cpu", "cuda", "cuda:1"
-    dtype: str  # what its weights are: "float32", "float16", "bfloat16" (vLLM: its model dtype)
-
-    def score_pairs(self, pairs: list[tuple[str, str]]) -> list[Scored]: ...
-
-    def embed(self, texts: list[str]) -> list[Scored]: ...
-
-    def count_tokens(self, texts: list[str]) -> list[int]: ...
-
-    def doc_budget(self, query: str) -> int: ...
-
-    def truncate_text(self, text: str, max_tokens: int) -> str: ...
-
-
-class TokenBudget:
-    """Token arithmetic shared by encoders that hold an HF-style `tokenizer`.
-
-    A cross-encoder sees `[CLS] query [SEP] document [SEP]` in `max_input_tokens`, with the query
-    capped at half of it; a bi-encoder embeds the document alone. The replica calls these from
-    its own threads beside the batch: a fast tokenizer used from two threads at once can fail
-    ("Already borrowed"), so every use holds `tokenizer_lock`.
-    """
-
-    tokenizer: Any
-    tokenizer_lock: threading.Lock
-    max_input_tokens: int
-    cross_encoder: bool
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        with self.tokenizer_lock:
-            return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-    def doc_budget(self, query: str) -> int:
-        if not self.cross_encoder:
-            return self.max_input_tokens - 2
-        q = min(self.count_tokens([query])[0], self.max_input_tokens // 2)
-        return self.max_input_tokens - q - 3
-
-    def truncate_text(self, text: str, max_tokens: int) -> str:
-        with self.tokenizer_lock:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            return self.tokenizer.decode(ids[:max_tokens])
-
-
-def build_encoder(cfg, path: str, *, gpu_ids: tuple[str, ...] | None = None) -> Encoder:
-    """The engine for `cfg` (a serve_app.config.ModelConfig). `gpu_ids`: the GPUs Ray assigned the
-    replica (empty: none); None outside Ray."""
-    from serve_app.config import EngineKind, ModelKind, RerankMode
-
-    if cfg.engine is EngineKind.vllm:
-        from deployments.engines.vllm_pooling import VLLMPoolingEncoder
-
-        return VLLMPoolingEncoder(cfg, path)
-    from deployments.engines.transformers_encoder import TransformersEncoder
-
-    mode = (cfg.rerank_mode or RerankMode.cross_encoder) if cfg.kind is ModelKind.rerank else RerankMode.bi_encoder
-    return TransformersEncoder(
-        path, mode=mode.value, device=cfg.device, dtype=cfg.dtype, gpu_ids=gpu_ids,
-        max_input_tokens=cfg.max_input_tokens, max_batch_tokens=cfg.batch.max_batch_tokens,
-        trust_remote_code=cfg.trust_remote_code, model_kwargs=cfg.engine_kwargs,
-    )

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from deployments.engines import Scored, TokenBudget
+from deployments.engines.base import Scored, TokenBudget
 from deployments.engines.limits import input_limit, usable_positions
 
 DTYPES = ("float32", "float16", "bfloat16")

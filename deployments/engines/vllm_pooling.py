@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 
-from deployments.engines import Scored, TokenBudget
+from deployments.engines.base import Scored, TokenBudget
 
 
 class VLLMPoolingEncoder(TokenBudget):
