@@ -18,11 +18,20 @@ import hmac
 import math
 import time
 
-from limits import RateLimitItemPerMinute
+from limits import RateLimitItemPerMinute as _LimitsPerMinute
 
 from serve_app.config import ApiKeyConfig, hash_key
 from serve_app.errors import Forbidden, RateLimited, Unauthorized
 from serve_app.quota_store import Limiters, MemorySlots, QuotaStore, RedisSlots
+
+
+class RateLimitItemPerMinute(_LimitsPerMinute):
+    """A per-minute limit whose counter is named by the key alone. `limits` puts the amount in the
+    counter's name, so a changed quota would start a fresh window (a way to reset one) and two
+    entries of one name with different limits would count apart; here one name is one counter."""
+
+    def key_for(self, *identifiers: str) -> str:
+        return "/".join([self.namespace, *identifiers, self.GRANULARITY.name])
 
 
 @dataclasses.dataclass(frozen=True)

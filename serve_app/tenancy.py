@@ -14,7 +14,7 @@ import time
 from starlette.requests import Request
 
 from serve_app.admission import Admission
-from serve_app.config import ApiKeyConfig, GatewayConfig
+from serve_app.config import ApiKeyConfig, ConfigError, GatewayConfig, check_keys
 from serve_app.http import principal_of
 from serve_app.metrics import RouterMetrics
 from serve_app.quota_store import QuotaStore
@@ -37,8 +37,13 @@ class Tenancy:
         )
 
     def set_keys(self, api_keys: list[ApiKeyConfig]) -> None:
-        """A new key list from the router's user_config, in place; the env keys stay."""
+        """A new key list from the router's user_config, in place; the env keys stay (checked with
+        it: a name shared with an env key must carry the same limits). A refused list changes nothing."""
         keys = api_keys + self.env_keys
+        try:
+            check_keys(keys)
+        except ValueError as err:
+            raise ConfigError(f"api_keys with {len(self.env_keys)} key(s) from the environment after them: {err}") from None
         if self.admission.enabled and not keys:
             logger.warning("the router's user_config has no API keys: authentication is now OFF")
         self.admission.set_keys(keys)

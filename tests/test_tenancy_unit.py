@@ -298,3 +298,37 @@ def test_cli_usage_verb_reads_the_router_over_http(monkeypatch, capsys):
         assert "403" in capsys.readouterr().err
     finally:
         server.close()
+
+
+# --- one counter per key name (issue 20.3) ---
+def test_a_changed_quota_keeps_the_keys_window_instead_of_resetting_it():
+    router = make_router([key("team-a", "sk-a", requests_per_minute=3), ADMIN])
+    c = client(router)
+    assert [c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-a")).status_code for _ in range(2)] == [200, 200]
+    router.reconfigure({"api_keys": [key("team-a", "sk-a", requests_per_minute=4), ADMIN]})
+    codes = [c.post("/v1/chat/completions", json=CHAT, headers=bearer("sk-a")).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]  # 2 of the 4 were spent before the change: the window went on
+
+
+def test_one_name_with_two_limits_is_refused_and_env_keys_get_the_same_checks(monkeypatch):
+    with pytest.raises(ValueError, match=r"api_keys\.1\.requests_per_minute: key name 'team' is also api_keys\.0"):
+        AppConfig.model_validate({"gateway": {"api_keys": [key("team", "sk-1", requests_per_minute=5),
+                                                           key("team", "sk-2", requests_per_minute=9)]}, "models": MODELS})
+    router = make_router([key("team", "sk-1", requests_per_minute=5), key("team", "sk-2", requests_per_minute=5), ADMIN])
+    with pytest.raises(ConfigError, match="tokens_per_minute"):
+        router.reconfigure({"api_keys": [key("team", "sk-1", tokens_per_minute=5), key("team", "sk-2"), ADMIN]})
+    codes = [client(router).post("/v1/chat/completions", json=CHAT, headers=bearer(s)).status_code
+             for s in ("sk-1", "sk-2", "sk-1", "sk-2", "sk-1", "sk-2")]
+    assert codes == [200] * 5 + [429]  # the old keys stay; two secrets of one name share its 5 a minute
+
+    def gateway(env: str, keys: list[dict]):
+        monkeypatch.setenv("E2E_KEYS", env)
+        return AppConfig.model_validate({"gateway": {"api_keys_env": "E2E_KEYS", "api_keys": keys}, "models": MODELS}).gateway
+
+    keys = gateway("ops=sk:with:colons:admin,svc=sk:plain", []).env_api_keys()
+    assert [(k.name, k.sha256 == hash_key(s), k.admin) for k, s in zip(keys, ("sk:with:colons", "sk:plain"))] == [
+        ("ops", True, True), ("svc", True, False)]
+    with pytest.raises(ConfigError, match="E2E_KEYS.*same secret"):
+        gateway("ops=sk-1", [key("team", "sk-1")]).env_api_keys()
+    with pytest.raises(ConfigError, match="E2E_KEYS.*key name 'team'"):
+        gateway("team=sk-3", [key("team", "sk-1", requests_per_minute=5)]).env_api_keys()

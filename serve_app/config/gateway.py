@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from serve_app.alerts.config import AlertsConfig
 from serve_app.batches.config import BatchApiConfig
 from serve_app.config.errors import ConfigError
-from serve_app.config.keys import ApiKeyConfig, RouterSettings, hash_key
+from serve_app.config.keys import ApiKeyConfig, RouterSettings, check_keys, hash_key
 from serve_app.config.models import ActorResources, DeploymentSettings
 from serve_app.config_base import REPO_ROOT, StrictConfig
 
@@ -88,10 +88,15 @@ class GatewayConfig(StrictConfig):
         keys = []
         for item in filter(None, (x.strip() for x in raw.split(","))):
             name, _, secret = item.partition("=")
-            secret, _, role = secret.partition(":")
+            admin = secret.endswith(":admin")  # the role is the last ':' field; a key may hold ':' itself
+            secret = secret.removesuffix(":admin")
             if not name or not secret:
                 raise ConfigError(f"{self.api_keys_env}: expected 'name=key[:admin]' items, got one without a name or key")
-            keys.append(ApiKeyConfig(name=name, sha256=hash_key(secret), admin=role == "admin"))
+            keys.append(ApiKeyConfig(name=name, sha256=hash_key(secret), admin=admin))
+        try:
+            check_keys(self.api_keys + keys)  # the same checks as configured keys, against them too
+        except ValueError as err:
+            raise ConfigError(f"{self.api_keys_env} (after gateway.api_keys): {err}") from None
         return keys
 
     def router_settings(self) -> RouterSettings:

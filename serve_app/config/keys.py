@@ -80,14 +80,25 @@ class RouterSettings(StrictConfig):
         return settings
 
 
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+
+
 def check_keys(keys: list[ApiKeyConfig], models: list[ModelConfig] | None = None) -> None:
-    """One entry per secret; allow-lists name only this app's models or aliases (a typo would
-    silently lock the key out). Raises ValueError naming `api_keys.N...`."""
+    """One entry per secret; entries sharing a name (two secrets while one is rotated) share its
+    quota counters, so they must carry the same limits; allow-lists name only this app's models or
+    aliases (a typo would silently lock the key out). Raises ValueError naming `api_keys.N...`."""
     seen: dict[str, int] = {}
+    named: dict[str, int] = {}
     for i, key in enumerate(keys):
         if key.sha256 in seen:
             raise ValueError(f"api_keys.{i}.sha256: same secret as api_keys.{seen[key.sha256]}")
         seen[key.sha256] = i
+        first = named.setdefault(key.name, i)
+        differ = [f for f in LIMIT_FIELDS if getattr(key, f) != getattr(keys[first], f)]
+        if differ:
+            raise ValueError(f"api_keys.{i}.{differ[0]}: key name '{key.name}' is also api_keys.{first} with "
+                             f"{differ[0]} {getattr(keys[first], differ[0])}, not {getattr(key, differ[0])}: one name "
+                             "is one quota, so its entries must carry the same limits")
     if models is None:
         return
     known = {m.name for m in models} | {a for m in models for a in m.serving.aliases}
