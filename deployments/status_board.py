@@ -85,10 +85,13 @@ class StatusBoard:
             return {m: dict(rs) for m, rs in self.reports.items()}
 
     def mark_gone(self, model: str, replica_id: str, when: float) -> None:
-        """Serve no longer lists this replica: remember since when, for the status view."""
-        report = self.reports.get(model, {}).get(replica_id)
-        if report is not None:
-            report.setdefault("gone_at", when)
+        """Serve no longer lists this replica: remember since when, for the status view. Under the
+        lock, and as a new report rather than an edit of the old one: the alert thread may hold it."""
+        with self._lock:
+            replicas = self.reports.get(model, {})
+            report = replicas.get(replica_id)
+            if report is not None and "gone_at" not in report:
+                replicas[replica_id] = {**report, "gone_at": when}
 
     def forget(self, model: str, replica_id: str) -> None:
         with self._lock:

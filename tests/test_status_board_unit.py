@@ -4,6 +4,7 @@ fakes in place of Ray's named-actor lookup and of the Serve replica context (no 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from types import SimpleNamespace
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError
@@ -70,3 +71,39 @@ def test_a_circuit_change_reaches_the_board_with_this_router_replicas_id(monkeyp
     assert (app, method, model, replica) == ("app", "circuit", "m", "router-1")
     assert opened["state"] == "open" and opened["last_error"] == "boom"  # half-open is still not closed
     assert closed["state"] == "closed" and closed["last_error"] is None and set(closed) == {"state", "since", "last_error"}
+
+
+def test_reports_change_only_under_the_lock_and_never_under_a_reader(monkeypatch):
+    """The alert thread reads copies of the reports while Ray calls mark_gone: every change holds
+    the board's lock, and a report a reader already has is never edited (issue 20.12)."""
+    board = status_board.StatusBoard.__ray_actor_class__()
+    held = []
+
+    class Watched:
+        def __init__(self) -> None:
+            self.lock, self.depth = threading.Lock(), 0
+
+        def __enter__(self):
+            self.lock.acquire()
+            self.depth += 1
+
+        def __exit__(self, *exc):
+            self.depth -= 1
+            self.lock.release()
+
+    board._lock = Watched()
+    board.post("ce", "r1", {"healthy": True})
+    seen_by_reader = board.read()["ce"]["r1"]
+    reports = board.reports["ce"]
+
+    class Guarded(dict):
+        def __setitem__(self, key, value):
+            held.append(board._lock.depth > 0)
+            super().__setitem__(key, value)
+
+    board.reports["ce"] = Guarded(reports)
+    board.mark_gone("ce", "r1", 123.0)
+    board.mark_gone("ce", "r1", 456.0)  # the first time Serve stopped listing it is kept
+    assert board.read()["ce"]["r1"]["gone_at"] == 123.0
+    assert "gone_at" not in seen_by_reader  # the reader's copy is untouched
+    assert held and all(held)
