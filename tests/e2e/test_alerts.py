@@ -3,9 +3,9 @@ the node, when a replica is killed, and one recovery when Serve has replaced it;
 within two health periods; replicas killed again and again inside the window stay one alert; the
 status page in headless Chromium shows a killed replica as gone within one refresh.
 
-They run on the session's `chaos` app (tests/e2e/conftest.py), each on a model of its own: alerts
-are rate-limited per model, so no test waits out an earlier test's window. Only the flapping test,
-whose property is the window itself, waits for its end."""
+Each test has a model of its own in the app: alerts are rate-limited per model, so no test waits
+out an earlier test's window. Only the flapping test, whose property is the window itself, waits
+for its end."""
 
 from __future__ import annotations
 
@@ -18,18 +18,28 @@ from ray import serve
 
 from deployments.serve_view import serve_details
 from tests.browser import chromium_dom, console_errors, needs_chromium
-from tests.e2e.conftest import ALERT_CHECK_PERIOD_S, ALERT_MODELS, ALERT_WINDOW_S, wait_for
+from tests.e2e.conftest import all_apps, chaos_app, deploy, wait_for
 from tests.e2e.test_chaos import Load, replica_ids
 from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
-APP = "chaos"
-KILL, FLAP, STALL = ALERT_MODELS  # the status page test kills a replica of KILL after its own test: no alert checked
+APP = "alerts"
+WINDOW_S, CHECK_PERIOD_S = 120, 1
+# The status page test kills a replica of KILL after KILL's own test: it checks no alert.
+KILL, FLAP, STALL = "ce-kill", "ce-flap", "ce-stall"
 
 
-@pytest.fixture
-def alerting(stack) -> Receiver:
-    return stack.receiver
+@pytest.fixture(scope="module")
+def alerting(stack):
+    receiver = Receiver()
+    args = chaos_app(stack.tiny_models.ce, {}, names=(KILL, FLAP, STALL))
+    args["gateway"]["alerts"] = {"targets": [{"url": receiver.url}], "window_s": WINDOW_S, "check_period_s": CHECK_PERIOD_S}
+    deploy({**all_apps(stack), APP: args})
+    try:
+        yield receiver
+    finally:
+        deploy(all_apps(stack))
+        receiver.close()
 
 
 def _deployment(model: str) -> str:
@@ -82,10 +92,10 @@ def _fresh(receiver: Receiver, model: str) -> None:
     recovery and the end of its window are awaited, then it is forgotten."""
     _both_up(model)
     events = lambda: _events(receiver, model)  # noqa: E731
-    wait_for(lambda: events().count("alert") == events().count("recovery"), ALERT_WINDOW_S, "earlier alerts to recover")
+    wait_for(lambda: events().count("alert") == events().count("recovery"), WINDOW_S, "earlier alerts to recover")
     alerts = [b["at"] for b in _about(receiver, model) if b["event"] == "alert"]
     if alerts:
-        time.sleep(max(0.0, alerts[-1] + ALERT_WINDOW_S + 2 * ALERT_CHECK_PERIOD_S - time.time()))
+        time.sleep(max(0.0, alerts[-1] + WINDOW_S + 2 * CHECK_PERIOD_S - time.time()))
     receiver.bodies[:] = [b for b in receiver.bodies if b.get("key") != f"model:{model}"]
 
 
@@ -112,18 +122,18 @@ def test_replicas_killed_again_within_the_window_stay_one_alert_and_one_recovery
     still open when the window ends is alerted again, by design: that is not what this tests.)"""
     _fresh(alerting, FLAP)
     t0, slowest, kills = time.time(), 0.0, 0
-    while kills < 3 and (kills == 0 or time.time() - t0 + 1.25 * slowest + 2 * ALERT_CHECK_PERIOD_S < ALERT_WINDOW_S):
+    while kills < 3 and (kills == 0 or time.time() - t0 + 1.25 * slowest + 2 * CHECK_PERIOD_S < WINDOW_S):
         began = time.time()
         _kill(FLAP, sorted(_replicas(FLAP))[0])
         kills += 1
-        wait_for(lambda: len(_replicas(FLAP)) == 2, ALERT_WINDOW_S / 2, "a replacement")
+        wait_for(lambda: len(_replicas(FLAP)) == 2, WINDOW_S / 2, "a replacement")
         slowest = max(slowest, time.time() - began)
         time.sleep(3)
-    assert kills >= 2, f"a replacement took {slowest:.0f}s: no second kill fits the {ALERT_WINDOW_S}s window"
+    assert kills >= 2, f"a replacement took {slowest:.0f}s: no second kill fits the {WINDOW_S}s window"
     first = wait_for(lambda: next((b for b in _about(alerting, FLAP) if b["event"] == "alert"), None), 30, "the alert")
-    wait_for(lambda: _events(alerting, FLAP)[-1:] == ["recovery"], ALERT_WINDOW_S, "the flapping to recover")
-    # The window ends ALERT_WINDOW_S after the alert; the board checks every period; 5 s of slack.
-    time.sleep(max(0.0, first["at"] + ALERT_WINDOW_S + 2 * ALERT_CHECK_PERIOD_S + 5 - time.time()))
+    wait_for(lambda: _events(alerting, FLAP)[-1:] == ["recovery"], WINDOW_S, "the flapping to recover")
+    # The window ends WINDOW_S after the alert; the board checks every period; 5 s of slack.
+    time.sleep(max(0.0, first["at"] + WINDOW_S + 2 * CHECK_PERIOD_S + 5 - time.time()))
     assert _events(alerting, FLAP) == ["alert", "recovery"], [b["text"] for b in _about(alerting, FLAP)]
 
 
@@ -144,7 +154,7 @@ def test_a_stalled_replica_alerts_within_two_health_periods_with_its_request_ids
 
 
 @needs_chromium
-def test_the_status_page_shows_a_killed_replica_gone_within_one_refresh(stack, tmp_path):
+def test_the_status_page_shows_a_killed_replica_gone_within_one_refresh(stack, alerting, tmp_path):
     _both_up(KILL)
     page = f"{stack.base}/{APP}/status"
     victim, restarts = sorted(_replicas(KILL))[0], _restarts(stack, KILL)

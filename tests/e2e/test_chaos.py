@@ -78,8 +78,9 @@ def status(stack, app: str) -> dict:
 
 @pytest.fixture(scope="module")
 def chaos(stack):
-    """The session's `chaos` app (tests/e2e/conftest.py), model `ce`."""
-    return f"{stack.base}/chaos"
+    deploy({**all_apps(stack), "chaos": chaos_app(stack.tiny_models.ce, {})})
+    yield f"{stack.base}/chaos"
+    deploy(all_apps(stack))
 
 
 def test_killing_a_replica_under_load_loses_no_request(stack, chaos):
