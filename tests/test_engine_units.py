@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 
 import pytest
 
-from deployments.engines.vllm_openai import coalesce, parse, serving_args, to_api_error
+from deployments.engines.vllm_openai import as_flag_value, coalesce, parse, serving_args, to_api_error
 from serve_app.config import parse_app_config
 from serve_app.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, UnsupportedParameter
 from serve_app.presets import apply_preset
@@ -27,6 +28,25 @@ def test_serving_args_are_the_vllm_serve_flags_our_config_owns():
     tp = serving_args(_llm(tensor_parallel_size=2, engine_kwargs={"enforce_eager": True}), "/m", 256)
     assert tp["distributed_executor_backend"] == "mp" and tp["enforce_eager"] is True
     assert tp["tool_call_parser"] is None  # no preset for this name without one
+
+
+def test_a_config_group_in_engine_kwargs_becomes_the_object_vllm_reads():
+    """serve_config.yaml sets structured_outputs_config as a mapping; vLLM's engine reads its
+    attributes, so a dict left as-is would fail when the replica starts."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from serve_app.config import load_serve_config
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    (llm,) = [m for _, app in load_serve_config(root / "serve_config.yaml")[1] for m in app.models if m.kind == "llm"]
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args([])
+    for key, value in serving_args(llm, str(root / "models" / llm.name), 256).items():
+        setattr(args, key, as_flag_value(getattr(args, key, None), value))
+    structured = AsyncEngineArgs.from_cli_args(args).structured_outputs_config
+    assert (structured.backend, structured.disable_any_whitespace) == ("xgrammar", True)
+    assert as_flag_value(None, {"a": 1}) == {"a": 1} and as_flag_value(3, 4) == 4  # other values pass through
 
 
 def test_unknown_fields_are_refused_by_name_and_vllm_validates_the_rest():

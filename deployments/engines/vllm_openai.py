@@ -38,7 +38,7 @@ class VLLMOpenAI:
 
         self.args = make_arg_parser(FlexibleArgumentParser()).parse_args([])
         for key, value in serving_args(cfg, path, default_max_tokens).items():
-            setattr(self.args, key, value)
+            setattr(self.args, key, as_flag_value(getattr(self.args, key, None), value))
         # init_app_state reads the reasoning parser from here; give this engine its own copy.
         self.args.structured_outputs_config = dataclasses.replace(
             self.args.structured_outputs_config, reasoning_parser=self.args.reasoning_parser)
@@ -137,6 +137,15 @@ def serving_args(cfg, path: str, default_max_tokens: int) -> dict[str, Any]:
         "reasoning_parser": serving.reasoning_parser or "", "chat_template": serving.chat_template,
         "disable_log_stats": False, "enable_log_requests": False,
     }
+
+
+def as_flag_value(default: Any, value: Any) -> Any:
+    """A config-group flag (`--structured-outputs-config`, `--compilation-config`, ...) given as a
+    mapping in engine_kwargs becomes that group's config object, as `vllm serve` parses its JSON:
+    from_cli_args passes attributes through unconverted, and vLLM reads them as objects."""
+    if isinstance(value, dict) and dataclasses.is_dataclass(default):
+        return type(default)(**value)
+    return value
 
 
 def parse(shape, body: dict[str, Any]):
