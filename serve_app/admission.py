@@ -21,7 +21,7 @@ import time
 from limits import RateLimitItemPerMinute as _LimitsPerMinute
 
 from serve_app.config import ApiKeyConfig, hash_key
-from serve_app.errors import Forbidden, RateLimited, Unauthorized
+from serve_app.errors import Forbidden, RateLimited, RequestTooLarge, Unauthorized
 from serve_app.quota_store import Limiters, MemorySlots, QuotaStore, RedisSlots
 
 
@@ -115,9 +115,10 @@ class Admission:
         if principal is None:
             return None
         if principal.tokens_per_minute and tokens > principal.tokens_per_minute:
-            raise RateLimited(
+            raise RequestTooLarge(
                 f"this request is estimated at {tokens} tokens, over the key's whole quota of "
-                f"{principal.tokens_per_minute} tokens per minute", retry_after=60,
+                f"{principal.tokens_per_minute} tokens per minute: it cannot pass; send less or lower max_tokens",
+                "max_tokens",
             )
         res = Reservation(principal, tokens)
         limit = principal.max_concurrent_requests

@@ -51,6 +51,13 @@ class RateLimited(ApiError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
 
+class RequestTooLarge(RateLimited):
+    """Over the key's whole quota: no wait makes it pass (OpenAI answers such a request 429 too), so
+    it has its own code and no Retry-After, and a batch line that gets it fails instead of waiting."""
+
+    code = "request_too_large"
+
+
 class ModelNotFound(ApiError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 

@@ -137,6 +137,29 @@ def test_a_line_runs_as_its_owner_key_model_allow_list_included_and_a_removed_ke
     asyncio.run(main())
 
 
+def test_a_line_over_its_keys_whole_token_quota_fails_at_once_and_the_rest_runs(monkeypatch, tmp_path):
+    """Such a line can never pass admission: it ends in the error file now, with its reason, rather
+    than coming back as a 429 until the batch expires (24 h)."""
+    async def main():
+        keys = [{"name": "small", "sha256": hash_key("sk-s"), "tokens_per_minute": 300}]
+        fakes = {"chat": FakeModel("chat", "llm"), "emb": FakeModel("emb", "embed")}
+        router, app = await running(config(keys=keys), fakes, monkeypatch, tmp_path)
+        c = client(app, "sk-s")
+        chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        rows = [line(0, "/v1/chat/completions", **chat, max_tokens=8), line(1, "/v1/chat/completions", **chat, max_tokens=5000)]
+        f = await c.files.create(file=("x.jsonl", io.BytesIO(b"\n".join(rows))), purpose="batch")
+        b = await until_done(c, (await c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                        completion_window="24h")).id, timeout=10)
+        assert (b.status, b.request_counts.completed, b.request_counts.failed) == ("completed", 1, 1)
+        (err,) = await lines_of(c, b.error_file_id)
+        error = err["response"]["body"]["error"]
+        assert err["custom_id"] == "req-1" and err["response"]["status_code"] == 429
+        assert error["code"] == "request_too_large" and "whole quota of 300" in error["message"]
+        await router.batch_worker.stop()
+
+    asyncio.run(main())
+
+
 def test_an_interactive_request_preempts_running_lines_which_finish_later_exactly_once(monkeypatch, tmp_path):
     async def main():
         slow = FakeModel("emb", "embed", delay=1.0)  # rounds: nothing ends between the 8th start and the request

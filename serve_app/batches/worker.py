@@ -38,6 +38,7 @@ from serve_app.batches.lines import error_line, response_line
 from serve_app.batches.store import BatchStore
 from serve_app.batches.traffic import Traffic
 from serve_app.config import ModelConfig
+from serve_app.errors import RequestTooLarge
 
 logger = logging.getLogger("ray.serve")
 MAX_PREEMPTIONS = 3
@@ -218,6 +219,9 @@ class BatchWorker:
 
     async def _settle(self, line: dict[str, Any], answer: Answer) -> None:
         status, now = answer.status, self.clock()
+        if status == 429 and error_code(answer.body) == RequestTooLarge.code:  # no wait would let it pass
+            await self._finish(line, False, response_line(line["custom_id"], answer.request_id, status, answer.body))
+            return
         if status in (429, 503) or (status >= 500 and line["attempts"] < self.cfg.max_attempts):
             counted = status not in (429, 503)  # quota or back-pressure: come back later, not a failure
             if status in (429, 503) and line["model"] in self.window:
@@ -244,6 +248,11 @@ class BatchWorker:
             assert got is not None, batch_id  # lines are claimed only from batches that exist
             self._batches[batch_id] = (got[0]["endpoint"], got[0]["owner"])
         return self._batches[batch_id]
+
+
+def error_code(body: Any) -> str | None:
+    err = body.get("error") if isinstance(body, dict) else None
+    return err.get("code") if isinstance(err, dict) else None
 
 
 def answer_of(status: int, headers: dict[str, str], body: bytes, request_id: str) -> Answer:
