@@ -83,6 +83,11 @@ def silent_after_s(m: ModelConfig) -> float:
     return 2 * m.deployment.health_check_period_s + 5
 
 
+async def running_replicas(deployment: str) -> int:
+    """How many replicas Serve runs for this deployment of this app now (0 when it cannot say)."""
+    return (await _serve_state(app_name())).get(deployment, {}).get("replica_states", {}).get("RUNNING", 0)
+
+
 async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
     """Per deployment: status, message, replica state counts and the live replicas by id.
     The same controller call `serve.status()` makes, kept whole for the replica list."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from starlette.responses import Response
@@ -204,6 +205,35 @@ def test_ready_is_503_when_a_model_has_no_live_replica():
     assert r.status_code == 503
     assert r.json()["models"]["emb"]["ready"] is False
     assert r.json()["models"]["chat"]["ready"] is True
+
+
+@pytest.mark.parametrize("busy", ["queue full", "no slot in time"])
+def test_ready_names_a_saturated_model_and_stays_ready_while_serve_runs_its_replicas(monkeypatch, busy):
+    """A full queue is a busy model, not a dead one: /ready answers within its timeout, 200, and
+    names the model; only with no running replica is it not ready."""
+    from serve_app.errors import Overloaded
+    from serve_app.handlers import admin
+
+    monkeypatch.setattr(admin, "READY_TIMEOUT_S", 0.2)
+    running = {"n": 2}
+
+    async def running_replicas(deployment: str) -> int:
+        assert deployment == CFG.models[2].deployment_name  # emb's own deployment
+        return running["n"]
+
+    monkeypatch.setattr(admin, "running_replicas", running_replicas)
+    emb = FakeModel("emb", "embed", fail=Overloaded("the model's queue is full; retry later")) if busy == "queue full" \
+        else FakeModel("emb", "embed", delay=5)
+    c, _ = make_client(emb=emb)
+    t0 = time.monotonic()
+    r = c.get("/ready")
+    assert time.monotonic() - t0 < 2  # within the probe's timeout, not after the slow model
+    assert r.status_code == 200 and r.json()["status"] == "ready" and r.json()["saturated"] == ["emb"]
+    assert r.json()["models"]["emb"]["saturated"] is True and r.json()["models"]["emb"]["running_replicas"] == 2
+    assert "saturated" not in r.json()["models"]["chat"]
+    running["n"] = 0  # Serve runs none of its replicas: that is not ready
+    r = c.get("/ready")
+    assert r.status_code == 503 and r.json()["models"]["emb"]["ready"] is False
 
 
 def test_tokenize_goes_to_the_named_llm_and_models_by_id(client):

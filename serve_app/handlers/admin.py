@@ -15,11 +15,11 @@ from starlette.responses import JSONResponse, Response
 from deployments.protocol import ModelCard
 from serve_app.api import admin, openai
 from serve_app.config import ModelKind
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, GatewayTimeout, Overloaded
 from serve_app.handlers.context import Context
 from serve_app.openapi import docs_response, schema_response
 from serve_app.resilience import call_replica
-from serve_app.status import status_view
+from serve_app.status import running_replicas, status_view
 from serve_app.status_page import page_response
 
 READY_TIMEOUT_S = 5.0
@@ -36,8 +36,10 @@ class AdminHandlers:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        """Ready when every model answers through its handle: at least one live replica each.
-        Per-model details only for admin keys when keys are configured."""
+        """Ready when every model answers through its handle, or is saturated: its queue is full
+        (or no slot freed within READY_TIMEOUT_S) while Serve runs its replicas. A busy model is
+        alive: a load balancer that took the gateway out for it would turn a burst into an outage.
+        Per-model details, and which models are saturated, only for admin keys when keys are configured."""
         names = list(self.ctx.models)
         results = await asyncio.gather(*(self._probe(n) for n in names), return_exceptions=True)
         report = {n: (r if isinstance(r, dict) else {"ready": False, "error": _short(r)}) for n, r in zip(names, results)}
@@ -45,10 +47,18 @@ class AdminHandlers:
         body: dict[str, Any] = {"status": "ready" if ok else "not_ready"}
         if self.ctx.tenancy.is_admin(request):
             body["models"] = report
+            body["saturated"] = [n for n, r in report.items() if r.get("saturated")]
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def _probe(self, name: str) -> dict[str, Any]:
-        card = await call_replica(self.ctx.handles[name].card.remote(), READY_TIMEOUT_S)
+        try:
+            card = await call_replica(self.ctx.handles[name].card.remote(), READY_TIMEOUT_S)
+        except (Overloaded, GatewayTimeout) as err:
+            running = await running_replicas(self.ctx.models[name].deployment_name)
+            if not running:
+                raise
+            return {"ready": True, "saturated": True, "running_replicas": running,
+                    "error": f"{err.message} (its {running} running replica(s) have no free slot)"}
         return {"ready": True, "kind": card.kind, "max_input_tokens": card.max_input_tokens, "replica": card.replica.replica_id}
 
     async def list_models(self, request: Request) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import time
 
 import httpx
 import pytest
@@ -128,8 +129,19 @@ def test_overload_at_three_times_capacity_is_only_200_or_503(stack):
             r = c.post("/v1/rerank", json=body, headers=headers)
             return r.status_code, r.headers.get("retry-after"), r.text[:300]
 
-    with cf.ThreadPoolExecutor(12) as pool:
+    def ready_meanwhile():
+        time.sleep(0.3)  # the burst has filled the queue
+        with httpx.Client(base_url=stack.guarded, timeout=60) as c:
+            t0 = time.monotonic()
+            r = c.get("/ready", headers=headers)
+            return time.monotonic() - t0, r.status_code, r.json()
+
+    with cf.ThreadPoolExecutor(13) as pool:
+        ready = pool.submit(ready_meanwhile)
         results = list(pool.map(one, range(12)))
+    took, code, body = ready.result()
+    # A full queue is a busy model, not a dead one: ready, within the probe's 5 s, naming it if it was full.
+    assert code == 200 and took < 8 and body["saturated"] in ([], ["guarded-ce"]), (took, code, body)
     codes = [c for c, _, _ in results]
     assert set(codes) <= {200, 503}, codes
     assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
@@ -140,7 +152,6 @@ def test_overload_at_three_times_capacity_is_only_200_or_503(stack):
 
 def test_keys_and_prompts_never_reach_the_logs(stack, http):
     import pathlib
-    import time
 
     import ray
 
