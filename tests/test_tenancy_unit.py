@@ -128,6 +128,44 @@ async def _call(app, body: dict, secret: str, hold: asyncio.Event | None = None)
     return status["code"], status["headers"]
 
 
+def test_a_stream_the_client_leaves_is_charged_and_recorded_with_what_was_forwarded():
+    """Leaving early is no way around quotas or /v1/usage: a client that reads the first tokens
+    and disconnects is charged for the prompt and every token it was sent."""
+    keys = [key("leaver", "sk-leave", tokens_per_minute=10_000), ADMIN]
+    router = make_router(keys)
+    app = router.__serve_build_asgi_app__()
+    words = " ".join(f"w{i}" for i in range(40))
+    body = {"model": "chat", "messages": [{"role": "user", "content": words}], "max_tokens": 64, "stream": True}
+    raw, received, left = json.dumps(body).encode(), [], asyncio.Event()
+
+    async def scenario():
+        async def receive():
+            if not received:
+                received.append(b"")
+                return {"type": "http.request", "body": raw, "more_body": False}
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                received.append(message["body"])
+                if len(received) == 4:  # three blocks read, then the client is gone
+                    left.set()
+                    await asyncio.sleep(3600)  # its socket no longer drains
+
+        await asyncio.wait_for(app(_scope(raw, "sk-leave"), receive, send), 10)
+        for _ in range(100):  # the generator is finalized after the response task ends
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    events = b"".join(received).count(b"data: ")
+    assert b"[DONE]" not in b"".join(received) and 3 <= events < 40  # it left mid-stream
+    rows = client(router).get("/v1/usage", params={"key": "leaver"}, headers=bearer("sk-ops")).json()["data"]
+    (row,) = rows
+    assert row["requests"] == 1 and row["prompt_tokens"] >= 40 // 2  # the prompt's estimate
+    assert events - 1 <= row["completion_tokens"] <= 40  # every token it was sent (role event aside), at most all
+
+
 def test_max_concurrent_requests_holds_a_slot_until_the_stream_ends():
     router = make_router([key("one", "sk-one", max_concurrent_requests=1)])
     app = router.__serve_build_asgi_app__()

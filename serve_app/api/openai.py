@@ -39,8 +39,11 @@ class LLMEnvelope(BaseModel):
         """For quotas before the model runs: the prompt's text (~4 characters a token; token-id
         prompts count one each) plus the most it may generate."""
         out = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        return self.estimated_prompt_tokens() + out * (self.n or 1)
+
+    def estimated_prompt_tokens(self) -> int:
         texts, ids = _texts(self._prompt())
-        return estimate_tokens(*texts) + ids + out * (self.n or 1)
+        return estimate_tokens(*texts) + ids
 
     def _prompt(self) -> Any:
         raise NotImplementedError

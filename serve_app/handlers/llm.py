@@ -52,17 +52,22 @@ class LLMHandlers:
         ctx.admit(request, model, env.estimated_tokens(ctx.gateway.default_max_tokens))
         rid = request_id(request)
         if env.stream:
-            return await self._stream(request, model, api, data, rid)
+            return await self._stream(request, model, api, data, rid, env.estimated_prompt_tokens())
         served, result = await ctx.dispatch.run(model, lambda h, left: call_replica(h.create.remote(api, data, rid), left))
         use = result.body.get("usage") or {}
         ctx.tenancy.served(request, served, use.get("prompt_tokens") or 0, use.get("completion_tokens") or 0)
         return json_response(result.body, result.replica)
 
-    async def _stream(self, request: Request, model: str, api: str, data: dict[str, Any], rid: str) -> Response:
+    async def _stream(self, request: Request, model: str, api: str, data: dict[str, Any], rid: str,
+                      prompt_estimate: int) -> Response:
         """SSE stream. The first item (it carries the first token) is awaited before answering,
         with retries and fallbacks, so failures before any token get a real status code; later
         ones end the stream in-band. Each item holds every event the engine produced since the
-        last one, written as one block."""
+        last one, written as one block.
+
+        A stream that ends before vLLM's usage (the client left, or the replica failed) is charged
+        and recorded with what was forwarded: the prompt's estimate and one token per event sent
+        (`forwarded_tokens`), so leaving early is no way around a quota or /v1/usage."""
         ctx = self.ctx
 
         async def open_stream(handle: DeploymentHandle, left: float) -> tuple[Any, OpenAIChunk]:
@@ -79,20 +84,25 @@ class LLMHandlers:
             ctx.metrics.ttft.observe((time.perf_counter() - started) * 1000, {"model": served})
 
         async def blocks() -> AsyncIterator[bytes]:
-            usage, chunk = None, first
+            usage, chunk, events = None, first, 0
             try:
                 while True:
                     usage = chunk.usage or usage
+                    events += len(chunk.events)
                     yield "".join(f"data: {e}\n\n" for e in chunk.events).encode()
                     try:
                         chunk = await stream.__anext__()
                     except StopAsyncIteration:
                         break
-                ctx.tenancy.served(request, served, (usage or {}).get("prompt_tokens") or 0, (usage or {}).get("completion_tokens") or 0)
             except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band with the request id
                 yield f"data: {json.dumps(from_exception(exc).body(rid))}\n\ndata: [DONE]\n\n".encode()
             finally:
                 stream.cancel()  # normal end: no-op; client gone or error: frees the engine's work
+                # Settled once, however the stream ended (a client that left ends it here, by GeneratorExit).
+                if usage:
+                    ctx.tenancy.served(request, served, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+                else:
+                    ctx.tenancy.served(request, served, prompt_estimate, forwarded_tokens(events, api))
 
         return sse_response(blocks(), first.replica)
 
@@ -106,3 +116,10 @@ class LLMHandlers:
         served, result = await ctx.dispatch.run(
             model, lambda h, left: call_replica(getattr(h, method).remote(data), left), fallbacks=False)
         return json_response(result.body, result.replica)
+
+
+def forwarded_tokens(events: int, api: str) -> int:
+    """Tokens generated, as far as the events forwarded tell: vLLM sends one event per engine step
+    of a choice (one token), plus a role-only first event in chat. An upper bound where the
+    detokenizer held text back; counted only for a stream that ended before vLLM's usage."""
+    return max(0, events - (1 if api == "chat" else 0))
