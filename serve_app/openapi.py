@@ -28,7 +28,7 @@ MULTIPART = "multipart"  # POST /v1/files: a file upload, not a JSON body
 # "METHOD path" or path -> (summary, body model, query parameters)
 ROUTES: dict[str, tuple[str, type[BaseModel] | str | None, tuple[str, ...]]] = {
     "/health": ("liveness of the router", None, ()),
-    "/ready": ("200 when every model answers through a replica, else 503", None, ()),
+    "/ready": ("200 when every model answers through a replica or is saturated (admins: which), else 503", None, ()),
     "/v1/models": ("served models (OpenAI shape, plus kind, engine, max_model_len, device, dtype)", None, ()),
     "/v1/models/{model}": ("one served model", None, ()),
     "/v1/status": ("every model → replica → node: health, circuit, autoscaling, restarts, batches, alerts (admin)", None, ()),
@@ -44,6 +44,8 @@ ROUTES: dict[str, tuple[str, type[BaseModel] | str | None, tuple[str, ...]]] = {
     "/v1/score": ("vLLM's /score: one text against many, or pairwise", rerank.ScoreRequest, ()),
     "/score": ("vLLM's /score", rerank.ScoreRequest, ()),
     "POST /v1/files": ("upload a batch input file (JSONL; multipart: file, purpose=batch)", MULTIPART, ()),
+    "GET /v1/files": ("the key's files, newest first unless order=asc (cursor pagination)", None,
+                      ("purpose", "limit", "order", "after")),
     "/v1/files/{file_id}": ("a file's object (GET) or delete it (DELETE)", None, ()),
     "/v1/files/{file_id}/content": ("a file's content: the input JSONL, or a batch's output/error lines", None, ()),
     "POST /v1/batches": ("create a batch over an uploaded file; it runs on spare capacity", BatchCreate, ()),

@@ -111,6 +111,7 @@ class Router:
                 Route("/v1/score", scoring.score, methods=["POST"]),
                 Route("/score", scoring.score, methods=["POST"]),
                 Route("/v1/files", batch.create_file, methods=["POST"]),
+                Route("/v1/files", batch.list_files, methods=["GET"]),
                 Route("/v1/files/{file_id}", batch.get_file, methods=["GET"]),
                 Route("/v1/files/{file_id}", batch.delete_file, methods=["DELETE"]),
                 Route("/v1/files/{file_id}/content", batch.file_content, methods=["GET"]),

@@ -240,3 +240,37 @@ def test_sqlite_reads_wait_for_no_writer(tmp_path):
         writer.execute("ROLLBACK")
         writer.close()
         store.close()
+
+
+def test_retention_deletes_ended_batches_with_their_files_and_keeps_what_a_running_batch_reads(store):
+    t0 = 1_000_000.0
+    ended, running = batch(store, 2, t0), batch(store, 2, t0)
+    (ended_in, running_in) = (store.get_batch(b, None)[0]["input_file_id"] for b in (ended, running))
+    fresh = store.create_file("team", "fresh.jsonl", "batch", jsonl(1), t0 + 5000)
+    store.cancel(ended, None, t0)  # it ends with its lines in an error file
+    store.advance("w", t0 + 1, 60)
+    row, _ = store.get_batch(ended, None)
+    assert row["status"] == "cancelled" and row["error_file_id"]
+    assert store.prune(t0) == (0, 0)  # nothing ended before t0
+    assert store.prune(t0 + 3600, per_pass=1) == (1, 2)  # the batch, its error file, its input file
+    assert store.get_batch(ended, None) is None and store.get_file(row["error_file_id"], None) is None
+    assert store.get_file(ended_in, None) is None
+    assert store.get_batch(running, None) is not None and store.get_file(running_in, None) is not None  # still read
+    assert store.get_file(fresh["id"], None) is not None  # uploaded after the cut
+    with store.engine.begin() as c:
+        from sqlalchemy import text
+
+        assert c.execute(text("SELECT COUNT(*) FROM batch_lines WHERE batch_id = :b"), {"b": ended}).scalar_one() == 0
+        assert c.execute(text("SELECT COUNT(*) FROM batch_lines WHERE batch_id = :b"), {"b": running}).scalar_one() == 2
+
+
+def test_files_list_filters_by_owner_and_purpose_and_pages_both_ways(store):
+    ids = [store.create_file("team", f"{i}.jsonl", "batch", jsonl(1), 1000 + i)["id"] for i in range(3)]
+    store.create_file("other", "x.jsonl", "batch", jsonl(1), 1000)
+    rows, more = store.list_files("team", None, None, 2, True)
+    assert [r["id"] for r in rows] == ids[::-1][:2] and more and "content" not in rows[0]
+    rows, more = store.list_files("team", None, ids[1], 2, True)
+    assert [r["id"] for r in rows] == [ids[0]] and not more
+    assert [r["id"] for r in store.list_files("team", "batch", ids[0], 5, False)[0]] == ids[1:]
+    assert store.list_files("team", "batch_output", None, 5, True) == ([], False)
+    assert len(store.list_files(None, None, None, 10, True)[0]) == 4

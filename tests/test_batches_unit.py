@@ -111,6 +111,35 @@ def test_the_openai_client_runs_a_batch_with_bad_lines_to_completion(monkeypatch
     asyncio.run(main())
 
 
+def test_files_list_pages_filters_and_orders_as_the_openai_client_expects(monkeypatch, tmp_path):
+    async def main():
+        fakes = {"chat": FakeModel("chat", "llm"), "emb": FakeModel("emb", "embed")}
+        router, app = await running(config(retention_s=7200), fakes, monkeypatch, tmp_path)
+        await router.batch_worker.stop()  # no batch runs here: the list is the subject
+        a, b = client(app), client(app, "sk-b")
+        mine = [(await a.files.create(file=(f"f{i}.jsonl", io.BytesIO(line(i))), purpose="batch")).id for i in range(5)]
+        theirs = (await b.files.create(file=("b.jsonl", io.BytesIO(line(9))), purpose="batch")).id
+        page = await a.files.list(limit=2)
+        newest_first = [f async for f in await a.files.list(limit=2)]  # the client follows `after` page by page
+        assert sorted(f.id for f in newest_first) == sorted(mine) and page.has_more  # each once
+        assert [f.id for f in page.data] == [f.id for f in newest_first[:2]]
+        assert [(f.created_at, f.id) for f in newest_first] == sorted(((f.created_at, f.id) for f in newest_first), reverse=True)
+        assert [f.id async for f in await a.files.list(limit=3, order="asc")] == [f.id for f in newest_first][::-1]
+        assert [f.id async for f in await a.files.list(purpose="batch_output")] == []
+        one = (await a.files.list(limit=1)).data[0]
+        assert one.expires_at == one.created_at + 7200  # retention, as the file object says
+        assert {f.id async for f in await client(app, "sk-ops").files.list()} == {*mine, theirs}  # an admin sees all
+        assert [f.id async for f in await b.files.list()] == [theirs]  # another key sees only its own
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+        auth = {"authorization": "Bearer sk-a"}
+        for query, param in (("limit=0", "limit"), ("limit=10001", "limit"), ("order=up", "order"), ("page=2", "page"),
+                             ("limit=1&limit=2", "limit")):
+            r = await http.get(f"/v1/files?{query}", headers=auth)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (query, r.text)
+
+    asyncio.run(main())
+
+
 def test_a_line_runs_as_its_owner_key_model_allow_list_included_and_a_removed_key_fails_its_lines(monkeypatch, tmp_path):
     async def main():
         fakes = {"chat": FakeModel("chat", "llm"), "emb": FakeModel("emb", "embed")}

@@ -39,6 +39,12 @@ class BatchApiConfig(StrictConfig):
         "retried until the batch expires)"
     )
 
+    retention_s: int = Field(
+        30 * 86_400, ge=3600, le=10 * 365 * 86_400, description="ended batches (with their lines and output/error "
+        "files) and uploaded files no unended batch reads are deleted this long after they ended or were uploaded; "
+        "file objects carry it as expires_at"
+    )
+
     @field_validator("store")
     @classmethod
     def _store_uri(cls, v: str) -> str:

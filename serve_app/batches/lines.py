@@ -161,10 +161,12 @@ def response_line(custom_id: str | None, request_id: str, status: int, body: Any
                          "response": {"status_code": status, "request_id": request_id, "body": body}}).decode()
 
 
-def file_object(row: dict[str, Any]) -> dict[str, Any]:
+def file_object(row: dict[str, Any], retention_s: int) -> dict[str, Any]:
+    """OpenAI's file object. `expires_at`: when retention deletes it (an uploaded file still read by
+    a running batch lives until that batch has ended and the retention passed again)."""
     return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
             "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None,
-            "expires_at": None}
+            "expires_at": row["created_at"] + retention_s}
 
 
 def batch_object(row: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from serve_app.errors import InvalidRequest, NotFound, PayloadTooLarge, StoreUna
 T = TypeVar("T")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the purpose field, beyond the file itself
 DEFAULT_PAGE, MAX_PAGE = 20, 100
+MAX_FILES_PAGE = 10_000  # files.list: OpenAI's default and maximum
 
 
 class BatchApi:
@@ -62,10 +63,19 @@ class BatchApi:
             raise InvalidRequest(f"the file has {lines} lines; at most {self.cfg.max_lines} per batch", "file")
         filename = (upload.filename or "batch.jsonl").replace("\x00", "")[:255] or "batch.jsonl"
         row = await self._db(self.store.create_file, _owner(request), filename, purpose, content, time.time())
-        return JSONResponse(file_object(row))
+        return JSONResponse(file_object(row, self.cfg.retention_s))
 
     async def get_file(self, request: Request) -> Response:
-        return JSONResponse(file_object(await self._file(request)))
+        return JSONResponse(file_object(await self._file(request), self.cfg.retention_s))
+
+    async def list_files(self, request: Request) -> Response:
+        """`GET /v1/files?purpose=&limit=&order=&after=`, as the openai client's `files.list` pages it."""
+        q = _file_query(request.query_params.multi_items())
+        rows, more = await self._db(self.store.list_files, _owner_filter(request), q["purpose"], q["after"], q["limit"],
+                                    q["order"] == "desc")
+        data = [file_object(row, self.cfg.retention_s) for row in rows]
+        return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None, "has_more": more})
 
     async def file_content(self, request: Request) -> Response:
         row = await self._file(request)
@@ -164,6 +174,18 @@ def _page(params: list[tuple[str, str]]) -> tuple[str | None, int]:
     if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= MAX_PAGE:
         raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE}", "limit")
     return values.get("after"), int(raw)
+
+
+def _file_query(params: list[tuple[str, str]]) -> dict[str, Any]:
+    """OpenAI's files.list parameters: limit 1-10,000 (default 10,000), order asc|desc (default desc)."""
+    values = strict_query(params, "/v1/files", ("after", "limit", "order", "purpose"))
+    raw = values.get("limit", str(MAX_FILES_PAGE))
+    if not re.fullmatch(r"[0-9]{1,5}", raw) or not 1 <= int(raw) <= MAX_FILES_PAGE:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_FILES_PAGE}", "limit")
+    order = values.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("order must be 'asc' or 'desc'", "order")
+    return {"after": values.get("after"), "limit": int(raw), "order": order, "purpose": values.get("purpose")}
 
 
 def _owner(request: Request) -> str:

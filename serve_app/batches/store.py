@@ -141,6 +141,58 @@ class BatchStore:
             after = page[-1][0]
             yield b"".join(r[1].encode() + b"\n" for r in page)
 
+    def list_files(self, owner: str | None, purpose: str | None, after: str | None, limit: int,
+                   newest_first: bool) -> tuple[list[dict[str, Any]], bool]:
+        """Files without their content, by creation time (OpenAI's `order`), `limit` after the file
+        `after` (its cursor pagination); an `after` that is no file of this owner starts at the top."""
+        clauses, params = [], {"n": limit + 1}
+        if owner is not None:
+            clauses.append("owner = :owner")
+            params["owner"] = owner
+        if purpose is not None:
+            clauses.append("purpose = :purpose")
+            params["purpose"] = purpose
+        before = "<" if newest_first else ">"
+        with self._tx(read=True) as c:
+            if after is not None:
+                cursor = c.execute(text("SELECT created_at, id FROM batch_files WHERE id = :id"), {"id": after}).first()
+                if cursor is not None:
+                    clauses.append(f"(created_at {before} :ca OR (created_at = :ca AND id {before} :cid))")
+                    params.update(ca=cursor[0], cid=cursor[1])
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            way = "DESC" if newest_first else "ASC"
+            rows = c.execute(text("SELECT id, owner, purpose, filename, bytes, created_at, batch_id, line_state FROM batch_files "
+                                  f"{where} ORDER BY created_at {way}, id {way} LIMIT :n"), params).mappings().all()
+        return [dict(r) for r in rows[:limit]], len(rows) > limit
+
+    def prune(self, before: float, per_pass: int = 100) -> tuple[int, int]:
+        """Forget what ended before `before` (the retention): batches ended then, with their lines
+        and output/error files, and uploaded files created then that no unended batch reads.
+        A pass at a time, so no transaction grows with the backlog. Returns (batches, files)."""
+        ended_at = "COALESCE(completed_at, failed_at, expired_at, cancelled_at)"
+        batches = files = 0
+        while True:
+            with self._tx() as c:
+                ids = [r[0] for r in c.execute(text(
+                    f"SELECT id FROM batches WHERE status IN ('completed', 'failed', 'expired', 'cancelled') AND {ended_at} < :t "
+                    "LIMIT :n"), {"t": int(before), "n": per_pass}).all()]
+                if not ids:
+                    break
+                for table, column in (("batch_lines", "batch_id"), ("batch_files", "batch_id"), ("batches", "id")):
+                    gone = c.execute(_in(f"DELETE FROM {table} WHERE {column} IN :ids"), {"ids": ids}).rowcount
+                    batches += gone if table == "batches" else 0
+                    files += gone if table == "batch_files" else 0
+        while True:
+            with self._tx() as c:
+                ids = [r[0] for r in c.execute(text(
+                    "SELECT id FROM batch_files WHERE batch_id IS NULL AND created_at < :t AND id NOT IN (SELECT input_file_id "
+                    "FROM batches WHERE status NOT IN ('completed', 'failed', 'expired', 'cancelled')) LIMIT :n"),
+                    {"t": int(before), "n": per_pass}).all()]
+                if not ids:
+                    break
+                files += c.execute(_in("DELETE FROM batch_files WHERE id IN :ids"), {"ids": ids}).rowcount
+        return batches, files
+
     def delete_file(self, file_id: str, owner: str | None) -> bool:
         if self.get_file(file_id, owner) is None:
             return False
@@ -392,3 +444,7 @@ class BatchStore:
                 "SELECT l.model, COUNT(*) FROM batch_lines l JOIN batches b ON b.id = l.batch_id WHERE b.status IN "
                 "('validating', 'in_progress', 'cancelling') AND l.state IN ('pending', 'leased') GROUP BY l.model")).all()}
 
+
+def _in(sql: str) -> sa.TextClause:
+    """A statement whose `:ids` is a list (`IN :ids`), expanded by SQLAlchemy for either database."""
+    return text(sql).bindparams(sa.bindparam("ids", expanding=True))

@@ -45,6 +45,7 @@ MAX_PREEMPTIONS = 3
 UNKNOWN_MODEL_LINES = 4  # lines naming a model we do not serve: they fail fast with the router's 404
 HEARTBEAT_S = 1.0
 MAX_BACKOFF_S = 60.0
+PRUNE_EVERY_S = 600.0  # how often a worker deletes what outlived gateway.batch.retention_s
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ class BatchWorker:
         self._releasing: set[asyncio.Task] = set()
         self.window: dict[str, float] = {}  # quiet model -> lines it may run now (slow start, see cap)
         self._stopped = False
-        self._beat_at = self._advance_at = self._renew_at = 0.0
+        self._beat_at = self._advance_at = self._renew_at = self._prune_at = 0.0
         traffic.on_busy = self.preempt
 
     # --- how much may run ---
@@ -163,6 +164,11 @@ class BatchWorker:
             for batch_id in await asyncio.to_thread(self.store.advance, self.id, now, self.cfg.lease_s):
                 logger.info("batch %s ended", batch_id)
             self.on_pending(await asyncio.to_thread(self.store.pending_by_model))
+        if now >= self._prune_at:
+            self._prune_at = now + PRUNE_EVERY_S
+            batches, files = await asyncio.to_thread(self.store.prune, now - self.cfg.retention_s)
+            if batches or files:
+                logger.info("batch retention (%ds): deleted %d batch(es) and %d file(s)", self.cfg.retention_s, batches, files)
         if now >= self._renew_at and any(self.running.values()):
             self._renew_at = now + self.cfg.lease_s / 3
             await asyncio.to_thread(self.store.renew, self.id, now + self.cfg.lease_s,

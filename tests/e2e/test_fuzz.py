@@ -333,13 +333,15 @@ def test_file_and_batch_ids(http, uploaded, route, ident):
 
 
 @FUZZ
-@given(params=st.lists(st.tuples(st.sampled_from(["after", "limit"]) | TEXT,
-                                 st.integers(-5, 200).map(str) | TEXT | st.just(BATCH_ID)), max_size=3),
+@given(route=st.sampled_from(["/v1/batches", "/v1/files"]),
+       params=st.lists(st.tuples(st.sampled_from(["after", "limit", "order", "purpose"]) | TEXT,
+                                 st.integers(-5, 20_000).map(str) | st.sampled_from(["asc", "desc", "batch", "batch_output"])
+                                 | TEXT | st.just(BATCH_ID) | st.just(UPLOADED)), max_size=4),
        raw=st.none() | USAGE_RAW)
-def test_batch_list(http, params, raw):
-    params = [(k, BATCHES[0] if v == BATCH_ID and BATCHES else v) for k, v in params]
-    r = http.get(f"/tiny/v1/batches?{raw}") if raw else http.get("/tiny/v1/batches", params=params)
-    check(r, (params, raw))
+def test_batch_and_file_lists(http, uploaded, route, params, raw):
+    params = [(k, {BATCH_ID: BATCHES[0] if BATCHES else v, UPLOADED: uploaded}.get(v, v)) for k, v in params]
+    r = http.get(f"/tiny{route}?{raw}") if raw else http.get(f"/tiny{route}", params=params)
+    check(r, (route, params, raw))
     assert r.status_code in (200, 400), r.text[:300]
     if r.status_code == 200:
         assert r.json()["object"] == "list"
