@@ -18,6 +18,7 @@ stopped on purpose, so the per-model restart count on /v1/status comes from the 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import threading
 import time
@@ -38,11 +39,18 @@ NAMESPACE = "serve_app"
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class StatusBoard:
-    def __init__(self) -> None:
+    def __init__(self, app: str | None = None) -> None:
+        """`app`: whose board this is. A board that Ray restarts (or that is made again after it was
+        killed) takes its alert config, restart counts and the nodes it saw alive from the GCS
+        (`Saved`), so it alerts at once, counts on, and still sees a node that left meanwhile."""
         self.reports: dict[str, dict[str, dict[str, Any]]] = {}
         self.circuits: dict[str, dict[str, dict[str, Any]]] = {}  # model -> router replica -> breaker state
         self._lock = threading.Lock()  # reports and circuits are read by the alert thread
         self._alerts: _AlertLoop | None = None
+        self._saved = Saved(app) if app else None
+        state = self._saved.load() if self._saved else None
+        if state and state.get("config"):
+            self.configure_alerts(*state["config"], restarts=state.get("restarts"), nodes_alive=state.get("nodes_alive"))
 
     def post(self, model: str, replica_id: str, snapshot: dict[str, Any]) -> None:
         with self._lock:
@@ -57,17 +65,22 @@ class StatusBoard:
         with self._lock:
             return {m: dict(rs) for m, rs in self.circuits.items()}
 
-    def configure_alerts(self, app: str, alerts: dict[str, Any], models: dict[str, dict[str, Any]]) -> None:
+    def configure_alerts(self, app: str, alerts: dict[str, Any], models: dict[str, dict[str, Any]],
+                         restarts: dict[str, int] | None = None, nodes_alive: dict[str, str] | None = None) -> None:
         """alerts: GatewayConfig.alerts as a dict; models: name -> {deployment, silent_after_s}.
-        Every router replica calls this at start; the same config again changes nothing."""
+        Every router replica calls this at start and then every CONFIG_RESEND_S; the same config
+        again changes nothing. (`restarts`, `nodes_alive`: what a restarted board saved.)"""
         wanted = (app, repr(alerts), repr(models))
         if self._alerts is not None and self._alerts.wanted == wanted:
             return
         if self._alerts is not None:
             self._alerts.stop()
+            restarts, nodes_alive = self._alerts.restarts, dict(self._alerts.tracker.nodes_alive)  # a new config keeps them
         cfg = AlertsConfig.model_validate(alerts)
-        restarts = self._alerts.restarts if self._alerts is not None else {}  # a new config keeps the count
-        self._alerts = _AlertLoop(wanted, app, cfg, models, self._read_copy, self._circuits_copy, restarts)
+        self._alerts = _AlertLoop(wanted, app, cfg, models, self._read_copy, self._circuits_copy, restarts, nodes_alive,
+                                  self._saved)
+        if self._saved is not None:
+            self._saved.store(config=[app, alerts, models])
 
     def alert_state(self) -> dict[str, Any]:
         """Recent alerts, delivery counts and replicas lost per model (`restarts`), for /v1/status.
@@ -106,11 +119,13 @@ class _AlertLoop:
     (with no targets, nothing: it then only keeps the restart count)."""
 
     def __init__(self, wanted: tuple, app: str, cfg, models: dict[str, dict[str, Any]], reports, circuits,
-                 restarts: dict[str, int] | None = None) -> None:
+                 restarts: dict[str, int] | None = None, nodes_alive: dict[str, str] | None = None,
+                 saved: "Saved | None" = None) -> None:
         self.wanted, self.app, self.cfg, self.models, self.reports = wanted, app, cfg, models, reports
-        self.circuits = circuits
+        self.circuits, self.saved = circuits, saved
         self.tracker = AlertTracker(cfg, app)
         self.tracker.restarts.update(restarts or {})
+        self.tracker.nodes_alive.update(nodes_alive or {})
         self.restarts = dict(self.tracker.restarts)  # copied after each period: the actor thread reads it
         self.delivery = AlertDelivery(cfg.targets, cfg.timeout_s) if cfg.targets else None
         self.recent: list[dict[str, Any]] = []
@@ -128,6 +143,8 @@ class _AlertLoop:
             try:
                 messages = self.tracker.observe(self._world())
                 self.restarts = dict(self.tracker.restarts)
+                if self.saved is not None:
+                    self.saved.store(restarts=self.restarts, nodes_alive=dict(self.tracker.nodes_alive))
                 if self.delivery is None:
                     continue
                 for message in messages:
@@ -140,6 +157,37 @@ class _AlertLoop:
     def _world(self) -> World:
         return World(models=_models(self.app, self.models), reports=self.reports(), nodes=_nodes(),
                      circuits=_live_router_circuits(self.app, self.circuits()))
+
+
+class Saved:
+    """The board's state that must outlive the board, in the GCS's key-value store (Ray's
+    internal_kv; it lives as long as the cluster): the alert config, restart counts per model, the
+    nodes seen alive. Written only when it changed; a store that fails is logged, never fatal."""
+
+    def __init__(self, app: str) -> None:
+        self.key, self.state = f"status_board::{app}".encode(), {}
+
+    def load(self) -> dict[str, Any]:
+        from ray.experimental import internal_kv
+
+        try:
+            raw = internal_kv._internal_kv_get(self.key, namespace=NAMESPACE)
+            self.state = json.loads(raw) if raw else {}
+        except Exception:  # noqa: BLE001 - start empty; the routers re-send the config
+            logger.warning("status board: could not read its saved state", exc_info=True)
+        return dict(self.state)
+
+    def store(self, **changes: Any) -> None:
+        from ray.experimental import internal_kv
+
+        state = {**self.state, **changes}
+        if state == self.state:
+            return
+        try:
+            internal_kv._internal_kv_put(self.key, json.dumps(state).encode(), overwrite=True, namespace=NAMESPACE)
+            self.state = state
+        except Exception:  # noqa: BLE001 - tried again at the next change
+            logger.warning("status board: could not save its state", exc_info=True)
 
 
 def _models(app: str, models: dict[str, dict[str, Any]]):
@@ -190,7 +238,7 @@ def board(app_name: str):
     if handle is None:
         handle = _boards[app_name] = StatusBoard.options(
             name=f"status_board::{app_name}", namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-        ).remote()
+        ).remote(app_name)
     return handle
 
 

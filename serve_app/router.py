@@ -37,7 +37,7 @@ from serve_app.metrics import RouterMetrics
 from serve_app.middleware import AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve_app.resilience import Dispatcher
 from serve_app.serve_context import app_name_or_local, in_serve, replica_id
-from serve_app.status import configure_alerts, report_circuit
+from serve_app.status import configure_alerts, keep_alerts_configured, report_circuit
 from serve_app.tenancy import Tenancy
 
 
@@ -73,6 +73,7 @@ class Router:
         self.asgi.router.redirect_slashes = False
         if in_serve():
             self.start_batch_worker()
+            self._alerts_task = asyncio.get_running_loop().create_task(keep_alerts_configured(self.gateway, self.models))
         return self.asgi
 
     def start_batch_worker(self) -> None:

@@ -23,6 +23,7 @@ from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.serve_context import app_name, replica_context
 
 logger = logging.getLogger("ray.serve")
+CONFIG_RESEND_S = 30.0  # how often each router replica hands the status board its alert config again
 
 
 async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], breakers: dict[str, Any],
@@ -134,15 +135,23 @@ async def _board_alerts(app: str | None) -> dict[str, Any]:
         return {"enabled": False, "error": "status board unreachable"}
 
 
+async def keep_alerts_configured(gateway: GatewayConfig, models: dict[str, ModelConfig]) -> None:
+    """Every CONFIG_RESEND_S, the config again: a board made anew whose saved state is gone (or
+    that could not read it) alerts again within that. The same config changes nothing."""
+    while True:
+        await asyncio.sleep(CONFIG_RESEND_S)
+        await asyncio.to_thread(configure_alerts, gateway, models)
+
+
 def configure_alerts(gateway: GatewayConfig, models: dict[str, ModelConfig]) -> None:
     """Hand `gateway.alerts` to the app's status board, the one component that pushes alerts (and
-    counts restarts, targets or not); each router replica calls this at start (the same config
-    twice changes nothing)."""
+    counts restarts, targets or not); each router replica calls this at start and then every
+    CONFIG_RESEND_S (the same config twice changes nothing)."""
     app = app_name()
     if app is None:
         return
     try:
-        status_board.call(app, "configure_alerts", app, gateway.alerts.model_dump(), {
+        status_board.call(app, "configure_alerts", app, gateway.alerts.model_dump(mode="json"), {
             name: {"deployment": m.deployment_name, "silent_after_s": silent_after_s(m)}
             for name, m in models.items()})
     except Exception:  # noqa: BLE001 - alerts are best effort; serving must not depend on them

@@ -22,9 +22,10 @@ class FakeBoards:
         self.error: Exception | None = None
 
     def options(self, name: str, **_: object) -> SimpleNamespace:
-        return SimpleNamespace(remote=lambda: self._lookup(name))
+        return SimpleNamespace(remote=lambda app: self._lookup(name, app))
 
-    def _lookup(self, name: str) -> SimpleNamespace:
+    def _lookup(self, name: str, app: str) -> SimpleNamespace:
+        assert name == f"status_board::{app}"  # a board made anew knows whose saved state to read
         self.lookups.append(name)
         return SimpleNamespace(read=SimpleNamespace(remote=self._read))
 
@@ -107,3 +108,33 @@ def test_reports_change_only_under_the_lock_and_never_under_a_reader(monkeypatch
     assert board.read()["ce"]["r1"]["gone_at"] == 123.0
     assert "gone_at" not in seen_by_reader  # the reader's copy is untouched
     assert held and all(held)
+
+
+def test_a_board_made_anew_alerts_with_its_saved_config_restart_counts_and_nodes(monkeypatch):
+    """Issue 20.11: a restarted board used to forget its alert targets (no alert, the page said
+    alerts were off) and the restart counts. It keeps them in the GCS key-value store."""
+    from ray.experimental import internal_kv
+
+    kv: dict[tuple, bytes] = {}
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", lambda k, v, overwrite=True, namespace=None: kv.__setitem__((namespace, k), v))
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda k, namespace=None: kv.get((namespace, k)))
+    Board = status_board.StatusBoard.__ray_actor_class__
+    alerts = {"targets": [{"kind": "webhook", "url": "http://127.0.0.1:9/hook"}], "check_period_s": 60}
+    models = {"ce": {"deployment": "rerank-ce", "silent_after_s": 25.0}}
+    first = Board("app")
+    assert first.alert_state() == {"enabled": False}
+    first.configure_alerts("app", alerts, models)
+    first._alerts.tracker.restarts["ce"] = 2  # what a period counted...
+    first._alerts.tracker.nodes_alive["node-b"] = "10.0.0.2"  # ...and a node it saw
+    first._alerts.saved.store(restarts=dict(first._alerts.tracker.restarts), nodes_alive=dict(first._alerts.tracker.nodes_alive))
+    first._alerts.stop()
+    again = Board("app")  # Ray's restart, or a new board after the old one was killed
+    try:
+        state = again.alert_state()
+        assert state["enabled"] is True and state["restarts"] == {"ce": 2}
+        assert again._alerts.tracker.nodes_alive == {"node-b": "10.0.0.2"}  # a node gone meanwhile is still seen leaving
+        again.configure_alerts("app", alerts, models)  # a router re-sends the same config: nothing changes
+        assert again.alert_state()["restarts"] == {"ce": 2}
+    finally:
+        again._alerts.stop()
+    assert Board("other").alert_state() == {"enabled": False}  # per app

@@ -1,7 +1,8 @@
 """Pushed alerts on the real stack: a webhook receiver on loopback hears exactly one alert, naming
 the node, when a replica is killed, and one recovery when Serve has replaced it; a stall alerts
-within two health periods; replicas killed again and again inside the window stay one alert; the
-status page in headless Chromium shows a killed replica as gone within one refresh.
+within two health periods; replicas killed again and again inside the window stay one alert; a
+status board killed and made anew still alerts, with its restart counts; the status page in
+headless Chromium shows a killed replica as gone within one refresh.
 
 Each test has a model of its own in the app: alerts are rate-limited per model, so no test waits
 out an earlier test's window. Only the flapping test, whose property is the window itself, waits
@@ -135,6 +136,33 @@ def test_replicas_killed_again_within_the_window_stay_one_alert_and_one_recovery
     # The window ends WINDOW_S after the alert; the board checks every period; 5 s of slack.
     time.sleep(max(0.0, first["at"] + WINDOW_S + 2 * CHECK_PERIOD_S + 5 - time.time()))
     assert _events(alerting, FLAP) == ["alert", "recovery"], [b["text"] for b in _about(alerting, FLAP)]
+
+
+def test_a_board_made_anew_still_alerts_once_and_keeps_the_restart_count(stack, alerting):
+    """The status board killed for good (issue 20.11): the next one, made when a replica posts,
+    takes the alert config and restart counts it saved, so the replica killed next is one alert.
+    Runs on FLAP after its test, which waited FLAP's window out."""
+    _both_up(FLAP)
+    receiver_before = len(_about(alerting, FLAP))
+    restarts = wait_for(lambda: _restarts(stack, FLAP) or None, 30, "the flapping test's restarts on /v1/status")
+    old = ray.get_actor(f"status_board::{APP}", namespace="serve_app")
+    ray.kill(old, no_restart=True)
+
+    def new_board():
+        try:
+            board = ray.get_actor(f"status_board::{APP}", namespace="serve_app")
+            return board if board._actor_id != old._actor_id and ray.get(board.alert_state.remote(), timeout=10)["enabled"] else None
+        except (ValueError, ray.exceptions.RayError):
+            return None
+
+    wait_for(new_board, 60, "a new status board, configured")
+    assert _restarts(stack, FLAP) == restarts
+    _kill(FLAP, sorted(_replicas(FLAP))[0])
+    alert = wait_for(lambda: next((b for b in _about(alerting, FLAP)[receiver_before:] if b["event"] == "alert"), None), 30,
+                     "the alert from the new board")
+    assert alert["model"] == FLAP and alert["what"] in ("gone", "silent"), alert
+    time.sleep(10)
+    assert _events(alerting, FLAP)[receiver_before:].count("alert") == 1, [b["text"] for b in _about(alerting, FLAP)]
 
 
 def test_a_stalled_replica_alerts_within_two_health_periods_with_its_request_ids(stack, alerting):
