@@ -111,6 +111,40 @@ def test_the_openai_client_runs_a_batch_with_bad_lines_to_completion(monkeypatch
     asyncio.run(main())
 
 
+def test_an_upload_is_checked_and_stored_a_chunk_at_a_time_and_comes_back_byte_for_byte(monkeypatch, tmp_path):
+    """Issue 20.10: the upload is spooled, scanned and stored in chunks (small ones here, so every
+    boundary case is crossed): limits, UTF-8 split across chunks, blank lines."""
+    from serve_app.batches import routes
+
+    monkeypatch.setattr(routes, "SCAN_CHUNK", 7)
+    monkeypatch.setattr(routes, "STORE_CHUNK", 64)
+
+    async def main():
+        router, app = await running(config(keys=[], max_file_bytes=4096, max_lines=30), {"emb": FakeModel("emb", "embed")},
+                                    monkeypatch, tmp_path)
+        await router.batch_worker.stop()
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+
+        async def upload(raw: bytes):
+            return await http.post("/v1/files", files={"file": ("x.jsonl", raw)}, data={"purpose": "batch"})
+
+        raw = b"\n\n".join(line(i, input="caf\u00e9 " * 3) for i in range(20)) + b"\n"  # é's two bytes fall across chunks
+        r = await upload(raw)
+        assert r.status_code == 200 and r.json()["bytes"] == len(raw), r.text
+        assert (await http.get(f"/v1/files/{r.json()['id']}/content")).content == raw
+        with router.batch_store.engine.begin() as c:
+            from sqlalchemy import text
+
+            chunks = c.execute(text("SELECT COUNT(*) FROM batch_file_chunks WHERE file_id = :f"), {"f": r.json()["id"]}).scalar_one()
+        assert chunks == -(-len(raw) // 64)
+        for bad, status, says in ((b"x" * 5000, 413, "4096"), (raw[:-5] + b"\xc3", 400, "UTF-8"), (b"\n \n", 400, "no lines"),
+                                  (b"\n".join([b"{}"] * 31), 400, "31 lines"), ("é".encode() + b"\xff\n", 400, "UTF-8")):
+            r = await upload(bad)
+            assert r.status_code == status and says in r.json()["error"]["message"], (bad[:20], r.text)
+
+    asyncio.run(main())
+
+
 def test_files_list_pages_filters_and_orders_as_the_openai_client_expects(monkeypatch, tmp_path):
     async def main():
         fakes = {"chat": FakeModel("chat", "llm"), "emb": FakeModel("emb", "embed")}

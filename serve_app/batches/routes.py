@@ -9,26 +9,29 @@ store that does not answer is a 503, never a 500.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
 
 import sqlalchemy.exc
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Message
 
 from serve_app.api.admin import strict_query
 from serve_app.batches.config import BatchApiConfig
 from serve_app.batches.lines import BatchCreate, batch_object, file_object, parse_input, window_seconds
 from serve_app.batches.store import BatchStore
-from serve_app.body import parse_body, read_body
+from serve_app.body import parse_body
 from serve_app.http import principal_of
-from serve_app.errors import InvalidRequest, NotFound, PayloadTooLarge, StoreUnavailable
+from serve_app.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge, StoreUnavailable
 
 T = TypeVar("T")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the purpose field, beyond the file itself
+SCAN_CHUNK, STORE_CHUNK = 1 << 20, 4 << 20  # an upload is checked 1 MiB at a time, stored 4 MiB at a time
 DEFAULT_PAGE, MAX_PAGE = 20, 100
 MAX_FILES_PAGE = 10_000  # files.list: OpenAI's default and maximum
 
@@ -39,30 +42,27 @@ class BatchApi:
 
     # --- files ---
     async def create_file(self, request: Request) -> Response:
-        """multipart/form-data with `file` (JSONL) and `purpose` ('batch')."""
+        """multipart/form-data with `file` (JSONL) and `purpose` ('batch'). The body is parsed as it
+        arrives, the file spooled to disk by Starlette's parser, checked and stored a chunk at a
+        time: an upload of N bytes never costs the router N bytes of memory, let alone several N."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise InvalidRequest("upload the file as multipart/form-data with fields 'file' and 'purpose'", "file")
-        raw = await read_body(request, self.cfg.max_file_bytes + FORM_OVERHEAD)
-        form = await _form(request, raw)
-        purpose, upload = form.get("purpose"), form.get("file")
-        if purpose != "batch":
-            raise InvalidRequest("purpose must be 'batch' (the only purpose this server stores files for)", "purpose")
-        if not isinstance(upload, UploadFile):
-            raise InvalidRequest("field 'file' must be the uploaded file", "file")
-        content = await upload.read()
-        if len(content) > self.cfg.max_file_bytes:
-            raise PayloadTooLarge(f"the file is {len(content)} bytes; at most {self.cfg.max_file_bytes} are accepted", "file")
+        form = await _form(request, self.cfg.max_file_bytes + FORM_OVERHEAD)
         try:
-            content.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InvalidRequest(f"the file is not UTF-8 text (byte {err.start}); a batch file is JSONL", "file") from None
-        lines = sum(1 for line in content.split(b"\n") if line.strip())
-        if not lines:
-            raise InvalidRequest("the file has no lines; a batch file has one JSON request per line", "file")
-        if lines > self.cfg.max_lines:
-            raise InvalidRequest(f"the file has {lines} lines; at most {self.cfg.max_lines} per batch", "file")
-        filename = (upload.filename or "batch.jsonl").replace("\x00", "")[:255] or "batch.jsonl"
-        row = await self._db(self.store.create_file, _owner(request), filename, purpose, content, time.time())
+            purpose, upload = form.get("purpose"), form.get("file")
+            if purpose != "batch":
+                raise InvalidRequest("purpose must be 'batch' (the only purpose this server stores files for)", "purpose")
+            if not isinstance(upload, UploadFile):
+                raise InvalidRequest("field 'file' must be the uploaded file", "file")
+            lines = await asyncio.to_thread(_scan, upload.file, self.cfg.max_file_bytes)
+            if not lines:
+                raise InvalidRequest("the file has no lines; a batch file has one JSON request per line", "file")
+            if lines > self.cfg.max_lines:
+                raise InvalidRequest(f"the file has {lines} lines; at most {self.cfg.max_lines} per batch", "file")
+            filename = (upload.filename or "batch.jsonl").replace("\x00", "")[:255] or "batch.jsonl"
+            row = await self._db(self.store.create_file, _owner(request), filename, purpose, _chunks(upload.file), time.time())
+        finally:
+            await form.close()
         return JSONResponse(file_object(row, self.cfg.retention_s))
 
     async def get_file(self, request: Request) -> Response:
@@ -150,22 +150,60 @@ class BatchApi:
             raise StoreUnavailable(f"the batch store did not answer ({type(err).__name__}); retry shortly", retry_after=5) from None
 
 
-async def _form(request: Request, raw: bytes) -> dict[str, Any]:
-    """Starlette's multipart parser over the body we already read within the limit."""
-    sent = False
+async def _form(request: Request, max_bytes: int) -> FormData:
+    """Starlette's multipart parser over the body as it arrives (files spool to disk past 1 MiB),
+    stopped with a 413 once the body passes `max_bytes`."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes", "file")
+    size = 0
 
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": raw, "more_body": False}
+    async def receive() -> Message:
+        nonlocal size
+        message = await request.receive()
+        size += len(message.get("body", b""))
+        if size > max_bytes:
+            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes", "file")
+        return message
 
     try:
-        form = await Request(request.scope, receive).form(max_files=1, max_fields=4)
+        return await Request(request.scope, receive).form(max_files=1, max_fields=4)
+    except ApiError:
+        raise
+    except ClientDisconnect:
+        raise InvalidRequest("the client closed the connection before the body was complete") from None
     except Exception as err:  # noqa: BLE001 - python-multipart's errors are the client's malformed body
         raise InvalidRequest(f"the multipart body could not be read: {str(err)[:200]}", "file") from None
-    return dict(form.items())
+
+
+def _scan(file: BinaryIO, max_bytes: int) -> int:
+    """Check a spooled upload a chunk at a time: at most `max_bytes`, UTF-8 throughout. Returns its
+    number of non-blank lines."""
+    file.seek(0)
+    decoder, size, lines, tail = codecs.getincrementaldecoder("utf-8")(), 0, 0, b""
+    while chunk := file.read(SCAN_CHUNK):
+        try:
+            decoder.decode(chunk)
+        except UnicodeDecodeError as err:
+            raise InvalidRequest(f"the file is not UTF-8 text (near byte {size + err.start}); a batch file is JSONL",
+                                 "file") from None
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the file is over {max_bytes} bytes, the most accepted", "file")
+        *whole, tail = (tail + chunk).split(b"\n")
+        lines += sum(1 for line in whole if line.strip())
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise InvalidRequest("the file is not UTF-8 text (it ends inside a character); a batch file is JSONL", "file") from None
+    return lines + (1 if tail.strip() else 0)
+
+
+def _chunks(file: BinaryIO) -> Iterator[bytes]:
+    """The spooled upload, a stored chunk at a time (read in the store's thread)."""
+    file.seek(0)
+    while chunk := file.read(STORE_CHUNK):
+        yield chunk
 
 
 def _page(params: list[tuple[str, str]]) -> tuple[str | None, int]:

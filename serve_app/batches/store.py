@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS batch_files (
     bytes BIGINT NOT NULL, created_at BIGINT NOT NULL, content {blob},
     batch_id TEXT, line_state TEXT
 );
+CREATE TABLE IF NOT EXISTS batch_file_chunks (
+    file_id TEXT NOT NULL, seq INTEGER NOT NULL, data {blob} NOT NULL, PRIMARY KEY (file_id, seq)
+);
 CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
     completion_window TEXT NOT NULL, status TEXT NOT NULL, created_at BIGINT NOT NULL,
@@ -106,12 +109,18 @@ class BatchStore:
         self.engine.dispose()
 
     # --- files ---
-    def create_file(self, owner: str, filename: str, purpose: str, content: bytes, now: float) -> dict[str, Any]:
-        row = {"id": new_id("file-"), "owner": owner, "purpose": purpose, "filename": filename, "bytes": len(content),
-               "created_at": int(now), "content": content}
+    def create_file(self, owner: str, filename: str, purpose: str, content: bytes | Iterable[bytes], now: float) -> dict[str, Any]:
+        """An uploaded file, stored a chunk at a time as `content` yields them (an upload spooled to
+        disk is never whole in memory), in one transaction: it exists whole or not at all."""
+        row = {"id": new_id("file-"), "owner": owner, "purpose": purpose, "filename": filename, "bytes": 0,
+               "created_at": int(now)}
         with self._tx() as c:
-            c.execute(text("INSERT INTO batch_files (id, owner, purpose, filename, bytes, created_at, content) "
-                           "VALUES (:id, :owner, :purpose, :filename, :bytes, :created_at, :content)"), row)
+            for seq, chunk in enumerate([content] if isinstance(content, bytes) else content):
+                c.execute(text("INSERT INTO batch_file_chunks (file_id, seq, data) VALUES (:id, :seq, :data)"),
+                          {"id": row["id"], "seq": seq, "data": chunk})
+                row["bytes"] += len(chunk)
+            c.execute(text("INSERT INTO batch_files (id, owner, purpose, filename, bytes, created_at) "
+                           "VALUES (:id, :owner, :purpose, :filename, :bytes, :created_at)"), row)
         return row
 
     def get_file(self, file_id: str, owner: str | None) -> dict[str, Any] | None:
@@ -122,13 +131,30 @@ class BatchStore:
         return dict(row) if row and (owner is None or row["owner"] == owner) else None
 
     def input_content(self, file_id: str) -> bytes:
+        return b"".join(self._upload_chunks(file_id))
+
+    def _upload_chunks(self, file_id: str) -> Iterator[bytes]:
+        """An uploaded file's bytes, a stored chunk per read (a file stored whole before chunks, in
+        `content`, comes as one)."""
         with self._tx(read=True) as c:
-            return bytes(c.execute(text("SELECT content FROM batch_files WHERE id = :id"), {"id": file_id}).scalar_one())
+            whole = c.execute(text("SELECT content FROM batch_files WHERE id = :id"), {"id": file_id}).scalar_one()
+        if whole is not None:
+            yield bytes(whole)
+            return
+        seq = -1
+        while True:
+            with self._tx(read=True) as c:
+                got = c.execute(text("SELECT seq, data FROM batch_file_chunks WHERE file_id = :id AND seq > :seq "
+                                     "ORDER BY seq LIMIT 1"), {"id": file_id, "seq": seq}).first()
+            if got is None:
+                return
+            seq = got[0]
+            yield bytes(got[1])
 
     def content_pages(self, row: dict[str, Any]) -> Iterator[bytes]:
         """An uploaded file's bytes, or an output/error file's result lines in input order, a page at a time."""
         if row["batch_id"] is None:
-            yield self.input_content(row["id"])
+            yield from self._upload_chunks(row["id"])
             return
         after = -1
         while True:
@@ -178,7 +204,7 @@ class BatchStore:
                     "LIMIT :n"), {"t": int(before), "n": per_pass}).all()]
                 if not ids:
                     break
-                for table, column in (("batch_lines", "batch_id"), ("batch_files", "batch_id"), ("batches", "id")):
+                for table, column in (("batch_lines", "batch_id"), ("batch_files", "batch_id"), ("batches", "id")):  # outputs: no chunks
                     gone = c.execute(_in(f"DELETE FROM {table} WHERE {column} IN :ids"), {"ids": ids}).rowcount
                     batches += gone if table == "batches" else 0
                     files += gone if table == "batch_files" else 0
@@ -191,6 +217,7 @@ class BatchStore:
                 if not ids:
                     break
                 files += c.execute(_in("DELETE FROM batch_files WHERE id IN :ids"), {"ids": ids}).rowcount
+                c.execute(_in("DELETE FROM batch_file_chunks WHERE file_id IN :ids"), {"ids": ids})
         return batches, files
 
     def delete_file(self, file_id: str, owner: str | None) -> bool:
@@ -198,6 +225,7 @@ class BatchStore:
             return False
         with self._tx() as c:
             c.execute(text("DELETE FROM batch_files WHERE id = :id"), {"id": file_id})
+            c.execute(text("DELETE FROM batch_file_chunks WHERE file_id = :id"), {"id": file_id})
         return True
 
     # --- batches, as the API sees them ---
