@@ -135,8 +135,9 @@ class AuthMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            if scope["type"] == "http":
-                self.admission.release(scope.get("state", {}).get("quota"))
+            quota = scope.get("state", {}).get("quota") if scope["type"] == "http" else None
+            if quota is not None and quota.slot is not None:  # given back off the event loop (a Redis round trip)
+                self.admission.store.background("release", lambda: self.admission.release(quota))
 
 
 class MetricsMiddleware:

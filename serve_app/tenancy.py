@@ -64,9 +64,13 @@ class Tenancy:
     def require_admin(self, request: Request) -> None:
         Admission.require_admin(principal_of(request), self.admission.enabled)
 
-    def admit(self, request: Request, tokens: int) -> None:
-        """Charge the estimate (or 429); `served` corrects it, AuthMiddleware releases the slot."""
-        request.scope["state"]["quota"] = self.admission.admit(principal_of(request), tokens)
+    async def admit(self, request: Request, tokens: int) -> None:
+        """Charge the estimate (or 429); `served` corrects it, AuthMiddleware releases the slot.
+        Off the event loop with a Redis store (QuotaStore.off_loop): a slow Redis delays only the
+        requests it admits, never another request or a stream in progress."""
+        principal, admission = principal_of(request), self.admission
+        request.scope["state"]["quota"] = await admission.store.off_loop(
+            "admit", lambda: admission.admit(principal, tokens), undo=admission.release)
 
     def served(self, request: Request, model: str, prompt_tokens: int, completion_tokens: int = 0, truncated: int = 0) -> None:
         """The request was served with this real usage: metrics, the quota's correction, usage per key."""
@@ -78,7 +82,8 @@ class Tenancy:
             self.metrics.tokens.inc(completion_tokens, {"model": model, "type": "completion"})
         if truncated:
             self.metrics.truncations.inc(truncated, {"model": model})
-        self.admission.settle(state.get("quota"), prompt_tokens + completion_tokens)
+        quota, used = state.get("quota"), prompt_tokens + completion_tokens
+        self.admission.store.background("settle", lambda: self.admission.settle(quota, used))
         principal = principal_of(request)
         key = principal.name if principal is not None else "-"
         self.metrics.served_for(key, model, prompt_tokens, completion_tokens)

@@ -35,7 +35,7 @@ class RedisServer:
         """Start (again, on the same port: a restarted store)."""
         self.proc = subprocess.Popen(
             [BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
-             "--appendonly", "no", "--protected-mode", "yes"],
+             "--appendonly", "no", "--protected-mode", "yes", "--enable-debug-command", "local"],  # DEBUG SLEEP: a slow Redis
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 10

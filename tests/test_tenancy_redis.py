@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
 import pytest
@@ -134,3 +136,81 @@ def test_redis_down_fails_open_to_router_memory_then_recovers(monkeypatch):
         assert r.tenancy.admission.store.describe()["degraded"] is False
     finally:
         server.close()
+
+
+class Ticking(FakeModel):
+    """Streams a chunk every 20 ms (FakeModel streams as fast as it can)."""
+
+    async def _do_create_stream(self, api, body, rid):
+        async for item in super()._do_create_stream(api, body, rid):
+            await asyncio.sleep(0.02)
+            yield item
+
+
+def test_a_slow_redis_delays_no_stream_in_progress_and_no_request_beyond_its_own_admission(redis_url):
+    """Issue 20.1: Redis answering in 200 ms (under the 250 ms timeout: no error) used to hold the
+    router's event loop for every admission, so every stream in progress stalled with it. Now
+    admission runs off the loop and a store slower than its timeout is failed open at once."""
+    import redis as redis_lib
+
+    cfg = AppConfig.model_validate({"gateway": {"api_keys": KEYS, "limits_store": redis_url, "limits_store_timeout_s": 0.25},
+                                    "models": MODELS})
+    r = Router(cfg.gateway, cfg.models, {"chat": Ticking("chat", "llm")})
+    app = r.__serve_build_asgi_app__()
+    slow = redis_lib.Redis.from_url(redis_url)
+    words = " ".join(f"w{i}" for i in range(60))
+    stream_body = {"model": "chat", "messages": [{"role": "user", "content": words}], "max_tokens": 64, "stream": True}
+
+    async def call(body: dict, headers: dict, arrivals: list[float] | None = None) -> int:
+        """One request straight through the ASGI app (a client that never disconnects), noting
+        when each body chunk is sent."""
+        raw, status, sent = json.dumps(body).encode(), {}, []
+
+        async def receive():
+            if not sent:
+                sent.append(True)
+                return {"type": "http.request", "body": raw, "more_body": False}
+            await asyncio.Event().wait()
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and arrivals is not None:
+                arrivals.append(time.perf_counter())
+
+        scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+                 "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"", "server": ("test", 80),
+                 "client": ("test", 1), "headers": [(b"content-type", b"application/json"),
+                                                   *((k.encode(), v.encode()) for k, v in headers.items())]}
+        await app(scope, receive, send)
+        return status["code"]
+
+    async def scenario():
+        arrivals: list[float] = []
+        task = asyncio.create_task(call(stream_body, OPS, arrivals))
+        while len(arrivals) < 5:
+            await asyncio.sleep(0.01)
+        took = []
+        for _ in range(4):  # Redis stalls 200 ms while each of these requests is admitted
+            sleeper = asyncio.create_task(asyncio.to_thread(slow.execute_command, "DEBUG", "SLEEP", "0.2"))
+            await asyncio.sleep(0.02)
+            t0 = time.perf_counter()
+            assert await call(CHAT, TEAM) == 200
+            took.append(time.perf_counter() - t0)
+            await sleeper
+        assert await task == 200
+        # Slower than the budget: this request is admitted on memory when the budget ends, and the
+        # store counts as down, so the next ones do not wait for Redis at all.
+        sleeper = asyncio.create_task(asyncio.to_thread(slow.execute_command, "DEBUG", "SLEEP", "1.5"))
+        await asyncio.sleep(0.02)
+        t0 = time.perf_counter()
+        assert await call(CHAT, TEAM) == 200 and await call(CHAT, TEAM) == 200
+        took.append(time.perf_counter() - t0)
+        assert r.tenancy.admission.store.describe()["degraded"] is True
+        await sleeper
+        return arrivals, took
+
+    arrivals, took = asyncio.run(scenario())
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert max(gaps) < 0.15, f"a stream chunk waited {max(gaps) * 1000:.0f} ms behind another request's admission"
+    assert max(took) < 0.6, took  # each waited for its own admission at most (the 0.25 s budget, plus the model)

@@ -61,8 +61,9 @@ class GatewayConfig(StrictConfig):
         "shared by every router replica on every node"
     )
     limits_store_timeout_s: float = Field(
-        0.25, gt=0, le=10, description="Redis connect/read timeout; an unreachable store falls back to this "
-        "router's memory for quotas (docs/OPERATIONS.md)"
+        0.25, gt=0, le=10, description="Redis connect/read timeout, and the longest a request waits for its "
+        "admission; a store unreachable or slower than this falls back to this router's memory for quotas "
+        "(docs/OPERATIONS.md)"
     )
     alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="pushed alerts (docs/OPERATIONS.md)")
     batch: BatchApiConfig = Field(default_factory=BatchApiConfig, description="the Batch API's store and share (docs/BATCHES.md)")

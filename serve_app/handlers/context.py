@@ -56,11 +56,11 @@ class Context:
             raise InvalidRequest(f"model '{name}' is a {model.kind.value} model and cannot serve this endpoint", "model")
         return name
 
-    def admit(self, request: Request, model: str, tokens: int) -> None:
+    async def admit(self, request: Request, model: str, tokens: int) -> None:
         """Admit the request (or 429); only then is it interactive traffic on its model, which
         batch lines yield to: a request refused before it reaches a model (400, 401, 404, 413,
         429) never pauses batches."""
-        self.tenancy.admit(request, tokens)
+        await self.tenancy.admit(request, tokens)
         state = request.scope["state"]
         if TrafficMiddleware.KEY not in state and BATCH_SCOPE not in request.scope:
             state[TrafficMiddleware.KEY] = model  # the middleware ends it with the response

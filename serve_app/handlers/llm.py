@@ -49,7 +49,7 @@ class LLMHandlers:
         data = await read_object(request, ctx.gateway.max_body_bytes)
         env = validate(shape, data)
         model = ctx.check_model(request, env.model, ModelKind.llm)
-        ctx.admit(request, model, env.estimated_tokens(ctx.gateway.default_max_tokens))
+        await ctx.admit(request, model, env.estimated_tokens(ctx.gateway.default_max_tokens))
         rid = request_id(request)
         if env.stream:
             return await self._stream(request, model, api, data, rid, env.estimated_prompt_tokens())
@@ -112,7 +112,7 @@ class LLMHandlers:
         data = await read_object(request, ctx.gateway.max_body_bytes)
         env = validate(openai.ModelOnly, data)
         model = ctx.check_model(request, env.model, ModelKind.llm)
-        ctx.admit(request, model, 0)
+        await ctx.admit(request, model, 0)
         served, result = await ctx.dispatch.run(
             model, lambda h, left: call_replica(getattr(h, method).remote(data), left), fallbacks=False)
         return json_response(result.body, result.replica)

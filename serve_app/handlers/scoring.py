@@ -38,7 +38,7 @@ class ScoringHandlers:
         model = ctx.check_model(request, body.model, ModelKind.embed)
         if len(body.input) > ctx.gateway.max_documents:
             raise PayloadTooLarge(f"{len(body.input)} inputs exceed the limit of {ctx.gateway.max_documents} per request", "input")
-        ctx.admit(request, model, estimate_tokens(*body.input))
+        await ctx.admit(request, model, estimate_tokens(*body.input))
         req = EmbedRequest(request_id(request), body.input)
         served, result = await ctx.dispatch.run(body.model, lambda h, left: call_replica(h.embed.remote(req), left))
         ctx.tenancy.served(request, served, result.prompt_tokens, truncated=result.truncated_inputs)
@@ -57,7 +57,7 @@ class ScoringHandlers:
         model = ctx.check_model(request, q.model, ModelKind.rerank)
         if len(q.documents) > ctx.gateway.max_documents:
             raise PayloadTooLarge(f"{len(q.documents)} documents exceed the limit of {ctx.gateway.max_documents} per request", "documents")
-        ctx.admit(request, model, estimate_tokens(*q.documents) + estimate_tokens(q.query) * len(q.documents))
+        await ctx.admit(request, model, estimate_tokens(*q.documents) + estimate_tokens(q.query) * len(q.documents))
         rid = request_id(request)
         served, results = await self._score(q, rid, fallbacks=True)
         q = dataclasses.replace(q, model=served)
@@ -77,7 +77,7 @@ class ScoringHandlers:
         pairs = sum(len(g) for g in groups.values())
         if pairs > ctx.gateway.max_documents:
             raise PayloadTooLarge(f"{pairs} pairs exceed the limit of {ctx.gateway.max_documents} per request", "text_2")
-        ctx.admit(request, model, sum(estimate_tokens(t) + estimate_tokens(q) for q, g in groups.items() for _, t in g))
+        await ctx.admit(request, model, sum(estimate_tokens(t) + estimate_tokens(q) for q, g in groups.items() for _, t in g))
         rid = request_id(request)
         queries = [rerank.RerankQuery(body.model, q, [t for _, t in g], None, False) for q, g in groups.items()]
         # One model must score every pair (scores of two models are not comparable): with several
