@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 
+from bench.rooms import Meter, descendants, process_table
 from bench.workloads import NULL_BODY, RERANK_BODY, RERANK_CONCURRENCY, RERANK_MAX_BATCH, llm_load, llm_model, rerank_pairs
 
 INFINITY_VENV = pathlib.Path(".bench-venvs") / "infinity"
@@ -77,7 +78,9 @@ def _stop(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    except ProcessLookupError:
+        return  # it had ended (a server that failed to start)
+    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
@@ -88,7 +91,7 @@ def vllm_serve(seconds: float, port: int) -> dict:
            "--served-model-name", model.name, "--max-model-len", str(model.max_input_tokens)]
     for key, value in model.engine_kwargs.items():
         flag = "--" + key.replace("_", "-")
-        cmd += [flag] if value is True else [flag, str(value)]
+        cmd += [flag] if value is True else [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
     # the same frontend flags the stack's replica gets from the model's preset (tool parser etc.)
     if model.serving.tool_call_parser:
         cmd += ["--tool-call-parser", model.serving.tool_call_parser]
@@ -101,7 +104,11 @@ def vllm_serve(seconds: float, port: int) -> dict:
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         ready_s = _wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 300)
-        return {"ready_s": ready_s, **llm_load(f"http://127.0.0.1:{port}/v1/chat/completions", seconds)}
+        # The same rooms as the stack's (bench/stack.py): the API server runs vLLM's OpenAI serving
+        # layer as our LLM replica does; what it started is the engine core.
+        meter = Meter(lambda: {"api server": [proc.pid], "engine": descendants(proc.pid, process_table()),
+                               "client": [os.getpid()]}, background=("client",))
+        return {"ready_s": ready_s, **llm_load(f"http://127.0.0.1:{port}/v1/chat/completions", seconds, meter)}
     finally:
         _stop(proc)
 
@@ -153,17 +160,18 @@ def _uvicorn(seconds: float, port: int) -> dict:
 
     import uvicorn
 
-    from bench.load import run
+    from bench.load import run, summarize
 
     server = uvicorn.Server(uvicorn.Config(uvicorn_app(), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     while not server.started:
         time.sleep(0.05)
-    out = {}
-    for c in (1, 32):
-        out[f"c{c}"] = asyncio.run(run(f"http://127.0.0.1:{port}/v1/rerank", NULL_BODY, c, seconds)).summary()
+    # The server is a thread of this process, beside the load generator: its own CPU time.
+    meter = Meter(lambda: {"uvicorn": [(os.getpid(), thread.native_id)]})
+    levels = {f"c{c}": asyncio.run(run(f"http://127.0.0.1:{port}/v1/rerank", NULL_BODY, c, seconds, meter=meter)) for c in (1, 32)}
     server.should_exit = True
-    return out
+    return summarize(levels, None)  # the thread is idle between requests: no idle figure to take off
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from bench.rooms import IDLE_S, IDLE_SETTLE_S, Meter, per_unit
+
 
 @dataclass
 class Result:
@@ -22,6 +24,7 @@ class Result:
     ttft_ms: list[float] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
+    cpu: dict | None = None  # bench/rooms.py's Meter over the measured window
 
     @property
     def codes(self) -> dict[int, int]:
@@ -39,11 +42,24 @@ class Result:
         xs = self.ttft_ms if ttft else (self.by_code.get(code, []) if code is not None else self.latencies_ms)
         return pct(xs, q)
 
-    def summary(self) -> dict:
+    def summary(self, idle_ms_per_s: dict[str, float] | None = None) -> dict:
         out = {"rps": self.rps, "p50": self.pct(0.5), "p99": self.pct(0.99), "codes": self.codes}
         if self.ttft_ms:
             out |= {"ttft_p50": self.pct(0.5, ttft=True), "ttft_p99": self.pct(0.99, ttft=True), "tokens_per_s": self.tokens_per_s}
+        if self.cpu is not None:
+            out["cpu"] = per_unit(self.cpu, len(self.latencies_ms), self.tokens, idle_ms_per_s)
         return out
+
+
+def summarize(levels: dict[str, Result], meter: Meter | None) -> dict:
+    """Each load level's summary; with a meter, each room's CPU use with no traffic is measured
+    once the load is over and has settled (warm, nothing in flight), and the levels' CPU figures
+    are also given net of it."""
+    if meter is None:
+        return {name: r.summary() for name, r in levels.items()}
+    time.sleep(IDLE_SETTLE_S)
+    idle = meter.idle(IDLE_S)
+    return {"idle_cpu": idle, **{name: r.summary(idle["ms_per_s"]) for name, r in levels.items()}}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -54,7 +70,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def run(url: str, body: dict, concurrency: int, seconds: float, warmup_s: float = 1.0, stream: bool = False,
-              honour_retry_after: bool = False, think_s: float = 0.0) -> Result:
+              honour_retry_after: bool = False, think_s: float = 0.0, meter: Meter | None = None) -> Result:
     """`stream=True`: an OpenAI SSE stream; the first `content` delta is the first token, and the
     final usage chunk (`stream_options.include_usage`) gives the tokens generated.
     `honour_retry_after=True`: after a 429/503 a worker waits Retry-After seconds, as the openai
@@ -100,7 +116,11 @@ async def run(url: str, body: dict, concurrency: int, seconds: float, warmup_s: 
 
         stop_warm = time.perf_counter() + warmup_s
         await asyncio.gather(*(worker(False, stop_warm) for _ in range(concurrency)))
+        if meter is not None:
+            meter.start()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(True, t0 + seconds) for _ in range(concurrency)))
         result.seconds = time.perf_counter() - t0
+        if meter is not None:
+            result.cpu = meter.stop()
     return result

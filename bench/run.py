@@ -7,14 +7,23 @@ another on this machine, so the numbers are comparable with each other and nothi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import pathlib
 import platform
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from typing import Any
 
+from bench.stack import haproxy_listeners
 from serve_app.ray_env import LOCAL_ENV, SERVE_ENV
 
 # The ingress steps switch off, one at a time, what serve_app/ray_env.py turns on.
@@ -47,41 +56,248 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=8, help="measured seconds per load level")
     p.add_argument("--only", nargs="*", choices=[s[0] for s in STEPS], help="steps to run (default: all)")
+    p.add_argument("--baseline-rev", metavar="REV",
+                   help="also run every stack step on git revision REV (a temporary worktree, removed after), next to "
+                        "the same step on this checkout: rows STEP@REV, and ratios of this checkout vs REV")
+    p.add_argument("--step-timeout", type=float, default=1800, metavar="S",
+                   help="end a step (and every process it started) that runs longer than this")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run everything N times (a step and its STEP@REV in turn first) and table the median of each figure")
     args = p.parse_args()
-    results: dict[str, dict] = {}
     steps = [s for s in STEPS if not args.only or s[0] in args.only]
-    for i, (name, what, cmd, extra) in enumerate(steps, 1):
-        print(f"[bench {i}/{len(steps)}] {name}: {what} ...", flush=True)
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", *cmd, "--seconds", str(args.seconds)],
-                              env={**os.environ, **LOCAL_ENV, **extra}, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"[bench] {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results[name] = json.loads(line[len("RESULT "):])
-        print(f"[bench {i}/{len(steps)}] {name}: done in {time.time() - t0:.0f}s", flush=True)
+    here = pathlib.Path.cwd().resolve()
+    runs: dict[str, list[dict]] = {}
+    with contextlib.ExitStack() as stack:
+        plan = [(name, what, cmd, extra, here) for name, what, cmd, extra in steps]
+        if args.baseline_rev:
+            rev, tree = stack.enter_context(worktree(args.baseline_rev))
+        for round_ in range(args.repeat):
+            if args.repeat > 1:
+                print(f"[bench] round {round_ + 1}/{args.repeat}", flush=True)
+            this = with_revision(plan, rev, tree, rev_first=round_ % 2 == 0) if args.baseline_rev else plan
+            for name, result in run_steps(this, args.seconds, args.step_timeout).items():
+                runs.setdefault(name, []).append(result)
+    results = {name: merge_runs(rs) | {"runs": len(rs)} for name, rs in runs.items()}
     os.makedirs("bench/results", exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
     with open(f"bench/results/{stamp}.json", "w") as f:
-        json.dump({"machine": _machine(), "seconds": args.seconds, "results": results}, f, indent=2)
+        json.dump({"machine": _machine(), "seconds": args.seconds, "baseline_rev": args.baseline_rev, "results": results,
+                   "runs": runs if args.repeat > 1 else None}, f, indent=2)
     print(table(results))
+
+
+def merge_runs(runs: list[Any]) -> Any:
+    """Several runs of one step as one: the median of each number over the runs that have it, the
+    first run's value of anything else."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: merge_runs([r[key] for r in runs if isinstance(r, dict) and key in r]) for key in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and all(isinstance(r, (int, float)) for r in runs):
+        return statistics.median(runs)
+    return first
+
+
+Step = tuple[str, str, list[str], dict[str, str], pathlib.Path]  # name, what, module + args, env, checkout
+
+
+def with_revision(plan: list[Step], rev: str, tree: pathlib.Path, rev_first: bool = True) -> list[Step]:
+    """Each stack step also as `STEP@rev` on the other checkout, next to it (so both see the
+    machine in the same state; --repeat alternates which goes first). Baselines run once: they
+    hold none of our code."""
+    out: list[Step] = []
+    for name, what, cmd, extra, root in plan:
+        pair = [(name, what, cmd, extra, root)]
+        if cmd[0] == "bench.stack":
+            other = (f"{name}@{rev}", f"{what}, at {rev}", cmd, extra, tree)
+            pair = [other, *pair] if rev_first else [*pair, other]
+        out += pair
+    return out
+
+
+@contextlib.contextmanager
+def worktree(rev: str) -> Iterator[tuple[str, pathlib.Path]]:
+    """A detached `git worktree` of REV in a temporary directory, sharing this checkout's prepared
+    models; removed afterwards."""
+    short = subprocess.run(["git", "rev-parse", "--short", rev], check=True, capture_output=True, text=True).stdout.strip()
+    tree = pathlib.Path(tempfile.mkdtemp(prefix=f"bench-{short}-")).resolve()
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), short], check=True, capture_output=True)
+    try:
+        for shared in ("models", ".bench-venvs"):
+            if pathlib.Path(shared).exists() and not (tree / shared).exists():
+                (tree / shared).symlink_to(pathlib.Path(shared).resolve())
+        yield short, tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], capture_output=True)
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+def run_steps(plan: list[Step], seconds: float, timeout_s: float = 1800) -> dict[str, dict]:
+    """Each step in its own process, run from its checkout (`python -m` puts the working directory
+    first on sys.path, and Ray hands the driver's sys.path to its workers), with that checkout
+    first on PYTHONPATH too, ahead of the editable install's finder."""
+    results: dict[str, dict] = {}
+    for i, (name, what, cmd, extra, root) in enumerate(plan, 1):
+        print(f"[bench {i}/{len(plan)}] {name}: {what} ...", flush=True)
+        t0 = time.time()
+        path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+        # HAProxy's listeners here, not in the step: another checkout's bench may not move them.
+        env = {**haproxy_listeners(), **os.environ, **LOCAL_ENV, **extra, "PYTHONPATH": path}
+        stdout, stderr = _run_step([sys.executable, "-m", *cmd, "--seconds", str(seconds)], root, env, timeout_s)
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"[bench] {name} failed:\n{stdout[-2000:]}\n{stderr[-3000:]}", file=sys.stderr)
+            continue
+        result = json.loads(line[len("RESULT "):])
+        if wrong := foreign_code(result.get("code", {}), root):
+            print(f"[bench] {name} dropped: its replicas ran another checkout's code: {'; '.join(wrong)}", file=sys.stderr)
+            continue
+        if "code" not in result and cmd[0] == "bench.stack":
+            print(f"[bench] {name}: not checked which code its replicas ran (that revision's bench does not report it)", file=sys.stderr)
+        results[name] = result
+        print(f"[bench {i}/{len(plan)}] {name}: done in {time.time() - t0:.0f}s", flush=True)
+    return results
+
+
+def _run_step(argv: list[str], root: pathlib.Path, env: dict[str, str], timeout_s: float) -> tuple[str, str]:
+    """One step in its own session, so that a step that hangs (a Ray head that never comes up on a
+    swamped machine) is ended with everything it started: Ray's processes, vLLM's, HAProxy."""
+    proc = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        return proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                stdout, stderr = proc.communicate(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                stdout, stderr = "", ""
+        return stdout or "", f"{stderr or ''}\n[bench] ended after {timeout_s:.0f}s"
+
+
+def foreign_code(code: dict[str, dict[str, str]], root: pathlib.Path) -> list[str]:
+    """What each replica imported (bench/stack.py asks it) that is not from `root`."""
+    root = pathlib.Path(root).resolve()
+    return [f"{replica}: {module} from {path}" for replica, where in sorted(code.items()) for module, path in sorted(where.items())
+            if module != "pid" and not pathlib.Path(path).resolve().is_relative_to(root)]
 
 
 def _x(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b and not math.isnan(a) and not math.isnan(b) else "n/a"
 
 
+def _plus(a: float, b: float, unit: str = "ms", digits: int = 2) -> str:
+    return f"{a - b:+.{digits}f} {unit}"
+
+
+# Rooms (bench/rooms.py) in table order: the path from the client inwards, then the background.
+ROOMS = ("haproxy", "router", "replica", "api server", "engine", "sum", "status board", "ray", "client", "uvicorn")
+ROOM_LABELS = {"haproxy": "HAProxy", "router": "router replica", "replica": "model replica", "api server": "API server",
+               "engine": "engine core", "sum": "all rooms on the path", "status board": "status board actor (background)",
+               "ray": "rest of Ray (background)",
+               "client": "load generator (background)", "uvicorn": "uvicorn server thread"}
+# The LLM rows pair each of our rooms with bare `vllm serve`'s room that does the same job.
+LLM_ROOMS = (("haproxy", None, "HAProxy"), ("router", None, "router replica"),
+             ("replica", "api server", "serving layer (LLM replica vs vllm serve's API server)"),
+             ("engine", "engine", "engine core"), ("sum", "sum", "all rooms on the path"),
+             ("status board", None, "status board actor (ours, off the path)"), ("ray", None, "rest of Ray (off the path)"))
+
+
+def variants(r: dict[str, dict], name: str) -> list[str]:
+    """`name` and its runs on other revisions (`name@REV`, bench.run --baseline-rev), those first."""
+    return sorted((k for k in r if k.startswith(name + "@")), key=str) + ([name] if name in r else [])
+
+
+def _cpu(level: dict) -> dict:
+    """The figures a CPU row shows: net of each room's idle use where the step measured it."""
+    cpu = level.get("cpu") or {}
+    return cpu.get("net") or cpu
+
+
+def cpu_cell(level: dict, room: str) -> str:
+    """'ms per request, µs per streamed token' of one room at one load level (net of idle, with the
+    raw figure beside it, where the step measured the room idle), or '' if unmeasured."""
+    cpu, raw = _cpu(level), level.get("cpu") or {}
+    if room not in cpu.get("ms_per_request", {}):
+        return ""
+    cell = f"{cpu['ms_per_request'][room]:.2f} ms/req"
+    if room in cpu.get("us_per_token", {}):
+        cell += f", {cpu['us_per_token'][room]:,.0f} µs/token"
+    if cpu is not raw:
+        cell += f" net of idle (raw {raw['ms_per_request'][room]:.2f})"
+    return cell
+
+
+def cpu_ratio(level: dict, base: dict, room: str, base_room: str) -> str:
+    """Per streamed token where both streamed, else per request; net of idle where both are."""
+    a, b = _cpu(level), _cpu(base)
+    if ("net" in (level.get("cpu") or {})) != ("net" in (base.get("cpu") or {})):
+        a, b = level.get("cpu") or {}, base.get("cpu") or {}  # compare like with like
+    for unit in ("us_per_token", "ms_per_request"):
+        if room in a.get(unit, {}) and base_room in b.get(unit, {}):
+            return _x(a[unit][room], b[unit][base_room])
+    return "n/a"
+
+
+def meter_cost(step: dict) -> str:
+    """What reading the rooms at both ends of each window took, against the windows' length."""
+    levels = [v["cpu"] for v in step.values() if isinstance(v, dict) and (v.get("cpu") or {}).get("meter_ms") is not None]
+    if not levels:
+        return ""
+    own, window = sum(c["meter_ms"] for c in levels), sum(c["window_s"] for c in levels)
+    return f"{own / len(levels):.1f} ms per load level ({own / 10 / window:.2f}% of the measured time)"
+
+
+def idle_cell(step: dict, room: str) -> str:
+    rate = ((step.get("idle_cpu") or {}).get("ms_per_s") or {})
+    if room == "sum":
+        return ""
+    return f"{rate[room]:.1f} ms/s" if room in rate else ""
+
+
+def compare_rows(name: str, rev: str, now: dict, before: dict) -> list[str]:
+    """This checkout's run of a step against the same step on `rev` (same bench run)."""
+    rows, label = [], f"{name} now vs @{rev}"
+    for key in ("pairs_per_s", "docs_per_s", "ready_s"):
+        if key in now and key in before:
+            rows.append(f"| {label}: {key} | {now[key]:,.1f} | {before[key]:,.1f} | {_x(now[key], before[key])} |")
+    for level in (k for k, v in now.items() if isinstance(v, dict) and "rps" in v and isinstance(before.get(k), dict)):
+        a, b = now[level], before[level]
+        if "tokens_per_s" in a and "tokens_per_s" in b:
+            rows.append(f"| {label}: tokens/s at {level} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | {_x(a['tokens_per_s'], b['tokens_per_s'])} |")
+            rows.append(f"| {label}: TTFT p50 at {level} | {a['ttft_p50']:.0f} ms | {b['ttft_p50']:.0f} ms | {_plus(a['ttft_p50'], b['ttft_p50'], digits=0)} |")
+        else:
+            rows.append(f"| {label}: req/s at {level} | {a['rps']:,.0f} | {b['rps']:,.0f} | {_x(a['rps'], b['rps'])} |")
+            rows.append(f"| {label}: p50 at {level} | {a['p50']:.2f} ms | {b['p50']:.2f} ms | {_plus(a['p50'], b['p50'])} |")
+        for room in ROOMS:
+            if cpu_cell(a, room) and cpu_cell(b, room):
+                rows.append(f"| {label}: CPU at {level}, {ROOM_LABELS[room]} | {cpu_cell(a, room)} | {cpu_cell(b, room)} "
+                            f"| {cpu_ratio(a, b, room, room)} |")
+    return rows
+
+
 def table(r: dict[str, dict]) -> str:
     rows = [f"machine: {_machine()}", "", "| measure | value | baseline | ratio |", "|---|---|---|---|"]
     add = rows.append
     if base := r.get("uvicorn"):
-        for name in ("serve-default", "serve-haproxy", "serve-ours", "serve-ours-logbuf"):
-            for c in ("c1", "c32") if name in r else ():
+        for name in (v for n in ("serve-default", "serve-haproxy", "serve-ours", "serve-ours-logbuf") for v in variants(r, n)):
+            for c in ("c1", "c32"):
                 s, b = r[name][c], base[c]
                 add(f"| {name}: req/s at {c} | {s['rps']:,.0f} | {b['rps']:,.0f} (uvicorn) | {_x(s['rps'], b['rps'])} |")
-                add(f"| {name}: p50 at {c} | {s['p50']:.2f} ms | {b['p50']:.2f} ms | +{s['p50'] - b['p50']:.2f} ms |")
+                add(f"| {name}: p50 at {c} | {s['p50']:.2f} ms | {b['p50']:.2f} ms | {_plus(s['p50'], b['p50'])} |")
                 add(f"| {name}: p99 at {c} | {s['p99']:.2f} ms | {b['p99']:.2f} ms | {_x(s['p99'], b['p99'])} |")
+                for room in ("haproxy", "router", "replica", "sum", "ray"):
+                    if cell := cpu_cell(s, room):
+                        label = "null backend replica" if room == "replica" else ROOM_LABELS[room]
+                        versus = (f"{cpu_cell(b, 'uvicorn')} (uvicorn server thread)", cpu_ratio(s, b, "sum", "uvicorn")) \
+                            if room == "sum" and cpu_cell(b, "uvicorn") else ("", "")
+                        add(f"| {name}: CPU at {c}, {label} | {cell} | {versus[0]} | {versus[1]} |")
+            if own := meter_cost(r[name]):
+                add(f"| {name}: the CPU split's own work (outside the measured latencies) | {own} | | |")
     raw = r.get("raw-rerank")
     for name, label in (("http-rerank-1", "stack, one replica x all cores"), ("http-rerank", "stack, one replica per core"), ("infinity", "Infinity")):
         if name in r and raw:
@@ -110,12 +326,27 @@ def table(r: dict[str, dict]) -> str:
             add(f"| interactive rerank p50 with a batch running ({label}) | {w['p50']:.1f} ms | {a['p50']:.1f} ms (no batch) | {_x(w['p50'], a['p50'])} |")
             add(f"| batch lines/s meanwhile ({name}) | {b['batch_lines_per_s'][name]:.1f} | | |")
         add(f"| batch lines done in the first 3 s on the quiet model | {b['batch_lines_per_s']['start']} | | |")
-    if "vllm-serve" in r and "llm-stack" in r:
-        v, s = r["vllm-serve"], r["llm-stack"]
-        for c in ("c1", "c8"):
-            add(f"| LLM tokens/s at {c} | {s[c]['tokens_per_s']:.1f} | {v[c]['tokens_per_s']:.1f} (vllm serve) | {_x(s[c]['tokens_per_s'], v[c]['tokens_per_s'])} |")
-            add(f"| LLM TTFT p50 at {c} | {s[c]['ttft_p50']:.0f} ms | {v[c]['ttft_p50']:.0f} ms | +{s[c]['ttft_p50'] - v[c]['ttft_p50']:.0f} ms |")
-        add(f"| LLM ready after start | {s['ready_s']:.0f} s | {v['ready_s']:.0f} s | {_x(s['ready_s'], v['ready_s'])} |")
+    if v := r.get("vllm-serve"):
+        for name in variants(r, "llm-stack"):
+            s, tag = r[name], "LLM" + name[len("llm-stack"):]
+            for c in ("c1", "c8"):
+                add(f"| {tag} tokens/s at {c} | {s[c]['tokens_per_s']:.1f} | {v[c]['tokens_per_s']:.1f} (vllm serve) | {_x(s[c]['tokens_per_s'], v[c]['tokens_per_s'])} |")
+                add(f"| {tag} TTFT p50 at {c} | {s[c]['ttft_p50']:.0f} ms | {v[c]['ttft_p50']:.0f} ms | {_plus(s[c]['ttft_p50'], v[c]['ttft_p50'], digits=0)} |")
+                for room, bare, label in LLM_ROOMS:
+                    if cell := cpu_cell(s[c], room):
+                        versus = (cpu_cell(v[c], bare), cpu_ratio(s[c], v[c], room, bare)) if bare and cpu_cell(v[c], bare) else ("", "")
+                        add(f"| {tag} CPU at {c}, {label} | {cell} | {versus[0]} | {versus[1]} |")
+            for room, bare, label in LLM_ROOMS:
+                if cell := idle_cell(s, room):
+                    versus = idle_cell(v, bare) if bare else ""
+                    add(f"| {tag} CPU with no traffic, {label} | {cell} | {versus} | |")
+            add(f"| {tag} ready after start | {s['ready_s']:.0f} s | {v['ready_s']:.0f} s | {_x(s['ready_s'], v['ready_s'])} |")
+            if own := meter_cost(s):
+                add(f"| {tag} the CPU split's own work (outside the measured latencies) | {own} | | |")
+    for name in sorted(k for k in r if "@" in k):
+        step, rev = name.split("@", 1)
+        if step in r:
+            rows.extend(compare_rows(step, rev, r[step], r[name]))
     return "\n".join(rows)
 
 

@@ -15,7 +15,8 @@ from serve_app.ray_env import LOCAL_ENV
 for _key, _value in LOCAL_ENV.items():
     os.environ.setdefault(_key, _value)
 
-from bench.load import run  # noqa: E402
+from bench.load import run, summarize  # noqa: E402
+from bench.rooms import Meter, descendants, process_table, title  # noqa: E402
 from bench.workloads import (  # noqa: E402
     NULL_BODY, QUERY, RERANK_BODY, RERANK_CONCURRENCY, app_args, cross_encoder_model, llm_entry, llm_load,
 )
@@ -48,7 +49,9 @@ def gateway(base: str, seconds: float) -> dict:
     null = serve.deployment(NullReranker).options(name="null", max_ongoing_requests=256).bind()
     router = serve.deployment(Ingress).options(name="router", max_ongoing_requests=256)
     serve.run(router.bind(cfg.gateway, cfg.models, {"null": null}), name="bench", route_prefix="/")
-    return {f"c{c}": asyncio.run(run(f"{base}/v1/rerank", NULL_BODY, c, seconds)).summary() for c in (1, 32)}
+    meter, code = serve_rooms()
+    return {"code": code, **summarize({f"c{c}": asyncio.run(run(f"{base}/v1/rerank", NULL_BODY, c, seconds, meter=meter))
+                                       for c in (1, 32)}, meter)}
 
 
 def rerank(base: str, seconds: float, replicas: int) -> dict:
@@ -134,7 +137,48 @@ def llm(base: str, seconds: float) -> dict:
     """serve_config.yaml's LLM alone, the same engine settings bare `vllm serve` gets."""
     t0 = time.time()
     _deploy([llm_entry()])
-    return {"ready_s": time.time() - t0, **llm_load(f"{base}/v1/chat/completions", seconds)}
+    ready_s = time.time() - t0
+    meter, code = serve_rooms()
+    return {"ready_s": ready_s, "code": code, **llm_load(f"{base}/v1/chat/completions", seconds, meter)}
+
+
+def serve_rooms(app: str = "bench") -> tuple[Meter, dict[str, dict]]:
+    """The request path's processes of this step's own Ray cluster (the descendants of this process:
+    other Ray clusters on the machine are not ours): HAProxy, the router replica, the model
+    replica, what the model replica started (vLLM's engine core), and the rest of Ray (controller,
+    proxy actor, raylet, GCS), our status board actor (deployments/status_board.py) and this process
+    (the load generator) as background. Also, from inside each replica, where its serve_app
+    and deployments were imported from: a bench of another checkout must run that checkout's code."""
+    import ray
+
+    replicas: dict[str, dict] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        prefix = f"SERVE_REPLICA::{app}#"
+        if actor["namespace"] == "serve" and actor["name"].startswith(prefix):
+            handle = ray.get_actor(actor["name"], namespace="serve")
+            replicas[actor["name"][len(prefix):].split("#")[0]] = ray.get(handle.__ray_call__.remote(_whoami), timeout=60)
+    router = replicas["router"]["pid"]
+    (model,) = (info for name, info in replicas.items() if name != "router")  # one model per scenario
+
+    def find() -> dict[str, list]:
+        table = process_table()
+        ours = descendants(os.getpid(), table)
+        engine = descendants(model["pid"], table)
+        haproxy = [pid for pid in ours if table[pid][1] == "haproxy"]
+        board = [pid for pid in ours if title(pid).startswith("ray::StatusBoard")]
+        named = {router, model["pid"], *engine, *haproxy, *board}
+        return {"haproxy": haproxy, "router": [router], "replica": [model["pid"]], "engine": engine,
+                "status board": board, "ray": [pid for pid in ours if pid not in named], "client": [os.getpid()]}
+
+    return Meter(find, background=("status board", "ray", "client")), replicas
+
+
+def _whoami(_replica) -> dict:
+    """Runs inside a replica (`__ray_call__`)."""
+    import deployments
+    import serve_app
+
+    return {"pid": os.getpid(), "serve_app": serve_app.__file__, "deployments": deployments.__file__}
 
 
 def _deploy(models: list[dict]) -> None:
@@ -143,6 +187,20 @@ def _deploy(models: list[dict]) -> None:
     from serve_app.app import build_app
 
     serve.run(build_app(app_args(models)), name="bench", route_prefix="/")
+
+
+def haproxy_listeners() -> dict[str, str]:
+    """Free ports for HAProxy's stats and metrics listeners: their fixed defaults (8404, 9101) are
+    held by any other Serve on this machine (a `make up`, a test session), and HAProxy would
+    refuse to start."""
+    import socket
+
+    out = {}
+    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            out[key] = str(s.getsockname()[1])
+    return out
 
 
 def main() -> None:
@@ -160,6 +218,8 @@ def main() -> None:
         import tempfile
 
         os.environ["SERVE_APP_DATA_DIR"] = tempfile.mkdtemp(prefix="bench-data-")
+    for key, value in haproxy_listeners().items():
+        os.environ.setdefault(key, value)
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     base = f"http://127.0.0.1:{args.port}"

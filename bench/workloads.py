@@ -70,9 +70,10 @@ def cross_encoder_model(path: str, *, replicas: int = 1, cpus: float = 1, **depl
                            "ray_actor_options": {"num_cpus": cpus}, **deployment}}
 
 
-def llm_load(url: str, seconds: float) -> dict:
+def llm_load(url: str, seconds: float, meter=None) -> dict:  # meter: bench.rooms.Meter
     import asyncio
 
-    from bench.load import run
+    from bench.load import run, summarize
 
-    return {f"c{c}": asyncio.run(run(url, llm_body(), c, seconds, warmup_s=3, stream=True)).summary() for c in (1, 8)}
+    return summarize({f"c{c}": asyncio.run(run(url, llm_body(), c, seconds, warmup_s=3, stream=True, meter=meter))
+                      for c in (1, 8)}, meter)
