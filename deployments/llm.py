@@ -14,7 +14,7 @@ from typing import Any
 
 from deployments.engines.vllm_openai import VLLMOpenAI, coalesce
 from deployments.health import MonitoredReplica
-from deployments.protocol import ModelCard, OpenAIChunk, OpenAIResponse
+from deployments.protocol import ModelCard, OpenAIResponse, StreamItem, stream_item
 from deployments.runtime import replica_info
 from serve_app.config import ModelConfig
 from serve_app.errors import EngineFailure, InvalidRequest
@@ -47,7 +47,7 @@ class LLMServer(MonitoredReplica):
             raise EngineFailure("the engine streamed an answer that was asked for whole")
         return OpenAIResponse(result, self.replica)
 
-    async def create_stream(self, api: str, body: dict[str, Any], request_id: str) -> AsyncIterator[OpenAIChunk]:
+    async def create_stream(self, api: str, body: dict[str, Any], request_id: str) -> AsyncIterator[StreamItem]:
         """Streamed through `handle.options(stream=True)`; cancelling it aborts the engine request.
         The first item carries the first token (errors before it are raised, not streamed)."""
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -57,9 +57,11 @@ class LLMServer(MonitoredReplica):
             sse = await self.engine.create(_api(api), own, request_id)
             if isinstance(sse, dict):
                 raise EngineFailure("the engine answered whole a request asked as a stream")
+            replica = self.replica  # in the first item only
             async for events, usage in coalesce(sse, want_usage):
                 health.progress()
-                yield OpenAIChunk(events, usage, self.replica)
+                yield stream_item(events, usage, replica)
+                replica = None
 
     async def tokenize(self, body: dict[str, Any]) -> OpenAIResponse:
         return OpenAIResponse(await self.engine.tokenize(self._own(body)), self.replica)

@@ -11,7 +11,7 @@ from typing import Any
 
 import json
 
-from deployments.protocol import EmbedResult, ModelCard, OpenAIChunk, OpenAIResponse, RerankResult, ReplicaInfo
+from deployments.protocol import EmbedResult, ModelCard, OpenAIResponse, RerankResult, ReplicaInfo, stream_item
 
 
 class _Response:
@@ -132,7 +132,7 @@ class FakeModel:
                 if want_usage:
                     events.append(json.dumps({"id": f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{rid}", "object": obj, "model": self.name, "choices": [], "usage": usage}))
                 events.append("[DONE]")
-            yield OpenAIChunk(events, usage, self.replica)
+            yield stream_item(events, usage, self.replica if i == 0 else None)
 
     async def _do_tokenize(self, body: dict) -> OpenAIResponse:
         await self._check()

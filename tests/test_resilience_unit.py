@@ -173,9 +173,9 @@ def test_stream_retries_before_the_first_token():
 def test_stream_failing_mid_way_ends_with_an_error_event_carrying_the_request_id():
     class DiesMidStream(FakeModel):
         async def _do_create_stream(self, api, body, rid):
-            from deployments.protocol import OpenAIChunk
+            from deployments.protocol import stream_item
 
-            yield OpenAIChunk([json.dumps({"choices": [{"index": 0, "delta": {"content": "partial "}}]})], None, self.replica)
+            yield stream_item([json.dumps({"choices": [{"index": 0, "delta": {"content": "partial "}}]})], None, self.replica)
             raise ReplicaFailed("died mid-stream")
 
     c, _ = client(DiesMidStream("chat", "llm"))

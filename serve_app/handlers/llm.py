@@ -15,7 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from deployments.protocol import OpenAIChunk
+from deployments.protocol import ReplicaInfo, StreamItem
 from serve_app.api import openai
 from serve_app.body import read_object, validate
 from serve_app.config import ModelKind
@@ -70,7 +70,7 @@ class LLMHandlers:
         (`forwarded_tokens`), so leaving early is no way around a quota or /v1/usage."""
         ctx = self.ctx
 
-        async def open_stream(handle: DeploymentHandle, left: float) -> tuple[Any, OpenAIChunk]:
+        async def open_stream(handle: DeploymentHandle, left: float) -> tuple[Any, StreamItem]:
             stream = handle.options(stream=True).create_stream.remote(api, data, rid)
             try:
                 return stream, await with_deadline(stream.__anext__(), left)
@@ -83,13 +83,15 @@ class LLMHandlers:
         if started is not None:
             ctx.metrics.ttft.observe((time.perf_counter() - started) * 1000, {"model": served})
 
+        replica: ReplicaInfo = first[2]
+
         async def blocks() -> AsyncIterator[bytes]:
             usage, chunk, events = None, first, 0
             try:
                 while True:
-                    usage = chunk.usage or usage
-                    events += len(chunk.events)
-                    yield "".join(f"data: {e}\n\n" for e in chunk.events).encode()
+                    usage = chunk[1] or usage
+                    events += len(chunk[0])
+                    yield "".join(f"data: {e}\n\n" for e in chunk[0]).encode()
                     try:
                         chunk = await stream.__anext__()
                     except StopAsyncIteration:
@@ -104,7 +106,7 @@ class LLMHandlers:
                 else:
                     ctx.tenancy.served(request, served, prompt_estimate, forwarded_tokens(events, api))
 
-        return sse_response(blocks(), first.replica)
+        return sse_response(blocks(), replica)
 
     async def _tokenization(self, request: Request, method: str) -> Response:
         """vLLM's /tokenize and /detokenize, by the model named in the body."""
