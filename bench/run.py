@@ -166,6 +166,7 @@ def _run_step(argv: list[str], root: pathlib.Path, env: dict[str, str], timeout_
     try:
         return proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        stdout = stderr = ""
         for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)

@@ -7,6 +7,7 @@ HTTP concepts. The router turns them into API shapes; replicas never build respo
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 from typing import Literal
 
 
@@ -39,6 +40,20 @@ StreamItem = tuple[list[str], "dict | None"] | tuple[list[str], "dict | None", R
 
 def stream_item(events: list[str], usage: dict | None, replica: ReplicaInfo | None = None) -> StreamItem:
     return (events, usage) if replica is None else (events, usage, replica)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenAIChunk:
+    """The stream item before `stream_item`, kept for one release: in a rolling update the router
+    (seconds to replace) is new before the LLM replicas (minutes), and still reads what they send."""
+
+    events: list[str]
+    usage: dict | None
+    replica: ReplicaInfo
+
+
+def as_stream_item(item: Any) -> StreamItem:
+    return item if isinstance(item, tuple) else (item.events, item.usage, item.replica)
 
 
 @dataclasses.dataclass(frozen=True)

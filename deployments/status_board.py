@@ -66,12 +66,15 @@ class StatusBoard:
             return {m: dict(rs) for m, rs in self.circuits.items()}
 
     def configure_alerts(self, app: str, alerts: dict[str, Any], models: dict[str, dict[str, Any]],
-                         restarts: dict[str, int] | None = None, nodes_alive: dict[str, str] | None = None) -> None:
+                         restarts: dict[str, int] | None = None, nodes_alive: dict[str, str] | None = None,
+                         unless_set: bool = False) -> None:
         """alerts: GatewayConfig.alerts as a dict; models: name -> {deployment, silent_after_s}.
-        Every router replica calls this at start and then every CONFIG_RESEND_S; the same config
-        again changes nothing. (`restarts`, `nodes_alive`: what a restarted board saved.)"""
+        Every router replica calls this at start (the newest config wins) and then every
+        CONFIG_RESEND_S with `unless_set` (a board that has one keeps it: old and new routers of a
+        rolling update do not take turns). The same config again changes nothing. (`restarts`,
+        `nodes_alive`: what a restarted board saved.)"""
         wanted = (app, repr(alerts), repr(models))
-        if self._alerts is not None and self._alerts.wanted == wanted:
+        if self._alerts is not None and (unless_set or self._alerts.wanted == wanted):
             return
         if self._alerts is not None:
             self._alerts.stop()
@@ -166,6 +169,7 @@ class Saved:
 
     def __init__(self, app: str) -> None:
         self.key, self.state = f"status_board::{app}".encode(), {}
+        self._lock = threading.Lock()  # the actor thread saves the config, the alert thread the counts
 
     def load(self) -> dict[str, Any]:
         from ray.experimental import internal_kv
@@ -180,14 +184,15 @@ class Saved:
     def store(self, **changes: Any) -> None:
         from ray.experimental import internal_kv
 
-        state = {**self.state, **changes}
-        if state == self.state:
-            return
-        try:
-            internal_kv._internal_kv_put(self.key, json.dumps(state).encode(), overwrite=True, namespace=NAMESPACE)
-            self.state = state
-        except Exception:  # noqa: BLE001 - tried again at the next change
-            logger.warning("status board: could not save its state", exc_info=True)
+        with self._lock:  # merged and written as one: no writer puts back what another just changed
+            state = {**self.state, **changes}
+            if state == self.state:
+                return
+            try:
+                internal_kv._internal_kv_put(self.key, json.dumps(state).encode(), overwrite=True, namespace=NAMESPACE)
+                self.state = state
+            except Exception:  # noqa: BLE001 - tried again at the next change
+                logger.warning("status board: could not save its state", exc_info=True)
 
 
 def _models(app: str, models: dict[str, dict[str, Any]]):

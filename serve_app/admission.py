@@ -117,8 +117,7 @@ class Admission:
         if principal.tokens_per_minute and tokens > principal.tokens_per_minute:
             raise RequestTooLarge(
                 f"this request is estimated at {tokens} tokens, over the key's whole quota of "
-                f"{principal.tokens_per_minute} tokens per minute: it cannot pass; send less or lower max_tokens",
-                "max_tokens",
+                f"{principal.tokens_per_minute} tokens per minute: it cannot pass; send less (or lower max_tokens)",
             )
         res = Reservation(principal, tokens)
         limit = principal.max_concurrent_requests

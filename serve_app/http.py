@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -35,12 +36,32 @@ def json_response(body: Any, replica: ReplicaInfo | None = None, status: int = 2
 
 def sse_response(events: AsyncIterator[Any], replica: ReplicaInfo) -> StreamingResponse:
     async def encode() -> AsyncIterator[bytes]:
-        async for event in events:
-            if isinstance(event, bytes):  # already SSE-framed (an LLM replica's coalesced events)
-                yield event
-                continue
-            payload = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
-            yield f"data: {payload}\n\n".encode()
+        try:
+            async for event in events:
+                if isinstance(event, bytes):  # already SSE-framed (an LLM replica's coalesced events)
+                    yield event
+                    continue
+                payload = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
+                yield f"data: {payload}\n\n".encode()
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
 
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no", **served_headers(replica)}
-    return StreamingResponse(encode(), media_type="text/event-stream", headers=headers)
+    return ClosingStreamingResponse(encode(), media_type="text/event-stream", headers=headers)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body when the response ends however it ended: Starlette leaves a generator that
+    a client disconnect stopped at a `yield` for the garbage collector, so its `finally` (cancel
+    the replica's work, settle the request's usage) would run whenever that comes."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(RuntimeError):  # still running elsewhere: it ends on its own
+                    await close()

@@ -69,7 +69,10 @@ class QuotaStore:
         self.timeout_s = timeout_s
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         if uri != "memory":
-            self._pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="quota-store")
+            # Admissions have threads of their own: settles and releases queued behind a burst
+            # must not spend an admission's budget before it even starts.
+            self._pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="quota-admit")
+            self._background = concurrent.futures.ThreadPoolExecutor(POOL_THREADS // 2, thread_name_prefix="quota-settle")
             options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": Retry(NoBackoff(), 0)}
             storage = storage_from_string(uri, key_prefix=f"{prefix}:limits", wrap_exceptions=True, **options)
             self.redis = storage.get_connection()
@@ -82,12 +85,20 @@ class QuotaStore:
         if self._pool is None:
             return fn()
         future = self._pool.submit(fn)
+
+        def undo_late(done: concurrent.futures.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                undo(done.result())
+
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)  # a call still queued is cancelled
         except asyncio.TimeoutError:
             self._mark_down(op, f"no answer within {self.timeout_s:g}s")
-            future.add_done_callback(lambda done: None if done.cancelled() or done.exception() else undo(done.result()))
+            future.add_done_callback(undo_late)
             return fn()
+        except asyncio.CancelledError:  # the request ended while it waited: what it took is given back
+            future.add_done_callback(undo_late)
+            raise
 
     def background(self, op: str, fn: Callable[[], object]) -> None:
         """`fn()` in this store's threads, not awaited (settling, releasing); inline on memory."""
@@ -101,7 +112,7 @@ class QuotaStore:
             except Exception:  # noqa: BLE001 - the store's own errors are handled inside run/quietly
                 logger.warning("quota store: %s failed", op, exc_info=True)
 
-        self._pool.submit(logged)
+        self._background.submit(logged)
 
     def _mark_down(self, op: str, why: str) -> None:
         self._down_until = time.monotonic() + RETRY_S

@@ -140,20 +140,20 @@ async def keep_alerts_configured(gateway: GatewayConfig, models: dict[str, Model
     that could not read it) alerts again within that. The same config changes nothing."""
     while True:
         await asyncio.sleep(CONFIG_RESEND_S)
-        await asyncio.to_thread(configure_alerts, gateway, models)
+        await asyncio.to_thread(configure_alerts, gateway, models, True)
 
 
-def configure_alerts(gateway: GatewayConfig, models: dict[str, ModelConfig]) -> None:
+def configure_alerts(gateway: GatewayConfig, models: dict[str, ModelConfig], unless_set: bool = False) -> None:
     """Hand `gateway.alerts` to the app's status board, the one component that pushes alerts (and
     counts restarts, targets or not); each router replica calls this at start and then every
-    CONFIG_RESEND_S (the same config twice changes nothing)."""
+    CONFIG_RESEND_S with `unless_set` (the same config twice changes nothing)."""
     app = app_name()
     if app is None:
         return
     try:
         status_board.call(app, "configure_alerts", app, gateway.alerts.model_dump(mode="json"), {
             name: {"deployment": m.deployment_name, "silent_after_s": silent_after_s(m)}
-            for name, m in models.items()})
+            for name, m in models.items()}, None, None, unless_set)
     except Exception:  # noqa: BLE001 - alerts are best effort; serving must not depend on them
         logger.warning("could not configure alerts on the status board", exc_info=True)
 

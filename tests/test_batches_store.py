@@ -252,7 +252,7 @@ def test_retention_deletes_ended_batches_with_their_files_and_keeps_what_a_runni
     row, _ = store.get_batch(ended, None)
     assert row["status"] == "cancelled" and row["error_file_id"]
     assert store.prune(t0) == (0, 0)  # nothing ended before t0
-    assert store.prune(t0 + 3600, per_pass=1) == (1, 2)  # the batch, its error file, its input file
+    assert store.prune(t0 + 3600, per_pass=1, lines_per_tx=1) == (1, 2)  # the batch, its error file, its input file
     assert store.get_batch(ended, None) is None and store.get_file(row["error_file_id"], None) is None
     assert store.get_file(ended_in, None) is None
     assert store.get_batch(running, None) is not None and store.get_file(running_in, None) is not None  # still read

@@ -137,6 +137,8 @@ def test_an_upload_is_checked_and_stored_a_chunk_at_a_time_and_comes_back_byte_f
 
             chunks = c.execute(text("SELECT COUNT(*) FROM batch_file_chunks WHERE file_id = :f"), {"f": r.json()["id"]}).scalar_one()
         assert chunks == -(-len(raw) // 64)
+        one_long_line = await upload(b"{" + b" " * 3000 + b"}")  # no newline: one line, checked without holding it
+        assert one_long_line.status_code == 200, one_long_line.text
         for bad, status, says in ((b"x" * 5000, 413, "4096"), (raw[:-5] + b"\xc3", 400, "UTF-8"), (b"\n \n", 400, "no lines"),
                                   (b"\n".join([b"{}"] * 31), 400, "31 lines"), ("é".encode() + b"\xff\n", 400, "UTF-8")):
             r = await upload(bad)
@@ -166,8 +168,9 @@ def test_files_list_pages_filters_and_orders_as_the_openai_client_expects(monkey
         assert [f.id async for f in await b.files.list()] == [theirs]  # another key sees only its own
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
         auth = {"authorization": "Bearer sk-a"}
+        await a.files.delete(mine[0])  # a cursor deleted meanwhile: no silent start from the top
         for query, param in (("limit=0", "limit"), ("limit=10001", "limit"), ("order=up", "order"), ("page=2", "page"),
-                             ("limit=1&limit=2", "limit")):
+                             ("limit=1&limit=2", "limit"), (f"after={mine[0]}", "after"), (f"after={theirs}", "after")):
             r = await http.get(f"/v1/files?{query}", headers=auth)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (query, r.text)
 

@@ -186,6 +186,24 @@ def test_stream_failing_mid_way_ends_with_an_error_event_carrying_the_request_id
     assert err["request_id"] == "rid-77" and err["code"] == "replica_failed"
 
 
+def test_a_router_reads_the_stream_items_of_an_llm_replica_not_yet_updated():
+    """Rolling update: the router (seconds) is new before the LLM replicas (minutes), which still
+    send the old dataclass item."""
+    from deployments.protocol import OpenAIChunk, as_stream_item
+
+    class OldReplica(FakeModel):
+        async def _do_create_stream(self, api, body, rid):
+            async for item in super()._do_create_stream(api, body, rid):
+                events, usage = item[0], item[1]
+                yield OpenAIChunk(events, usage, self.replica)
+
+    c, _ = client(OldReplica("chat", "llm"))
+    r = c.post("/v1/chat/completions", json={"model": "chat", "stream": True, **CHAT})
+    chunks = [json.loads(line[6:]) for line in r.text.split("\n") if line.startswith("data: {")]
+    assert r.status_code == 200 and "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]) == "hello"
+    assert as_stream_item((["e"], None)) == (["e"], None)
+
+
 def test_fallbacks_must_be_models_of_the_same_kind():
     from serve_app.config import ConfigError
 

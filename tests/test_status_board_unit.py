@@ -138,3 +138,19 @@ def test_a_board_made_anew_alerts_with_its_saved_config_restart_counts_and_nodes
     finally:
         again._alerts.stop()
     assert Board("other").alert_state() == {"enabled": False}  # per app
+
+
+def test_the_periodic_resend_never_replaces_a_config_the_board_has(monkeypatch):
+    """Old and new routers of a rolling update re-send different configs every 30 s: with
+    `unless_set` they cannot take turns rebuilding the alert loop; a router's start still wins."""
+    Board = status_board.StatusBoard.__ray_actor_class__
+    board = Board()  # no app: nothing saved
+    old, new = {"window_s": 60}, {"window_s": 90}
+    board.configure_alerts("app", old, {}, unless_set=True)  # a board without one takes it
+    loop = board._alerts
+    board.configure_alerts("app", new, {}, unless_set=True)
+    assert board._alerts is loop and loop.cfg.window_s == 60
+    board.configure_alerts("app", new, {})  # a new router's start
+    assert board._alerts is not loop and board._alerts.cfg.window_s == 90
+    board._alerts.stop()
+    loop.stop()

@@ -214,3 +214,29 @@ def test_a_slow_redis_delays_no_stream_in_progress_and_no_request_beyond_its_own
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     assert max(gaps) < 0.15, f"a stream chunk waited {max(gaps) * 1000:.0f} ms behind another request's admission"
     assert max(took) < 0.6, took  # each waited for its own admission at most (the 0.25 s budget, plus the model)
+
+
+def test_an_admission_cancelled_while_redis_answers_gives_its_slot_back(redis_url):
+    """The request ends (client gone) while its admission waits for a slow Redis: the slot Redis
+    grants afterwards is released, not renewed forever (the key would be at its limit for good)."""
+    import redis as redis_lib
+
+    store = QuotaStore(redis_url, timeout_s=2.0)
+    admission = Admission([], store)
+    p = _principal(max_concurrent_requests=1)
+
+    async def scenario():
+        sleeper = asyncio.create_task(asyncio.to_thread(redis_lib.Redis.from_url(redis_url).execute_command, "DEBUG", "SLEEP", "0.3"))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(store.off_loop("admit", lambda: admission.admit(p, 0), undo=admission.release))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        await sleeper
+
+    asyncio.run(scenario())
+    deadline = time.time() + 5
+    while store.run("t", lambda lim: lim.slots.in_flight("team")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert store.run("t", lambda lim: lim.slots.in_flight("team")) == 0
+    assert store.run("t", lambda lim: lim.slots)._held == {}  # nothing left to renew
+    admission.release(admission.admit(p, 0))  # the key can run a request again

@@ -71,8 +71,11 @@ class BatchApi:
     async def list_files(self, request: Request) -> Response:
         """`GET /v1/files?purpose=&limit=&order=&after=`, as the openai client's `files.list` pages it."""
         q = _file_query(request.query_params.multi_items())
-        rows, more = await self._db(self.store.list_files, _owner_filter(request), q["purpose"], q["after"], q["limit"],
-                                    q["order"] == "desc")
+        page = await self._db(self.store.list_files, _owner_filter(request), q["purpose"], q["after"], q["limit"],
+                              q["order"] == "desc")
+        if page is None:
+            raise InvalidRequest(f"after names no file of yours ('{q['after'][:128]}': deleted, or never yours)", "after")
+        rows, more = page
         data = [file_object(row, self.cfg.retention_s) for row in rows]
         return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                              "last_id": data[-1]["id"] if data else None, "has_more": more})
@@ -180,7 +183,7 @@ def _scan(file: BinaryIO, max_bytes: int) -> int:
     """Check a spooled upload a chunk at a time: at most `max_bytes`, UTF-8 throughout. Returns its
     number of non-blank lines."""
     file.seek(0)
-    decoder, size, lines, tail = codecs.getincrementaldecoder("utf-8")(), 0, 0, b""
+    decoder, size, lines, filled = codecs.getincrementaldecoder("utf-8")(), 0, 0, False  # filled: this line has text
     while chunk := file.read(SCAN_CHUNK):
         try:
             decoder.decode(chunk)
@@ -190,13 +193,16 @@ def _scan(file: BinaryIO, max_bytes: int) -> int:
         size += len(chunk)
         if size > max_bytes:
             raise PayloadTooLarge(f"the file is over {max_bytes} bytes, the most accepted", "file")
-        *whole, tail = (tail + chunk).split(b"\n")
-        lines += sum(1 for line in whole if line.strip())
+        *ended, rest = chunk.split(b"\n")
+        for part in ended:  # each part ends a line (the first one continues the line before)
+            lines += filled or bool(part.strip())
+            filled = False
+        filled = filled or bool(rest.strip())
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise InvalidRequest("the file is not UTF-8 text (it ends inside a character); a batch file is JSONL", "file") from None
-    return lines + (1 if tail.strip() else 0)
+    return lines + filled
 
 
 def _chunks(file: BinaryIO) -> Iterator[bytes]:

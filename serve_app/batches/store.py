@@ -168,9 +168,10 @@ class BatchStore:
             yield b"".join(r[1].encode() + b"\n" for r in page)
 
     def list_files(self, owner: str | None, purpose: str | None, after: str | None, limit: int,
-                   newest_first: bool) -> tuple[list[dict[str, Any]], bool]:
+                   newest_first: bool) -> tuple[list[dict[str, Any]], bool] | None:
         """Files without their content, by creation time (OpenAI's `order`), `limit` after the file
-        `after` (its cursor pagination); an `after` that is no file of this owner starts at the top."""
+        `after` (its cursor pagination). None when `after` names no file of this owner (deleted or
+        pruned meanwhile): starting again at the top would hand a paging client its files twice."""
         clauses, params = [], {"n": limit + 1}
         if owner is not None:
             clauses.append("owner = :owner")
@@ -181,33 +182,42 @@ class BatchStore:
         before = "<" if newest_first else ">"
         with self._tx(read=True) as c:
             if after is not None:
-                cursor = c.execute(text("SELECT created_at, id FROM batch_files WHERE id = :id"), {"id": after}).first()
-                if cursor is not None:
-                    clauses.append(f"(created_at {before} :ca OR (created_at = :ca AND id {before} :cid))")
-                    params.update(ca=cursor[0], cid=cursor[1])
+                cursor = c.execute(text("SELECT created_at, id, owner FROM batch_files WHERE id = :id"), {"id": after}).first()
+                if cursor is None or (owner is not None and cursor[2] != owner):
+                    return None
+                clauses.append(f"(created_at {before} :ca OR (created_at = :ca AND id {before} :cid))")
+                params.update(ca=cursor[0], cid=cursor[1])
             where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
             way = "DESC" if newest_first else "ASC"
             rows = c.execute(text("SELECT id, owner, purpose, filename, bytes, created_at, batch_id, line_state FROM batch_files "
                                   f"{where} ORDER BY created_at {way}, id {way} LIMIT :n"), params).mappings().all()
         return [dict(r) for r in rows[:limit]], len(rows) > limit
 
-    def prune(self, before: float, per_pass: int = 100) -> tuple[int, int]:
+    def prune(self, before: float, per_pass: int = 100, lines_per_tx: int = 5000) -> tuple[int, int]:
         """Forget what ended before `before` (the retention): batches ended then, with their lines
         and output/error files, and uploaded files created then that no unended batch reads.
-        A pass at a time, so no transaction grows with the backlog. Returns (batches, files)."""
+        No transaction grows with the backlog: lines go `lines_per_tx` at a time (a writer on
+        SQLite holds the file's lock), then each batch with its files. Returns (batches, files)."""
         ended_at = "COALESCE(completed_at, failed_at, expired_at, cancelled_at)"
         batches = files = 0
         while True:
-            with self._tx() as c:
+            with self._tx(read=True) as c:
                 ids = [r[0] for r in c.execute(text(
                     f"SELECT id FROM batches WHERE status IN ('completed', 'failed', 'expired', 'cancelled') AND {ended_at} < :t "
                     "LIMIT :n"), {"t": int(before), "n": per_pass}).all()]
-                if not ids:
-                    break
-                for table, column in (("batch_lines", "batch_id"), ("batch_files", "batch_id"), ("batches", "id")):  # outputs: no chunks
-                    gone = c.execute(_in(f"DELETE FROM {table} WHERE {column} IN :ids"), {"ids": ids}).rowcount
-                    batches += gone if table == "batches" else 0
-                    files += gone if table == "batch_files" else 0
+            if not ids:
+                break
+            for batch_id in ids:
+                while True:
+                    with self._tx() as c:
+                        upto = c.execute(text("SELECT MIN(idx) FROM batch_lines WHERE batch_id = :b"), {"b": batch_id}).scalar()
+                        if upto is None:
+                            break
+                        c.execute(text("DELETE FROM batch_lines WHERE batch_id = :b AND idx < :upto"),
+                                  {"b": batch_id, "upto": upto + lines_per_tx})
+                with self._tx() as c:  # output/error files have no chunks: their content is the lines
+                    files += c.execute(text("DELETE FROM batch_files WHERE batch_id = :b"), {"b": batch_id}).rowcount
+                    batches += c.execute(text("DELETE FROM batches WHERE id = :b"), {"b": batch_id}).rowcount
         while True:
             with self._tx() as c:
                 ids = [r[0] for r in c.execute(text(

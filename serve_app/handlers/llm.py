@@ -15,7 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from deployments.protocol import ReplicaInfo, StreamItem
+from deployments.protocol import ReplicaInfo, StreamItem, as_stream_item
 from serve_app.api import openai
 from serve_app.body import read_object, validate
 from serve_app.config import ModelKind
@@ -52,14 +52,14 @@ class LLMHandlers:
         await ctx.admit(request, model, env.estimated_tokens(ctx.gateway.default_max_tokens))
         rid = request_id(request)
         if env.stream:
-            return await self._stream(request, model, api, data, rid, env.estimated_prompt_tokens())
+            return await self._stream(request, model, api, data, rid, env.estimated_prompt_tokens(), env.n or 1)
         served, result = await ctx.dispatch.run(model, lambda h, left: call_replica(h.create.remote(api, data, rid), left))
         use = result.body.get("usage") or {}
         ctx.tenancy.served(request, served, use.get("prompt_tokens") or 0, use.get("completion_tokens") or 0)
         return json_response(result.body, result.replica)
 
     async def _stream(self, request: Request, model: str, api: str, data: dict[str, Any], rid: str,
-                      prompt_estimate: int) -> Response:
+                      prompt_estimate: int, choices: int) -> Response:
         """SSE stream. The first item (it carries the first token) is awaited before answering,
         with retries and fallbacks, so failures before any token get a real status code; later
         ones end the stream in-band. Each item holds every event the engine produced since the
@@ -73,7 +73,7 @@ class LLMHandlers:
         async def open_stream(handle: DeploymentHandle, left: float) -> tuple[Any, StreamItem]:
             stream = handle.options(stream=True).create_stream.remote(api, data, rid)
             try:
-                return stream, await with_deadline(stream.__anext__(), left)
+                return stream, as_stream_item(await with_deadline(stream.__anext__(), left))
             except BaseException:
                 stream.cancel()
                 raise
@@ -93,7 +93,7 @@ class LLMHandlers:
                     events += len(chunk[0])
                     yield "".join(f"data: {e}\n\n" for e in chunk[0]).encode()
                     try:
-                        chunk = await stream.__anext__()
+                        chunk = as_stream_item(await stream.__anext__())
                     except StopAsyncIteration:
                         break
             except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band with the request id
@@ -104,7 +104,7 @@ class LLMHandlers:
                 if usage:
                     ctx.tenancy.served(request, served, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
                 else:
-                    ctx.tenancy.served(request, served, prompt_estimate, forwarded_tokens(events, api))
+                    ctx.tenancy.served(request, served, prompt_estimate, forwarded_tokens(events, api, choices))
 
         return sse_response(blocks(), replica)
 
@@ -120,8 +120,8 @@ class LLMHandlers:
         return json_response(result.body, result.replica)
 
 
-def forwarded_tokens(events: int, api: str) -> int:
+def forwarded_tokens(events: int, api: str, choices: int = 1) -> int:
     """Tokens generated, as far as the events forwarded tell: vLLM sends one event per engine step
-    of a choice (one token), plus a role-only first event in chat. An upper bound where the
-    detokenizer held text back; counted only for a stream that ended before vLLM's usage."""
-    return max(0, events - (1 if api == "chat" else 0))
+    of a choice (one token), plus a role-only first event per choice in chat. An upper bound where
+    the detokenizer held text back; counted only for a stream that ended before vLLM's usage."""
+    return max(0, events - (choices if api == "chat" else 0))

@@ -155,8 +155,13 @@ def test_a_board_made_anew_still_alerts_once_and_keeps_the_restart_count(stack, 
         except (ValueError, ray.exceptions.RayError):
             return None
 
-    wait_for(new_board, 60, "a new status board, configured")
-    assert _restarts(stack, FLAP) == restarts
+    board = wait_for(new_board, 60, "a new status board, configured")
+    # A board can say a replica is gone once it has seen it: both of FLAP's replicas report to it
+    # (each health period), and it has compared them with Serve's list for a few periods.
+    wait_for(lambda: len(ray.get(board.read.remote(), timeout=10).get(FLAP, {})) >= 2, 60, f"{FLAP}'s replicas on the new board")
+    time.sleep(5 * CHECK_PERIOD_S)
+    # The router finds the new board at its next call (its kept handle names the dead one first).
+    wait_for(lambda: _restarts(stack, FLAP) == restarts, 30, f"{restarts} restarts of {FLAP} on the new board")
     _kill(FLAP, sorted(_replicas(FLAP))[0])
     alert = wait_for(lambda: next((b for b in _about(alerting, FLAP)[receiver_before:] if b["event"] == "alert"), None), 30,
                      "the alert from the new board")
