@@ -44,7 +44,8 @@ class BatchApi:
     async def create_file(self, request: Request) -> Response:
         """multipart/form-data with `file` (JSONL) and `purpose` ('batch'). The body is parsed as it
         arrives, the file spooled to disk by Starlette's parser, checked and stored a chunk at a
-        time: an upload of N bytes never costs the router N bytes of memory, let alone several N."""
+        time: none of our steps holds the file whole (the router's peak grows by about its size
+        once, measured in tests/e2e/test_batches.py; it was about four times)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise InvalidRequest("upload the file as multipart/form-data with fields 'file' and 'purpose'", "file")
         form = await _form(request, self.cfg.max_file_bytes + FORM_OVERHEAD)
