@@ -7,8 +7,7 @@ HTTP concepts. The router turns them into API shapes; replicas never build respo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclasses.dataclass(frozen=True)

@@ -247,12 +247,12 @@ def board(app_name: str):
     return handle
 
 
-def call(app_name: str, method: str, *args: Any) -> ray.ObjectRef:
+def call(app_name: str, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
     """`method(*args)` on the app's board; await the ref or drop it. A crashed board is restarted
     behind the same handle (max_restarts), but one killed for good fails every call with
     ActorDiedError: then the kept handle is dropped, so the next call finds or creates a new board."""
     handle = board(app_name)
-    ref = getattr(handle, method).remote(*args)
+    ref = getattr(handle, method).remote(*args, **kwargs)
     ref.future().add_done_callback(lambda done: _drop_if_dead(app_name, handle, done))
     return ref
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import Message
 
 from serve_app.errors import InvalidRequest, PayloadTooLarge, UnsupportedParameter
 
@@ -45,19 +46,32 @@ async def read_object(request: Request, max_bytes: int) -> dict[str, Any]:
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes")
-    chunks, size = [], 0
+    chunks = []
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+        async for chunk in limited(request, max_bytes).stream():
             chunks.append(chunk)
     except ClientDisconnect:
         raise InvalidRequest("the client closed the connection before the body was complete") from None
     return b"".join(chunks)
+
+
+def limited(request: Request, max_bytes: int, param: str | None = None) -> Request:
+    """The request whose body stops with a 413 once it passes `max_bytes` (at once when its
+    Content-Length says so), for whatever reads it as it arrives: `read_body`, a multipart parser."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes", param)
+    size = 0
+
+    async def receive() -> Message:
+        nonlocal size
+        message = await request.receive()
+        size += len(message.get("body", b""))
+        if size > max_bytes:
+            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes", param)
+        return message
+
+    return Request(request.scope, receive)
 
 
 def loads(raw: bytes) -> Any:

@@ -67,7 +67,8 @@ class QuotaStore:
         self.last_error: str | None = None
         self.redis: redis.Redis | None = None  # the client, shared with the usage store
         self.timeout_s = timeout_s
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # both None on memory: calls run inline
+        self._background: concurrent.futures.ThreadPoolExecutor | None = None
         if uri != "memory":
             # Admissions have threads of their own: settles and releases queued behind a burst
             # must not spend an admission's budget before it even starts.

@@ -153,7 +153,7 @@ def configure_alerts(gateway: GatewayConfig, models: dict[str, ModelConfig], unl
     try:
         status_board.call(app, "configure_alerts", app, gateway.alerts.model_dump(mode="json"), {
             name: {"deployment": m.deployment_name, "silent_after_s": silent_after_s(m)}
-            for name, m in models.items()}, None, None, unless_set)
+            for name, m in models.items()}, unless_set=unless_set)
     except Exception:  # noqa: BLE001 - alerts are best effort; serving must not depend on them
         logger.warning("could not configure alerts on the status board", exc_info=True)
 

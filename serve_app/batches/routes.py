@@ -19,13 +19,12 @@ import sqlalchemy.exc
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Message
 
 from serve_app.api.admin import strict_query
 from serve_app.batches.config import BatchApiConfig
 from serve_app.batches.lines import BatchCreate, batch_object, file_object, parse_input, window_seconds
 from serve_app.batches.store import BatchStore
-from serve_app.body import parse_body
+from serve_app.body import limited, parse_body
 from serve_app.http import principal_of
 from serve_app.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge, StoreUnavailable
 
@@ -157,21 +156,8 @@ class BatchApi:
 async def _form(request: Request, max_bytes: int) -> FormData:
     """Starlette's multipart parser over the body as it arrives (files spool to disk past 1 MiB),
     stopped with a 413 once the body passes `max_bytes`."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes", "file")
-    size = 0
-
-    async def receive() -> Message:
-        nonlocal size
-        message = await request.receive()
-        size += len(message.get("body", b""))
-        if size > max_bytes:
-            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes", "file")
-        return message
-
     try:
-        return await Request(request.scope, receive).form(max_files=1, max_fields=4)
+        return await limited(request, max_bytes, "file").form(max_files=1, max_fields=4)
     except ApiError:
         raise
     except ClientDisconnect:
@@ -215,22 +201,25 @@ def _chunks(file: BinaryIO) -> Iterator[bytes]:
 
 def _page(params: list[tuple[str, str]]) -> tuple[str | None, int]:
     values = strict_query(params, "/v1/batches", ("after", "limit"))
-    raw = values.get("limit", str(DEFAULT_PAGE))
-    if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= MAX_PAGE:
-        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE}", "limit")
-    return values.get("after"), int(raw)
+    return values.get("after"), _limit(values, DEFAULT_PAGE, MAX_PAGE)
+
+
+def _limit(values: dict[str, str], default: int, most: int) -> int:
+    """A list's `limit` query parameter: ASCII digits, 1 to `most`."""
+    raw = values.get("limit", str(default))
+    if not re.fullmatch(f"[0-9]{{1,{len(str(most))}}}", raw) or not 1 <= int(raw) <= most:
+        raise InvalidRequest(f"limit must be an integer from 1 to {most}", "limit")
+    return int(raw)
 
 
 def _file_query(params: list[tuple[str, str]]) -> dict[str, Any]:
     """OpenAI's files.list parameters: limit 1-10,000 (default 10,000), order asc|desc (default desc)."""
     values = strict_query(params, "/v1/files", ("after", "limit", "order", "purpose"))
-    raw = values.get("limit", str(MAX_FILES_PAGE))
-    if not re.fullmatch(r"[0-9]{1,5}", raw) or not 1 <= int(raw) <= MAX_FILES_PAGE:
-        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_FILES_PAGE}", "limit")
+    limit = _limit(values, MAX_FILES_PAGE, MAX_FILES_PAGE)
     order = values.get("order", "desc")
     if order not in ("asc", "desc"):
         raise InvalidRequest("order must be 'asc' or 'desc'", "order")
-    return {"after": values.get("after"), "limit": int(raw), "order": order, "purpose": values.get("purpose")}
+    return {"after": values.get("after"), "limit": limit, "order": order, "purpose": values.get("purpose")}
 
 
 def _owner(request: Request) -> str:

@@ -226,16 +226,14 @@ class BatchStore:
                     {"t": int(before), "n": per_pass}).all()]
                 if not ids:
                     break
-                files += c.execute(_in("DELETE FROM batch_files WHERE id IN :ids"), {"ids": ids}).rowcount
-                c.execute(_in("DELETE FROM batch_file_chunks WHERE file_id IN :ids"), {"ids": ids})
+                files += _delete_uploads(c, ids)
         return batches, files
 
     def delete_file(self, file_id: str, owner: str | None) -> bool:
         if self.get_file(file_id, owner) is None:
             return False
         with self._tx() as c:
-            c.execute(text("DELETE FROM batch_files WHERE id = :id"), {"id": file_id})
-            c.execute(text("DELETE FROM batch_file_chunks WHERE file_id = :id"), {"id": file_id})
+            _delete_uploads(c, [file_id])
         return True
 
     # --- batches, as the API sees them ---
@@ -481,6 +479,12 @@ class BatchStore:
             return {m: n for m, n in c.execute(text(
                 "SELECT l.model, COUNT(*) FROM batch_lines l JOIN batches b ON b.id = l.batch_id WHERE b.status IN "
                 "('validating', 'in_progress', 'cancelling') AND l.state IN ('pending', 'leased') GROUP BY l.model")).all()}
+
+
+def _delete_uploads(c: sa.Connection, ids: list[str]) -> int:
+    """File rows and their stored chunks (output/error files have none: their content is lines)."""
+    c.execute(_in("DELETE FROM batch_file_chunks WHERE file_id IN :ids"), {"ids": ids})
+    return c.execute(_in("DELETE FROM batch_files WHERE id IN :ids"), {"ids": ids}).rowcount
 
 
 def _in(sql: str) -> sa.TextClause:
