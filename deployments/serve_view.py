@@ -1,6 +1,10 @@
 """Serve's own view of an application, as its controller tells it: deployments, their status and
 the replicas Serve lists. The status board's alert loop and the router's status view
 (serve_app/status.py) both hold replica reports against it, so both read it here, in one shape.
+
+Read as the controller's plain dict, one app's part: validating the whole answer (every app of
+the cluster) into Serve's pydantic schema cost 0.1-0.2 s of CPU per call here, and every app's
+board asks each check period, idle or not.
 """
 
 from __future__ import annotations
@@ -8,12 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve.context import _get_global_client
-from ray.serve.schema import ServeInstanceDetails
 
 
-def serve_details() -> ServeInstanceDetails:
-    """The controller's full view (what `serve status` shows); raises while it cannot be asked."""
-    return ServeInstanceDetails(**_get_global_client().get_serve_details())
+def app_deployments(app: str) -> dict[str, dict[str, Any]]:
+    """The app's deployments by name, each as the controller's dict of DeploymentDetails (what
+    `serve status` shows); raises while the controller cannot be asked or the app is not there."""
+    return _get_global_client().get_serve_details()["applications"][app]["deployments"]
 
 
 def state_name(state: Any) -> str:
@@ -21,6 +25,8 @@ def state_name(state: Any) -> str:
     return str(getattr(state, "value", state))
 
 
-def live_replicas(replicas: list[Any]) -> dict[str, dict[str, Any]]:
-    """One deployment's replicas as Serve lists them, by replica id."""
-    return {r.replica_id: {"state": state_name(r.state), "node_id": r.node_id, "node_ip": r.node_ip} for r in replicas}
+def live_replicas(replicas: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One deployment's replicas as Serve lists them, by replica id. A replica still starting has
+    no node yet: the controller's dict then leaves those keys out (the schema's defaults are None)."""
+    return {r["replica_id"]: {"state": state_name(r.get("state")), "node_id": r.get("node_id"), "node_ip": r.get("node_ip")}
+            for r in replicas}

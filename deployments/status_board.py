@@ -27,7 +27,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError
 
-from deployments.serve_view import live_replicas, serve_details, state_name
+from deployments.serve_view import app_deployments, live_replicas, state_name
 from serve_app.alerts import AlertDelivery, AlertTracker, ModelView, World
 from serve_app.config import AlertsConfig
 
@@ -158,8 +158,12 @@ class _AlertLoop:
                 logger.exception("status board: alert check failed")
 
     def _world(self) -> World:
-        return World(models=_models(self.app, self.models), reports=self.reports(), nodes=_nodes(),
-                     circuits=_live_router_circuits(self.app, self.circuits()))
+        try:
+            deps = app_deployments(self.app)
+        except Exception:  # noqa: BLE001 - controller busy, restarting, or the app is being deployed
+            deps = None  # no claim about replicas or circuits this period
+        return World(models=_models(deps, self.models), reports=self.reports(), nodes=_nodes(),
+                     circuits=_live_router_circuits(deps, self.circuits()))
 
 
 class Saved:
@@ -195,33 +199,32 @@ class Saved:
                 logger.warning("status board: could not save its state", exc_info=True)
 
 
-def _models(app: str, models: dict[str, dict[str, Any]]):
-    """Serve's view per model, or None when the controller cannot be asked (no claim then)."""
-    try:
-        deps = serve_details().applications[app].deployments
-    except Exception:  # noqa: BLE001 - controller busy, restarting, or the app is being deployed
+def _models(deps: dict[str, dict[str, Any]] | None, models: dict[str, dict[str, Any]]):
+    """Serve's view per model, or None when the controller could not be asked (no claim then)."""
+    if deps is None:
         return None
     out = {}
     for name, m in models.items():
         d = deps.get(m["deployment"])
         if d is None:
             return None
-        auto = d.deployment_config.autoscaling_config  # a dict in the details (a config object if built in-process)
-        max_replicas = (auto.get("max_replicas") if isinstance(auto, dict) else getattr(auto, "max_replicas", None))
-        out[name] = ModelView(target=d.target_num_replicas, replicas=live_replicas(d.replicas),
-                              silent_after_s=m["silent_after_s"], status=state_name(d.status), max_replicas=max_replicas,
-                              max_ongoing_requests=d.deployment_config.max_ongoing_requests)
+        config = d["deployment_config"]
+        auto = config.get("autoscaling_config") or {}
+        out[name] = ModelView(target=d["target_num_replicas"], replicas=live_replicas(d["replicas"]),
+                              silent_after_s=m["silent_after_s"], status=state_name(d["status"]),
+                              max_replicas=auto.get("max_replicas"), max_ongoing_requests=config.get("max_ongoing_requests"))
     return out
 
 
-def _live_router_circuits(app: str, circuits: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+def _live_router_circuits(deps: dict[str, dict[str, Any]] | None,
+                          circuits: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Only router replicas Serve still lists: a dead router's last word must not hold an alert open."""
-    if not circuits:
-        return {}  # no router has reported a circuit change: nothing to ask the controller
+    if not circuits or deps is None:
+        return {}  # no circuit reported, or no claim about circuits this period
     try:
         # "router": serve_app.app.ROUTER_NAME (not imported here: it would load the router's stack)
-        live = {r.replica_id for r in serve_details().applications[app].deployments["router"].replicas}
-    except Exception:  # noqa: BLE001 - controller busy: no claim about circuits this period
+        live = {r["replica_id"] for r in deps["router"]["replicas"]}
+    except KeyError:  # the router deployment is not listed (yet): no claim
         return {}
     return {m: {r: c for r, c in rs.items() if r in live} for m, rs in circuits.items()}
 

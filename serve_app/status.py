@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from deployments import status_board
-from deployments.serve_view import live_replicas, serve_details, state_name
+from deployments.serve_view import app_deployments, live_replicas, state_name
 from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.serve_context import app_name, replica_context
 
@@ -95,12 +95,11 @@ async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
     if app is None:
         return {}
     try:
-        details = await asyncio.to_thread(serve_details)
-        deps = details.applications[app].deployments
+        deps = await asyncio.to_thread(app_deployments, app)
         return {
-            n: {"status": state_name(d.status), "message": d.message,
-                "replica_states": dict(collections.Counter(state_name(r.state) for r in d.replicas)),
-                "replicas": live_replicas(d.replicas)}
+            n: {"status": state_name(d.get("status")), "message": d.get("message", ""),
+                "replica_states": dict(collections.Counter(state_name(r.get("state")) for r in d["replicas"])),
+                "replicas": live_replicas(d["replicas"])}
             for n, d in deps.items()
         }
     except Exception:  # noqa: BLE001 - controller busy or app going away: show what we have

@@ -45,3 +45,10 @@ def pg_server():
     server = PgServer()
     yield server
     server.close()
+
+
+def pytest_collection_modifyitems(items):
+    """End-to-end tests run last, so the session's Ray cluster (started by the first of them, torn
+    down at the session's end) is never up while the unit tests run: its idle processes would
+    share this machine's two cores with them."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)

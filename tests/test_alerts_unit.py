@@ -169,24 +169,21 @@ def test_full_replicas_are_no_incident_without_autoscaling_or_while_the_target_i
     assert back["event"] == "recovery" and "below max_replicas 3" in back["text"]
 
 
-def test_the_board_reads_max_replicas_and_max_ongoing_requests_from_serves_deployment_details(monkeypatch):
-    from types import SimpleNamespace
-
+def test_the_board_reads_max_replicas_and_max_ongoing_requests_from_serves_deployment_details():
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import DeploymentDetails, DeploymentSchema
 
     from deployments import status_board
 
-    def details(name: str, **config) -> DeploymentDetails:
+    def details(name: str, **config) -> dict:
         schema = DeploymentSchema(name=name, max_ongoing_requests=5, **config)
         built = DeploymentDetails(name=name, status="HEALTHY", status_trigger="CONFIG_UPDATE_COMPLETED", message="",
                                   deployment_config=schema, target_num_replicas=3, required_resources={}, replicas=[])
-        return DeploymentDetails(**built.model_dump(exclude_unset=True))  # as the controller's dict comes back
+        return built.model_dump(exclude_unset=True)  # the controller's dict: no autoscaling_config unless set
 
     auto = AutoscalingConfig(min_replicas=1, max_replicas=3).model_dump()
     deps = {"rerank-ce": details("rerank-ce", autoscaling_config=auto), "embed-em": details("embed-em", num_replicas=3)}
-    monkeypatch.setattr(status_board, "serve_details", lambda: SimpleNamespace(applications={"app": SimpleNamespace(deployments=deps)}))
-    views = status_board._models("app", {"ce": {"deployment": "rerank-ce", "silent_after_s": 7},
+    views = status_board._models(deps, {"ce": {"deployment": "rerank-ce", "silent_after_s": 7},
                                          "em": {"deployment": "embed-em", "silent_after_s": 7}})
     assert (views["ce"].target, views["ce"].max_replicas, views["ce"].max_ongoing_requests) == (3, 3, 5)
     assert (views["em"].max_replicas, views["em"].max_ongoing_requests) == (None, 5)
@@ -214,7 +211,8 @@ def test_the_board_counts_restarts_without_alert_targets_sends_nothing_and_keeps
     from deployments import status_board
 
     live = {"r1": replica(NODE_A), "r2": replica(NODE_B)}
-    monkeypatch.setattr(status_board, "_models", lambda app, models: {"ce": ModelView(2, dict(live), 7)})
+    monkeypatch.setattr(status_board, "app_deployments", lambda app: {})
+    monkeypatch.setattr(status_board, "_models", lambda deps, models: {"ce": ModelView(2, dict(live), 7)})
     monkeypatch.setattr(status_board, "_nodes", lambda: None)
     board = status_board.StatusBoard.__ray_actor_class__()  # the actor's class, in-process
     assert board.alert_state() == {"enabled": False}  # not configured yet: no count to claim
@@ -295,7 +293,8 @@ def test_the_board_loop_sends_what_the_tracker_decides(monkeypatch):
 
     receiver, clock = Receiver(), Clock()
     live = {"r1": replica(NODE_A), "r2": replica(NODE_B)}
-    monkeypatch.setattr(status_board, "_models", lambda app, models: {"ce": ModelView(2, dict(live), 7)})
+    monkeypatch.setattr(status_board, "app_deployments", lambda app: {})
+    monkeypatch.setattr(status_board, "_models", lambda deps, models: {"ce": ModelView(2, dict(live), 7)})
     monkeypatch.setattr(status_board, "_nodes", lambda: None)
     cfg = AlertsConfig(targets=[AlertTarget(url=receiver.url)], check_period_s=0.05)
     loop = status_board._AlertLoop(("k",), "app", cfg, {}, lambda: {"ce": {}}, lambda: {})

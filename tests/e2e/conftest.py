@@ -28,6 +28,10 @@ from tests.local_servers import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+# The tiny vLLM models' deep probe every 30 s, not 10: after each message a vLLM worker spins for
+# 1 s (shm_broadcast's busy loop), so a 10 s probe keeps each worker at ~10% of a core while idle,
+# taken from every test that runs beside them. No test here is about their health period.
+TINY_VLLM_HEALTH = {"health_check_period_s": 30}
 DEPLOY_TIMEOUT_S = 900
 
 
@@ -45,7 +49,7 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dic
                 "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8},
                 # One core per TP rank (vllm-cpu syntax: ranks separated by '|').
                 "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
-                "deployment": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}},
+                "deployment": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}, **TINY_VLLM_HEALTH},
             },
             {
                 "name": "tiny-ce", "kind": "rerank", "engine": "transformers", "source": str(ce),
@@ -56,7 +60,7 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dic
                 "name": "tiny-ce-vllm", "kind": "rerank", "engine": "vllm", "source": str(ce),
                 "engine_kwargs": {"enforce_eager": True},
                 "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
-                "deployment": {"ray_actor_options": {"num_cpus": 1}},
+                "deployment": {"ray_actor_options": {"num_cpus": 1}, **TINY_VLLM_HEALTH},
             },
             # A Qwen3-Reranker-shaped causal LM: no rerank settings here, the preset supplies them
             # (yes/no logits on transformers; hf_overrides conversion on vLLM; the template on both).
@@ -68,7 +72,7 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dic
                 "name": "tiny-qwen3-vllm", "kind": "rerank", "engine": "vllm", "source": str(qwen3),
                 "engine_kwargs": {"enforce_eager": True},
                 "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
-                "deployment": {"ray_actor_options": {"num_cpus": 1}},
+                "deployment": {"ray_actor_options": {"num_cpus": 1}, **TINY_VLLM_HEALTH},
             },
         ],
     }

@@ -17,7 +17,7 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.serve_view import serve_details
+from deployments.serve_view import app_deployments
 from tests.browser import chromium_dom, console_errors, needs_chromium
 from tests.e2e.conftest import all_apps, chaos_app, deploy, wait_for
 from tests.e2e.test_chaos import Load, replica_ids
@@ -67,7 +67,7 @@ def _kill(model: str, replica_id: str) -> None:
 
 def _listed(model: str) -> set[str]:
     """The replicas Serve lists (the status view's source of who exists)."""
-    return {r.replica_id for r in serve_details().applications[APP].deployments[_deployment(model)].replicas}
+    return {r["replica_id"] for r in app_deployments(APP)[_deployment(model)]["replicas"]}
 
 
 def _restarts(stack, model: str) -> int:
