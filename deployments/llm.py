@@ -8,8 +8,9 @@ client unchanged; the router adds request ids, served-by headers, failover and q
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from deployments.engines.vllm_openai import VLLMOpenAI, coalesce
@@ -18,6 +19,7 @@ from deployments.protocol import ModelCard, OpenAIResponse, StreamItem, stream_i
 from deployments.runtime import replica_info
 from serve_app.config import ModelConfig
 from serve_app.errors import EngineFailure, InvalidRequest
+from serve_app.llm_routing.cost import outstanding_work
 
 APIS = ("chat", "completion")
 
@@ -28,6 +30,7 @@ class LLMServer(MonitoredReplica):
         self.engine = VLLMOpenAI(model, model.resolved_source(pathlib.Path(models_dir)), default_max_tokens)
         await self.engine.start()
         self.replica = replica_info(model.name)
+        self.outstanding_tokens = 0  # prompt + output tokens of the requests it holds (routing stats)
         self._init_health()
         # One real token before Serve's first health check: the first request through the serving
         # layer pays lazy start-up costs that a loaded node can stretch past probe_timeout_s.
@@ -41,7 +44,7 @@ class LLMServer(MonitoredReplica):
 
     async def create(self, api: str, body: dict[str, Any], request_id: str) -> OpenAIResponse:
         """A non-streaming chat or completion: vLLM's response body."""
-        with self.tracked(request_id):
+        with self.tracked(request_id), self._counted(api, body):
             result = await self.engine.create(_api(api), self._own(body, stream=False), request_id)
         if not isinstance(result, dict):
             raise EngineFailure("the engine streamed an answer that was asked for whole")
@@ -53,7 +56,7 @@ class LLMServer(MonitoredReplica):
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         own = self._own(body, stream=True)
         own["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        with self.tracked(request_id) as health:
+        with self.tracked(request_id) as health, self._counted(api, body):
             sse = await self.engine.create(_api(api), own, request_id)
             if isinstance(sse, dict):
                 raise EngineFailure("the engine answered whole a request asked as a stream")
@@ -72,6 +75,31 @@ class LLMServer(MonitoredReplica):
     def _own(self, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
         """The body as this model's: a fallback model answers under its own name (vLLM checks it)."""
         return {**body, "model": self.cfg.name, **extra}
+
+    @contextlib.contextmanager
+    def _counted(self, api: str, body: dict[str, Any]) -> Iterator[None]:
+        work = outstanding_work(api, body, self.cfg.routing.chars_per_token)
+        self.outstanding_tokens += work
+        try:
+            yield
+        finally:
+            self.outstanding_tokens -= work
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve polls this every `routing.stats_period_s` and hands it to each router replica's
+        request router (serve_app/llm_routing/): the engine's load, KV cache and prefix-cache
+        counters (vLLM's own), and the work this replica holds from every router."""
+        engine = getattr(self, "engine", None)  # a status report may come before the engine exists
+        load = engine.load.snapshot() if engine is not None and engine.load is not None else {}
+        return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0)}
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The status board's row for this replica, with vLLM's actual prefix-cache hit rate."""
+        stats = self.record_routing_stats()
+        queries, hits = stats.get("prefix_queries", 0), stats.get("prefix_hits", 0)
+        return {**super()._snapshot(), "kv_usage": stats.get("kv_usage"),
+                "prefix_cache": {"queried_tokens": queries, "hit_tokens": hits,
+                                 "hit_rate": round(hits / queries, 4) if queries else None}}
 
     async def unfinished_requests(self) -> int:
         """Requests the engine still holds: 0 after a client disconnect means the work was freed."""

@@ -74,7 +74,19 @@ def model_deployment(model: ModelConfig) -> Deployment:
         actor["runtime_env"] = {"env_vars": dict(model.engine_env)}
     if model.kind is not ModelKind.llm:
         opts["user_config"] = model.batch.model_dump()
+    elif model.routing_policy == "cache_aware":
+        opts["request_router_config"] = llm_request_router(model)
     return serve.deployment(_REPLICA_CLASS[model.kind]).options(name=model.deployment_name, **opts)
+
+
+def llm_request_router(model: ModelConfig) -> dict[str, Any]:
+    """Serve's RequestRouterConfig for the cost-aware router (serve_app/llm_routing/): it runs in the
+    router replica's process, for its handle to this model; the replicas report their load every
+    `stats_period_s`."""
+    weights = model.routing.model_dump(exclude={"policy", "stats_period_s"})
+    return {"request_router_class": "serve_app.llm_routing.request_router.CostAwareRouter",
+            "request_router_kwargs": weights, "request_routing_stats_period_s": model.routing.stats_period_s,
+            "request_routing_stats_timeout_s": max(1.0, model.routing.stats_period_s)}
 
 
 def router_deployment(gateway: GatewayConfig) -> Deployment:
@@ -145,7 +157,7 @@ def describe(cfg: AppConfig) -> list[dict[str, Any]]:
             "deployment": d.name, "serves": f"{m.kind.value} '{m.name}' on {m.engine.value}",
             "source": m.resolved_source(cfg.gateway.models_path), "tp": m.tensor_parallel_size,
             "pp": m.pipeline_parallel_size, "gpus_per_replica": m.gpus_per_replica,
-            "preset": (p := find_preset(m)) and f"{p.name} ({p.why})",
+            "preset": (p := find_preset(m)) and f"{p.name} ({p.why})", "routing": m.routing_policy,
             **_brief({"ray_actor_options": {**d.ray_actor_options, "num_gpus": m.gpus_per_replica},
                       "num_replicas": d.num_replicas,
                       "autoscaling_config": m.deployment.autoscaling_config and m.deployment.autoscaling_config.model_dump()}),

@@ -97,6 +97,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"application '{name}': {len(cfg.models)} model(s)")
         for row in describe(cfg):
             extra = f"  source={row['source']}  tp={row['tp']}" if "source" in row else ""
+            extra += f"  routing={row['routing']}" if row.get("routing") else ""
             print(f"  {row['deployment']:<36} {row['serves']:<48} replicas={row['replicas']} "
                   f"cpus={row['cpus']} gpus={row['gpus']}{extra}")
             if row.get("preset"):

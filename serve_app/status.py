@@ -20,6 +20,7 @@ from typing import Any
 from deployments import status_board
 from deployments.serve_view import app_deployments, live_replicas, state_name
 from serve_app.config import GatewayConfig, ModelConfig
+from serve_app.llm_routing.registry import routing_view
 from serve_app.serve_context import app_name, replica_context
 
 logger = logging.getLogger("ray.serve")
@@ -46,6 +47,11 @@ async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], br
             "restarts": None if restarts is None else restarts.get(name, 0),
             "replicas": await _replicas(app, name, m, dep, reports.get(name, {}), gateway.status_gone_retention_s, now),
         }
+        if m.routing_policy:
+            out["models"][name]["routing_policy"] = m.routing_policy
+            predicted = routing_view(m.deployment_name)  # this router replica's guesses
+            for row in out["models"][name]["replicas"]:
+                row["routing"] = predicted.get(row["replica_id"])
     return out
 
 

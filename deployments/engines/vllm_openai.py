@@ -43,8 +43,17 @@ class VLLMOpenAI:
         self.args.structured_outputs_config = dataclasses.replace(
             self.args.structured_outputs_config, reasoning_parser=self.args.reasoning_parser)
         engine_args = AsyncEngineArgs.from_cli_args(self.args)
-        # vLLM's own metrics (queue, KV cache use, tokens/s) into Ray's Prometheus export.
-        self.engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[RayPrometheusStatLogger])
+        from deployments.engines.vllm_load import EngineLoad
+
+        # vLLM's own metrics (queue, KV cache use, tokens/s) into Ray's Prometheus export, and the
+        # same scheduler numbers kept for the request router (`self.load`).
+        self.load: EngineLoad | None = None
+
+        def load_logger(vllm_config: Any, engine_index: int = 0) -> EngineLoad:
+            self.load = EngineLoad(vllm_config, engine_index)
+            return self.load
+
+        self.engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[RayPrometheusStatLogger, load_logger])
         self.max_model_len: int = self.engine.model_config.max_model_len
         self.device: str = self.engine.vllm_config.device_config.device_type  # "cuda", "cpu", ...
         self.dtype: str = str(self.engine.model_config.dtype).removeprefix("torch.")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from serve_app.llm_routing.config import RoutingConfig
 from serve_app.config_base import REPO_ROOT, StrictConfig
 
 # Models that `make up` / `python -m serve_app prepare-models` build from PyPI packages into
@@ -160,6 +161,7 @@ class ModelConfig(StrictConfig):
     serving: ServingSettings = Field(default_factory=ServingSettings, description="llm: vLLM's frontend flags")
     batching: BatchSettings | None = None
     health: HealthSettings = Field(default_factory=HealthSettings)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="llm: how its replicas are chosen (docs/ROUTING.md)")
     allow_fault_injection: bool = Field(False, description="chaos tests and failover drills only")
     fallbacks: list[str] = Field(
         default_factory=list, description="models (same kind) tried in order when this one is unavailable or full"
@@ -185,6 +187,8 @@ class ModelConfig(StrictConfig):
             raise ValueError("kind 'llm' is served by engine 'vllm' only")
         if self.kind is not ModelKind.llm and self.serving != ServingSettings():
             raise ValueError("serving (tool/reasoning parsers, chat template, aliases) applies to llm models only")
+        if self.kind is not ModelKind.llm and self.routing != RoutingConfig():
+            raise ValueError("routing applies to llm models only; encoders are batched, not routed by prefix")
         if self.kind is ModelKind.llm and self.batching is not None:
             raise ValueError("batching applies to rerank/embed models; vLLM batches LLM requests itself")
         if self.rerank_mode is not None and not (
@@ -238,6 +242,18 @@ class ModelConfig(StrictConfig):
         if self.kind is ModelKind.llm:
             return int(self.engine_kwargs.get("max_num_seqs") or self.deployment.max_ongoing_requests)
         return self.batch.max_batch_size
+
+    @property
+    def routing_policy(self) -> str | None:
+        """The LLM request router: `routing.policy`, else cache-aware when the model may run two or
+        more replicas (with one there is nothing to choose). None for encoders."""
+        if self.kind is not ModelKind.llm:
+            return None
+        if self.routing.policy:
+            return self.routing.policy
+        d = self.deployment
+        most = d.autoscaling_config.max_replicas if d.autoscaling_config else (d.num_replicas or 1)
+        return "cache_aware" if most >= 2 else "power_of_two"
 
     @property
     def capacity(self) -> int:

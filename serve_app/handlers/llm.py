@@ -7,6 +7,7 @@ stream, the token estimate for quotas) and passes the body on as the client sent
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,8 +23,11 @@ from serve_app.config import ModelKind
 from serve_app.errors import from_exception
 from serve_app.handlers.context import Context
 from serve_app.http import json_response, request_id, sse_response
+from serve_app.llm_routing import registry
 from serve_app.replica_calls import with_deadline
 from serve_app.resilience import call_replica
+
+logger = logging.getLogger("ray.serve")
 
 
 class LLMHandlers:
@@ -56,7 +60,7 @@ class LLMHandlers:
         served, result = await ctx.dispatch.run(model, lambda h, left: call_replica(h.create.remote(api, data, rid), left))
         use = result.body.get("usage") or {}
         ctx.tenancy.served(request, served, use.get("prompt_tokens") or 0, use.get("completion_tokens") or 0)
-        return json_response(result.body, result.replica)
+        return with_routing(json_response(result.body, result.replica), rid)
 
     async def _stream(self, request: Request, model: str, api: str, data: dict[str, Any], rid: str,
                       prompt_estimate: int, choices: int) -> Response:
@@ -106,7 +110,7 @@ class LLMHandlers:
                 else:
                     ctx.tenancy.served(request, served, prompt_estimate, forwarded_tokens(events, api, choices))
 
-        return sse_response(blocks(), replica)
+        return with_routing(sse_response(blocks(), replica), rid)
 
     async def _tokenization(self, request: Request, method: str) -> Response:
         """vLLM's /tokenize and /detokenize, by the model named in the body."""
@@ -118,6 +122,17 @@ class LLMHandlers:
         served, result = await ctx.dispatch.run(
             model, lambda h, left: call_replica(getattr(h, method).remote(data), left), fallbacks=False)
         return json_response(result.body, result.replica)
+
+
+def with_routing(response: Response, rid: str) -> Response:
+    """The cost-aware router's decision for this request (serve_app/llm_routing/), if it made one:
+    logged under the request id and sent as a header, so a slow answer can be traced to a guess."""
+    decision = registry.pop_decision(rid)
+    if decision is not None:
+        replica, cached = decision
+        logger.info("routed to replica %s, predicted cached prompt tokens %d", replica, cached)
+        response.headers["x-predicted-cached-tokens"] = str(cached)
+    return response
 
 
 def forwarded_tokens(events: int, api: str, choices: int = 1) -> int:

@@ -1,0 +1,48 @@
+"""What an LLM replica tells the request router about itself, read from vLLM's own scheduler stats.
+
+vLLM hands each stat logger the scheduler's numbers after every engine step (running and waiting
+requests, KV-cache use, the prefix cache's queried and hit tokens of that step); this one keeps the
+latest and sums the prefix counters, so the replica can report them through Serve's
+`record_routing_stats` (serve_app/llm_routing/) and the status view can put vLLM's actual hit
+rate beside the router's predicted one.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+
+class EngineLoad(StatLoggerBase):
+    """One per engine; vLLM calls `record` on the engine's output loop, the replica reads `snapshot`."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        self.cache = vllm_config.cache_config
+        self.running = self.waiting = 0
+        self.kv_usage = 0.0
+        self.prefix_queries = self.prefix_hits = 0
+        self._lock = threading.Lock()
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+        if scheduler_stats is None:
+            return
+        with self._lock:
+            self.running, self.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+            self.kv_usage = float(scheduler_stats.kv_cache_usage)
+            prefix = scheduler_stats.prefix_cache_stats
+            if prefix is not None:  # per-step deltas (vLLM resets them each step): summed here
+                self.prefix_queries += prefix.queries
+                self.prefix_hits += prefix.hits
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "block_size": int(self.cache.block_size or 0), "num_blocks": int(self.cache.num_gpu_blocks or 0),
+                "kv_usage": round(self.kv_usage, 4), "running": self.running, "waiting": self.waiting,
+                "prefix_queries": self.prefix_queries, "prefix_hits": self.prefix_hits,
+            }

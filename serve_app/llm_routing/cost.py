@@ -1,0 +1,187 @@
+"""The cost of a request on each LLM replica, and the ranking the request router returns.
+
+cost(replica) = prefill it would compute      (prompt tokens minus the prefix it likely holds)
+              + load_weight x outstanding work (tokens routed there and not finished)
+              + kv_penalty_tokens x kv_use^2   (a full cache evicts, preempts and recomputes)
+
+There is no fleet-wide on/off switch for affinity: load is a term of every replica's cost, so a
+replica holding a prefix wins exactly while the prefill it saves outweighs the work queued on it.
+A prefix every request shares (one system prompt) therefore spreads: once the replica holding it
+is busier than the prefill it saves, another replica takes a request, computes the prefix, and
+from then on both hold it and load alone decides. Outstanding work is the larger of what this
+router sent and what the replica itself reports (every router's requests), so N router replicas
+see one load, not 1/N of it each.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+from typing import Any
+
+from serve_app.llm_routing.config import RoutingConfig
+from serve_app.llm_routing.prefix import PrefixIndex, block_hashes, render
+
+DEFAULT_BLOCK_SIZE = 16  # vLLM's on GPUs (128 on CPU); replicas report their own
+DEFAULT_OUTPUT_TOKENS = 128  # a request that names no max_tokens, for its share of the load
+
+
+def estimate(api: str, body: dict[str, Any], chars_per_token: float) -> tuple[str, int, int]:
+    """(the rendered prompt, its tokens, the output tokens it may take), without a tokenizer."""
+    text = render(api, body)
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
+    output = (max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else DEFAULT_OUTPUT_TOKENS) * n
+    return text, max(1, round(len(text) / chars_per_token)), output
+
+
+def outstanding_work(api: str, body: dict[str, Any], chars_per_token: float) -> int:
+    """A request's share of a replica's load: its prompt and output tokens (the replica's count
+    and the router's are the same number, so the larger of the two is never a double count)."""
+    _, prompt_tokens, output_tokens = estimate(api, body, chars_per_token)
+    return prompt_tokens + output_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaLoad:
+    """What an LLM replica reports through Serve's routing stats (deployments/engines/vllm_load.py)."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    num_blocks: int = 0  # its KV cache, in blocks (0: unknown yet)
+    kv_usage: float = 0.0
+    running: int = 0
+    waiting: int = 0
+    outstanding_tokens: int = 0  # prompt + output tokens of the requests it holds, all routers'
+    prefix_queries: int = 0  # vLLM's prefix-cache counters since the replica started, in tokens
+    prefix_hits: int = 0
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any] | None) -> "ReplicaLoad":
+        """Tolerant of missing keys (a replica not reporting yet, or an older one)."""
+        if not stats:
+            return cls()
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in stats.items():
+            if key in known and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[key] = float(value) if key == "kv_usage" else int(value)
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A routed request as the cost sees it."""
+
+    hashes: list[bytes]
+    block_size: int
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    replica: str
+    total: float
+    cached_tokens: int
+    prefill_tokens: int
+    outstanding_tokens: int
+
+
+@dataclasses.dataclass
+class Predictions:
+    """Per replica: prompt tokens routed there and how many of them the router expected cached,
+    beside vLLM's own counters: how right the guesses were."""
+
+    prompt_tokens: int = 0
+    predicted_cached: int = 0
+    requests: int = 0
+
+
+class CostModel:
+    """Pure bookkeeping (no Ray): unit-tested against a simulated engine."""
+
+    def __init__(self, cfg: RoutingConfig | None = None, rng: random.Random | None = None) -> None:
+        self.cfg = cfg or RoutingConfig()
+        self.index = PrefixIndex()
+        self.loads: dict[str, ReplicaLoad] = {}
+        self.outstanding: collections.Counter[str] = collections.Counter()
+        self.inflight: dict[str, tuple[str, int]] = {}  # handle request id -> (replica, its work)
+        self.last_tried: dict[str, str] = {}  # our request id -> the replica that last took it
+        self.ended_early: collections.OrderedDict[str, None] = collections.OrderedDict()  # completed before routed
+        self.predictions: dict[str, Predictions] = collections.defaultdict(Predictions)
+        self.rng = rng or random.Random()
+
+    # --- the request ---
+    def prompt(self, api: str, body: dict[str, Any]) -> Prompt:
+        text, prompt_tokens, output_tokens = estimate(api, body, self.cfg.chars_per_token)
+        block_size = self._block_size()
+        hashes = block_hashes(text, max(1, round(block_size * self.cfg.chars_per_token)))
+        return Prompt(hashes, block_size, prompt_tokens, output_tokens)
+
+    def _block_size(self) -> int:
+        """One block size for the model (its replicas share the engine config)."""
+        for load in self.loads.values():
+            if load.block_size > 0:
+                return load.block_size
+        return DEFAULT_BLOCK_SIZE
+
+    # --- the choice ---
+    def costs(self, prompt: Prompt, replicas: list[str]) -> list[Cost]:
+        out = []
+        for r in replicas:
+            load = self.loads.get(r, ReplicaLoad())
+            cached = min(self.index.matched(r, prompt.hashes) * prompt.block_size, prompt.prompt_tokens - 1)
+            prefill = prompt.prompt_tokens - max(cached, 0)
+            outstanding = max(self.outstanding[r], load.outstanding_tokens)
+            total = prefill + self.cfg.load_weight * outstanding + self.cfg.kv_penalty_tokens * load.kv_usage ** 2
+            out.append(Cost(r, total, max(cached, 0), prefill, outstanding))
+        return out
+
+    def rank(self, prompt: Prompt, replicas: list[str], request_id: str | None = None) -> list[Cost]:
+        """Cheapest first; ties in random order (no replica is everyone's first by its name). The
+        replica that last took this request id goes last: a retry tries another first."""
+        costs = self.costs(prompt, replicas)
+        self.rng.shuffle(costs)
+        last = self.last_tried.get(request_id) if request_id else None
+        costs.sort(key=lambda c: (c.replica == last, c.total))
+        return costs
+
+    # --- what happened ---
+    def routed(self, handle_request_id: str, request_id: str | None, replica: str, prompt: Prompt, cost: Cost | None) -> None:
+        cost = cost or self.costs(prompt, [replica])[0]
+        work = prompt.prompt_tokens + prompt.output_tokens  # as the replica counts it (outstanding_work)
+        if handle_request_id in self.ended_early:
+            del self.ended_early[handle_request_id]  # it already finished: nothing outstanding
+        else:
+            self.inflight[handle_request_id] = (replica, work)
+            self.outstanding[replica] += work
+        if request_id:
+            self.last_tried[request_id] = replica
+            while len(self.last_tried) > 10_000:  # ids of finished requests: oldest first out
+                self.last_tried.pop(next(iter(self.last_tried)))
+        p = self.predictions[replica]
+        p.prompt_tokens += prompt.prompt_tokens
+        p.predicted_cached += cost.cached_tokens
+        p.requests += 1
+        load = self.loads.get(replica, ReplicaLoad())
+        capacity = load.num_blocks or 1_000_000
+        self.index.add(replica, prompt.hashes, capacity)
+
+    def completed(self, handle_request_id: str) -> None:
+        replica, work = self.inflight.pop(handle_request_id, (None, 0))
+        if replica is None:  # finished before it was reported routed (or never routed)
+            self.ended_early[handle_request_id] = None
+            while len(self.ended_early) > 10_000:
+                self.ended_early.popitem(last=False)
+            return
+        self.outstanding[replica] -= work
+        if self.outstanding[replica] <= 0:
+            del self.outstanding[replica]
+
+    def update(self, loads: dict[str, ReplicaLoad]) -> None:
+        """The replicas Serve lists now, with their latest reports; the gone are forgotten."""
+        self.loads = dict(loads)
+        self.index.keep(set(loads))
+        for gone in set(self.predictions) - set(loads):
+            del self.predictions[gone]

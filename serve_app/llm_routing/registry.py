@@ -1,0 +1,43 @@
+"""What the request routers of this process know, for the rest of the router replica to read.
+
+Its own module because Serve ships a custom request router class by value (cloudpickle, with its
+module's globals copied): state kept in request_router.py's globals would be a copy the handlers
+never see. Modules it imports, like this one, travel by reference and are shared.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from serve_app.llm_routing.cost import CostModel
+
+MAX_DECISIONS = 10_000
+
+models: dict[str, CostModel] = {}  # LLM deployment name -> its cost model
+_decisions: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
+
+
+def record_decision(request_id: str, replica: str, cached_tokens: int) -> None:
+    """Written on the request router's thread; read once by the request's handler."""
+    _decisions[request_id] = (replica, cached_tokens)
+    while len(_decisions) > MAX_DECISIONS:  # decisions of requests whose handler never asked
+        _decisions.popitem(last=False)
+
+
+def pop_decision(request_id: str) -> tuple[str, int] | None:
+    return _decisions.pop(request_id, None)
+
+
+def routing_view(deployment: str) -> dict[str, dict[str, Any]]:
+    """Per replica, what this router replica predicted: prompt tokens sent there and the share of
+    them it expected cached (beside which the status view puts vLLM's actual hit rate)."""
+    model = models.get(deployment)
+    if model is None:
+        return {}
+    return {
+        replica: {"requests": p.requests, "prompt_tokens": p.prompt_tokens, "predicted_cached_tokens": p.predicted_cached,
+                  "predicted_hit_rate": round(p.predicted_cached / p.prompt_tokens, 4) if p.prompt_tokens else None,
+                  "outstanding_tokens": model.outstanding.get(replica, 0)}
+        for replica, p in list(model.predictions.items())
+    }

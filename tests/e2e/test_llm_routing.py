@@ -1,0 +1,123 @@
+"""Cost-aware LLM routing on the real stack (serve_app/llm_routing/): two vLLM replicas of one
+model; a conversation's turns go to the replica that holds its prefix, and vLLM's own prefix-cache
+counters on that replica (not only our headers) show the cached tokens; the status view puts the
+router's predicted hit rate beside vLLM's actual one."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+
+from tests.browser import chromium_dom, console_errors, needs_chromium
+from tests.e2e.conftest import CPU_ENGINE_ENV, all_apps, deploy, wait_for
+from tests.tiny_models import WORDS
+
+pytestmark = pytest.mark.e2e
+APP, MODEL = "routing", "tiny-llm"
+
+
+def routing_app(llama) -> dict:
+    """Two TP=1 replicas of the tiny Llama; 32-token KV blocks (CPU's default is 128) so short
+    conversations fill whole blocks; replicas report their load every second."""
+    return {
+        "gateway": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}}},
+        "models": [{
+            "name": MODEL, "kind": "llm", "engine": "vllm", "source": str(llama), "max_input_tokens": 512,
+            "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8, "block_size": 32},
+            "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+            "routing": {"stats_period_s": 1},
+            "deployment": {"num_replicas": 2, "health_check_period_s": 1, "ray_actor_options": {"num_cpus": 1}},
+        }],
+    }
+
+
+@pytest.fixture(scope="module")
+def http(stack):
+    deploy({**all_apps(stack), APP: routing_app(stack.tiny_models.llama)})
+    try:
+        with httpx.Client(base_url=f"{stack.base}/{APP}", timeout=120) as c:
+            yield c
+    finally:
+        deploy(all_apps(stack))
+
+
+def _rows(http: httpx.Client) -> dict[str, dict]:
+    return {r["replica_id"]: r for r in http.get("/v1/status").json()["models"][MODEL]["replicas"]}
+
+
+def _hits(http: httpx.Client) -> dict[str, int]:
+    return {rid: (r.get("prefix_cache") or {}).get("hit_tokens", 0) for rid, r in _rows(http).items()}
+
+
+def test_a_conversations_turns_land_where_its_prefix_is_and_vllm_counts_the_hits(http):
+    wait_for(lambda: len([r for r in _rows(http).values() if r.get("prefix_cache")]) == 2, 60, "both replicas reporting")
+    before = _hits(http)
+    rng = random.Random(7)
+    served: dict[int, list[str]] = {}
+    predicted: dict[str, int] = {}
+    for conv in range(3):
+        messages = [{"role": "system", "content": " ".join(rng.choice(WORDS) for _ in range(150))}]
+        for turn in range(3):
+            messages.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(20))})
+            r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            replica, cached = r.headers["x-served-replica"], int(r.headers["x-predicted-cached-tokens"])
+            served.setdefault(conv, []).append(replica)
+            predicted[replica] = predicted.get(replica, 0) + cached
+            if turn:
+                assert cached > 0, (conv, turn)  # the router expected the earlier turns' blocks
+            messages.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"] or "ok"})
+    assert all(len(set(turns)) == 1 for turns in served.values()), served  # random: 1.6% chance
+    # vLLM's own counters (posted with each health check) grew where the router expected hits
+    for replica, expected in predicted.items():
+        if expected:
+            wait_for(lambda r=replica, e=expected: _hits(http)[r] - before.get(r, 0) >= e // 2, 30,
+                     f"vLLM's prefix hits on {replica} to reach half the {expected} predicted")
+    rows = _rows(http)
+    for replica in predicted:
+        routing = rows[replica]["routing"]
+        assert routing["requests"] >= 3 and 0 < routing["predicted_hit_rate"] < 1, routing
+        assert rows[replica]["prefix_cache"]["hit_rate"] > 0
+
+
+@needs_chromium
+def test_the_status_page_shows_the_routers_guess_beside_vllms_count(stack, http, tmp_path):
+    dom, log = chromium_dom(f"{stack.base}/{APP}/status", 1000, tmp_path)
+    assert console_errors(log) == [], console_errors(log)
+    section = dom[dom.index(f'data-model="{MODEL}"'):]
+    assert "cache_aware" in section and "predicted " in section and " / vLLM " in section, section[:2000]
+
+
+def test_a_model_with_one_replica_keeps_serves_default_router(stack):
+    with httpx.Client(base_url=stack.base, timeout=120) as c:
+        model = c.get("/v1/status").json()["models"]["smollm2-135m-instruct"]
+        assert model["routing_policy"] == "power_of_two"
+        r = c.post("/v1/chat/completions", json={"model": "smollm2-135m-instruct", "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200 and "x-predicted-cached-tokens" not in r.headers
+
+
+def _fuzz_chat():
+    """test_fuzz.py's chat bodies, aimed at the routed model: the router costs each body before vLLM
+    validates it, so none may reach a 5xx (nor take a replica away)."""
+    from hypothesis import strategies as st
+
+    from tests.e2e.test_fuzz import CHAT, mutated
+
+    return mutated(CHAT.map(lambda body: {**body, "model": MODEL} if isinstance(body, dict) else body)) | st.just({})
+
+
+def test_fuzzed_chat_bodies_through_the_cost_aware_router_get_no_5xx(http):
+    from hypothesis import given
+
+    from tests.e2e.test_fuzz import FUZZ, _post, check
+
+    @FUZZ
+    @given(body=_fuzz_chat())
+    def run(body):
+        check(_post(http, "/v1/chat/completions", body), body)
+
+    run()
+    assert http.get("/ready").status_code == 200

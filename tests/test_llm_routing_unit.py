@@ -1,0 +1,254 @@
+"""The LLM cost model (serve_app/llm_routing/) against a simulated engine: each replica an LRU
+cache of prompt blocks, as vLLM's prefix cache is, and requests finishing a few arrivals later."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+
+from serve_app.llm_routing.config import RoutingConfig
+from serve_app.llm_routing.cost import CostModel, ReplicaLoad
+from serve_app.llm_routing.prefix import block_hashes, render
+
+SYSTEM = "You are a careful assistant for ACME's support desk. " * 60  # ~800 tokens, shared by all
+DOCS = ["Document %d: " % i + ("facts about product %d. " % i) * 120 for i in range(6)]  # ~700 tokens each
+
+
+def chat(*turns: str, system: str = SYSTEM, model: str = "m", max_tokens: int = 32) -> dict:
+    messages = [{"role": "system", "content": system}]
+    for i, t in enumerate(turns):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+    return {"model": model, "messages": messages, "max_tokens": max_tokens}
+
+
+class Sim:
+    """N replicas of one model behind one router's cost model. A replica's real cache is an LRU of
+    block hashes (capacity `blocks`); `hits` counts the tokens it really had cached, as vLLM would."""
+
+    def __init__(self, n: int = 2, blocks: int = 10_000, concurrency: int = 1, seed: int = 0, **cfg) -> None:
+        self.model = CostModel(RoutingConfig(**cfg), rng=random.Random(seed))
+        self.replicas = [f"r{i}" for i in range(n)]
+        self.model.update({r: ReplicaLoad(block_size=16, num_blocks=blocks) for r in self.replicas})
+        self.cache = {r: collections.OrderedDict() for r in self.replicas}
+        self.blocks, self.concurrency = blocks, concurrency
+        self.inflight: collections.deque[str] = collections.deque()
+        self.served: collections.Counter[str] = collections.Counter()
+        self.hits = self.queries = 0
+        self.n = 0
+
+    def send(self, body: dict, api: str = "chat", request_id: str | None = None) -> str:
+        prompt = self.model.prompt(api, body)
+        best = self.model.rank(prompt, list(self.replicas), request_id)[0]
+        self.n += 1
+        handle_id = f"h{self.n}"
+        self.model.routed(handle_id, request_id, best.replica, prompt, best)
+        self._engine(best.replica, prompt.hashes, prompt.block_size)
+        self.served[best.replica] += 1
+        self.inflight.append(handle_id)
+        while len(self.inflight) > self.concurrency - 1:
+            self.model.completed(self.inflight.popleft())
+        return best.replica
+
+    def _engine(self, replica: str, hashes: list[bytes], block_size: int) -> None:
+        cache = self.cache[replica]
+        hit = 0
+        for h in hashes:
+            if h not in cache:
+                break
+            hit += 1
+        self.hits += hit * block_size
+        self.queries += len(hashes) * block_size
+        for h in hashes:
+            cache[h] = None
+            cache.move_to_end(h)
+        while len(cache) > self.blocks:
+            cache.popitem(last=False)
+
+
+def test_a_conversations_turns_land_where_its_prefix_is():
+    sim = Sim(n=3)
+    firsts = {doc: sim.send(chat(doc + " Question 1?")) for doc in DOCS}
+    for turn in range(2, 5):
+        for doc, replica in firsts.items():
+            turns = [doc + " Question 1?"] + [f"answer {t}" if t % 2 else f"Question {t}?" for t in range(1, 2 * turn - 1)]
+            assert sim.send(chat(*turns)) == replica
+    assert sim.hits / sim.queries > 0.6
+
+
+def test_a_prefix_every_request_shares_spreads_over_the_replicas_under_load():
+    sim = Sim(n=2, concurrency=8)
+    for i in range(200):
+        sim.send(chat(f"Unique question number {i} about order {i * 7919 % 1000}?"))
+    assert max(sim.served.values()) / 200 <= 0.65, sim.served
+    assert sim.hits / sim.queries > 0.5  # both hold the system prompt: still mostly cached
+
+
+def test_load_overrides_affinity():
+    sim = Sim(n=2)
+    home = sim.send(chat(DOCS[0] + " Question 1?"))
+    other = next(r for r in sim.replicas if r != home)
+    # the home replica reports a long queue of work from other routers: the prefix is not worth it
+    sim.model.loads[home] = ReplicaLoad(block_size=16, num_blocks=10_000, outstanding_tokens=50_000)
+    assert sim.send(chat(DOCS[0] + " Question 1?", "answer", "Question 2?")) == other
+
+
+def test_a_full_kv_cache_costs_more_than_an_empty_one():
+    model = CostModel(RoutingConfig(), rng=random.Random(1))
+    model.update({"full": ReplicaLoad(kv_usage=0.97), "empty": ReplicaLoad(kv_usage=0.05)})
+    prompt = model.prompt("chat", chat("hello"))
+    assert [c.replica for c in model.rank(prompt, ["full", "empty"])] == ["empty", "full"]
+
+
+def test_an_adapter_and_its_base_share_no_blocks():
+    base = block_hashes(render("chat", chat("Question?", model="smollm2")), 64)
+    adapter = block_hashes(render("chat", chat("Question?", model="smollm2-sql")), 64)
+    assert base and adapter and not set(base) & set(adapter)
+    sim = Sim(n=2)
+    home = sim.send(chat(DOCS[1] + " Question?", model="base"))
+    prompt = sim.model.prompt("chat", chat(DOCS[1] + " Question?", model="adapter"))
+    assert all(c.cached_tokens == 0 for c in sim.model.costs(prompt, sim.replicas)), home
+
+
+def test_roles_tools_and_order_are_part_of_the_prefix():
+    a = render("chat", {"model": "m", "messages": [{"role": "user", "content": "x" * 400}]})
+    b = render("chat", {"model": "m", "messages": [{"role": "system", "content": "x" * 400}]})
+    c = render("chat", {"model": "m", "tools": [{"type": "function", "function": {"name": "f"}}],
+                        "messages": [{"role": "user", "content": "x" * 400}]})
+    assert len({block_hashes(t, 64)[0] for t in (a, b, c)}) == 3
+    longer = render("chat", {"model": "m", "messages": [{"role": "user", "content": "x" * 400}, {"role": "assistant", "content": "y"}]})
+    assert block_hashes(longer, 64)[: len(block_hashes(a, 64)) - 1] == block_hashes(a, 64)[:-1]
+
+
+def test_a_retry_tries_another_replica_first():
+    sim = Sim(n=2)
+    first = sim.send(chat(DOCS[2] + " Question?"), request_id="req-1")
+    prompt = sim.model.prompt("chat", chat(DOCS[2] + " Question?"))
+    assert sim.model.rank(prompt, sim.replicas, "req-1")[0].replica != first  # the retry of req-1
+    assert sim.model.rank(prompt, sim.replicas, "req-2")[0].replica == first  # anyone else: affinity
+
+
+def test_two_routers_see_one_load_through_the_replicas_reports():
+    """Load counted per router would be 1/N of it: the replicas' own outstanding count is used."""
+    a, b = CostModel(rng=random.Random(0)), CostModel(rng=random.Random(0))
+    for m in (a, b):
+        m.update({"r0": ReplicaLoad(outstanding_tokens=0), "r1": ReplicaLoad(outstanding_tokens=0)})
+    prompt = a.prompt("chat", chat("hi"))
+    for i in range(6):  # router a sends six requests to r0 and none finish
+        a.routed(f"h{i}", None, "r0", prompt, None)
+    reported = sum(w for _, w in a.inflight.values())
+    b.update({"r0": ReplicaLoad(outstanding_tokens=reported), "r1": ReplicaLoad(outstanding_tokens=0)})
+    assert b.rank(b.prompt("chat", chat("hi")), ["r0", "r1"])[0].replica == "r1"
+
+
+def test_the_cache_index_forgets_as_the_replicas_cache_would():
+    sim = Sim(n=1, blocks=40)
+    sim.send(chat(DOCS[3] + " Q?"))
+    held = sim.model.index.size("r0")
+    assert held == 40  # capped to the replica's reported cache size, in blocks
+    sim.send(chat(DOCS[4] + " Q?", system="Another system prompt entirely. " * 60))
+    prompt = sim.model.prompt("chat", chat(DOCS[3] + " Q?"))
+    assert sim.model.costs(prompt, ["r0"])[0].cached_tokens == 0  # evicted by the newer prompt
+
+
+@pytest.mark.parametrize("stats", [None, {}, {"kv_usage": "full"}, {"running": True, "block_size": 128, "extra": 1}])
+def test_reports_missing_or_odd_keys_are_read_without_failing(stats):
+    load = ReplicaLoad.from_stats(stats)
+    assert load.kv_usage == 0.0 and load.block_size in (16, 128)
+
+
+def test_a_request_that_ends_before_it_is_reported_routed_leaves_nothing_outstanding():
+    """Serve reports a request routed after the replica accepts it; a short one may finish first."""
+    model = CostModel(rng=random.Random(0))
+    model.update({"r0": ReplicaLoad()})
+    prompt = model.prompt("chat", chat("hi"))
+    model.completed("h1")
+    model.routed("h1", "req-1", "r0", prompt, None)
+    assert model.outstanding["r0"] == 0 and model.predictions["r0"].requests == 1
+    model.routed("h2", "req-2", "r0", prompt, None)
+    assert model.outstanding["r0"] > 0
+    model.completed("h2")
+    assert model.outstanding["r0"] == 0
+
+
+def _llm(**extra) -> "ModelConfig":  # noqa: F821 - imported inside: the config package is heavy
+    from serve_app.config import ModelConfig
+
+    return ModelConfig.model_validate({"name": "m", "kind": "llm", "engine": "vllm", "source": "/models/m", **extra})
+
+
+@pytest.mark.parametrize("extra,policy", [
+    ({}, "power_of_two"),  # one replica: nothing to choose
+    ({"deployment": {"num_replicas": 2}}, "cache_aware"),
+    ({"deployment": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}}, "cache_aware"),
+    ({"deployment": {"num_replicas": 2}, "routing": {"policy": "power_of_two"}}, "power_of_two"),
+])
+def test_cache_aware_routing_is_the_default_for_a_model_that_may_run_two_replicas(extra, policy):
+    from serve_app.app import model_deployment
+
+    model = _llm(**extra)
+    assert model.routing_policy == policy
+    router = model_deployment(model)._deployment_config.request_router_config
+    custom = router.request_router_class == "serve_app.llm_routing.request_router.CostAwareRouter"
+    assert custom == (policy == "cache_aware")
+    if custom:
+        assert router.request_routing_stats_period_s == model.routing.stats_period_s
+        assert router.request_router_kwargs == {"load_weight": 1.0, "kv_penalty_tokens": 2048, "chars_per_token": 4.0}
+
+
+def test_routing_is_refused_on_encoders_and_bad_weights_name_their_field():
+    from pydantic import ValidationError
+
+    from serve_app.config import ModelConfig
+
+    with pytest.raises(ValidationError, match="routing applies to llm models only"):
+        ModelConfig.model_validate({"name": "e", "kind": "embed", "engine": "transformers", "source": "/models/e",
+                                    "routing": {"policy": "cache_aware"}})
+    with pytest.raises(ValidationError, match="routing.policy"):
+        _llm(routing={"policy": "round_robin"})
+    with pytest.raises(ValidationError, match="routing.load_weight"):
+        _llm(routing={"load_weight": -1})
+
+
+def test_the_engine_load_sums_vllms_per_step_prefix_counters():
+    from types import SimpleNamespace
+
+    from deployments.engines.vllm_load import EngineLoad
+
+    cfg = SimpleNamespace(cache_config=SimpleNamespace(block_size=128, num_gpu_blocks=64))
+    load = EngineLoad(cfg)
+    for queries, hits in ((300, 0), (300, 256), (0, 0)):
+        step = SimpleNamespace(num_running_reqs=2, num_waiting_reqs=1, kv_cache_usage=0.25,
+                               prefix_cache_stats=SimpleNamespace(queries=queries, hits=hits))
+        load.record(step, None)
+    load.record(None, None)  # a step with no scheduler stats changes nothing
+    snap = load.snapshot()
+    assert snap == {"block_size": 128, "num_blocks": 64, "kv_usage": 0.25, "running": 2, "waiting": 1,
+                    "prefix_queries": 600, "prefix_hits": 256}
+    assert ReplicaLoad.from_stats({**snap, "outstanding_tokens": 40}).num_blocks == 64
+
+
+def test_any_json_body_is_costed_without_raising():
+    """The router costs bodies before vLLM validates them: whatever a client sent (the router's
+    envelope checks only model, stream, n and max_tokens), costing must not fail."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30)
+    anything = st.recursive(scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                            max_leaves=20)
+    body = st.dictionaries(st.sampled_from(["model", "messages", "prompt", "tools", "max_tokens", "n",
+                                            "max_completion_tokens", "chat_template_kwargs"]), anything, max_size=6)
+    model = CostModel(rng=random.Random(0))
+    model.update({"r0": ReplicaLoad(num_blocks=4), "r1": ReplicaLoad(kv_usage=0.5)})
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(api=st.sampled_from(["chat", "completion"]), body=body)
+    def check(api, body):
+        prompt = model.prompt(api, body)
+        best = model.rank(prompt, ["r0", "r1"], "rid")[0]
+        model.routed("h", "rid", best.replica, prompt, best)
+        model.completed("h")
+
+    check()
