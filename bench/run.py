@@ -49,6 +49,9 @@ STEPS = [
      ["bench.stack", "--scenario", "batch"], SERVE_ENV),
     ("vllm-serve", "bare `vllm serve`, SmolLM2 (baseline)", ["bench.baselines", "vllm-serve"], {}),
     ("llm-stack", "SmolLM2 through the stack", ["bench.stack", "--scenario", "llm"], SERVE_ENV),
+    ("routing-default", "two SmolLM2 replicas, shared-prefix conversations, Serve's default router (baseline)",
+     ["bench.stack", "--scenario", "routing", "--policy", "power_of_two"], SERVE_ENV),
+    ("routing-ours", "the same, our cost-aware router", ["bench.stack", "--scenario", "routing", "--policy", "cache_aware"], SERVE_ENV),
 ]
 
 
@@ -344,6 +347,16 @@ def table(r: dict[str, dict]) -> str:
             add(f"| {tag} ready after start | {s['ready_s']:.0f} s | {v['ready_s']:.0f} s | {_x(s['ready_s'], v['ready_s'])} |")
             if own := meter_cost(s):
                 add(f"| {tag} the CPU split's own work (outside the measured latencies) | {own} | | |")
+    if (d := r.get("routing-default")) and (o := r.get("routing-ours")):
+        for phase, label in (("conversations", "shared-prefix conversations"), ("shared_system_prompt", "one system prompt for all")):
+            a, b = o[phase], d[phase]
+            if a["vllm_hit_rate"] is not None and b["vllm_hit_rate"] is not None:
+                add(f"| routing, {label}: vLLM prefix hit rate | {a['vllm_hit_rate']:.3f} | {b['vllm_hit_rate']:.3f} (Serve's default) | {_x(a['vllm_hit_rate'], max(b['vllm_hit_rate'], 1e-9))} |")
+            add(f"| routing, {label}: TTFT p50 | {a['ttft_p50_s'] * 1000:.0f} ms | {b['ttft_p50_s'] * 1000:.0f} ms | {_x(a['ttft_p50_s'], b['ttft_p50_s'])} |")
+            add(f"| routing, {label}: TTFT p99 | {a['ttft_p99_s'] * 1000:.0f} ms | {b['ttft_p99_s'] * 1000:.0f} ms | {_x(a['ttft_p99_s'], b['ttft_p99_s'])} |")
+            add(f"| routing, {label}: output tokens/s | {a['output_tokens_per_s']:.1f} | {b['output_tokens_per_s']:.1f} | {_x(a['output_tokens_per_s'], b['output_tokens_per_s'])} |")
+            add(f"| routing, {label}: busiest replica's share | {a['max_replica_share']:.0%} | {b['max_replica_share']:.0%} | |")
+            add(f"| routing, {label}: failed requests | {a['failed']} of {a['requests']} | {b['failed']} of {b['requests']} | |")
     for name in sorted(k for k in r if "@" in k):
         step, rev = name.split("@", 1)
         if step in r:

@@ -205,7 +205,8 @@ def haproxy_listeners() -> dict[str, str]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm", "batch"], required=True)
+    p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm", "batch", "routing"], required=True)
+    p.add_argument("--policy", choices=["cache_aware", "power_of_two"], default="cache_aware", help="routing: the LLM policy")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--port", type=int, default=8031)
     p.add_argument("--seconds", type=float, default=8)
@@ -224,7 +225,11 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     base = f"http://127.0.0.1:{args.port}"
     try:
-        if args.scenario in ("long-list", "rerank"):
+        if args.scenario == "routing":
+            from bench.routing import routing
+
+            out = routing(base, args.policy)
+        elif args.scenario in ("long-list", "rerank"):
             out = {"long-list": long_list, "rerank": rerank}[args.scenario](base, args.seconds, args.replicas)
         else:
             out = {"gateway": gateway, "overload": overload, "llm": llm, "batch": batch}[args.scenario](base, args.seconds)

@@ -339,3 +339,27 @@ def _alive(pid: int) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_the_routing_workload_is_the_same_for_every_policy_and_its_turns_extend_each_other():
+    from bench.routing import conversations, routing_model, shared_system
+
+    a, b = conversations(), conversations()
+    assert a == b and len(a) == 6 * 3 + 12  # seeded: both policies get the same requests
+    multi = [c for c in a if len(c) == 3]
+    assert len(multi) == 18
+    for turns in multi:  # each turn's messages start with the previous turn's
+        for earlier, later in zip(turns, turns[1:]):
+            assert later["messages"][: len(earlier["messages"])] == earlier["messages"]
+    assert len({c[0]["messages"][0]["content"] for c in shared_system()}) == 1
+    assert routing_model("power_of_two")["deployment"]["num_replicas"] == 2
+
+
+def test_the_routing_rows_compare_ours_with_serves_default():
+    phase = {"requests": 66, "failed": 0, "vllm_hit_rate": 0.6, "ttft_p50_s": 0.5, "ttft_p99_s": 2.0,
+             "output_tokens_per_s": 20.0, "max_replica_share": 0.55, "wall_s": 60}
+    base = {**phase, "vllm_hit_rate": 0.3, "ttft_p50_s": 1.0}
+    out = table({"routing-ours": {"conversations": phase, "shared_system_prompt": phase},
+                 "routing-default": {"conversations": base, "shared_system_prompt": base}})
+    assert "| routing, shared-prefix conversations: vLLM prefix hit rate | 0.600 | 0.300 (Serve's default) | 2.00x |" in out
+    assert "| routing, shared-prefix conversations: TTFT p50 | 500 ms | 1000 ms | 0.50x |" in out

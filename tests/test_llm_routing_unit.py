@@ -60,7 +60,7 @@ class Sim:
             hit += 1
         self.hits += hit * block_size
         self.queries += len(hashes) * block_size
-        for h in hashes:
+        for h in reversed(hashes):  # vLLM frees a request's blocks tail first
             cache[h] = None
             cache.move_to_end(h)
         while len(cache) > self.blocks:
@@ -144,11 +144,11 @@ def test_two_routers_see_one_load_through_the_replicas_reports():
 
 def test_the_cache_index_forgets_as_the_replicas_cache_would():
     sim = Sim(n=1, blocks=40)
-    sim.send(chat(DOCS[3] + " Q?"))
-    held = sim.model.index.size("r0")
-    assert held == 40  # capped to the replica's reported cache size, in blocks
-    sim.send(chat(DOCS[4] + " Q?", system="Another system prompt entirely. " * 60))
+    sim.send(chat(DOCS[3] + " Q?"))  # ~90 blocks: the first 40 are kept (a prefix counts from its start)
+    assert sim.model.index.size("r0") == 40  # capped to the replica's reported cache size, in blocks
     prompt = sim.model.prompt("chat", chat(DOCS[3] + " Q?"))
+    assert sim.model.costs(prompt, ["r0"])[0].cached_tokens == 40 * 16
+    sim.send(chat(DOCS[4] + " Q?", system="Another system prompt entirely. " * 60))
     assert sim.model.costs(prompt, ["r0"])[0].cached_tokens == 0  # evicted by the newer prompt
 
 
@@ -158,18 +158,60 @@ def test_reports_missing_or_odd_keys_are_read_without_failing(stats):
     assert load.kv_usage == 0.0 and load.block_size in (16, 128)
 
 
-def test_a_request_that_ends_before_it_is_reported_routed_leaves_nothing_outstanding():
-    """Serve reports a request routed after the replica accepts it; a short one may finish first."""
+def test_the_serve_adapter_counts_only_the_accepted_attempt_until_its_own_result_ends():
+    """Serve fires on_request_completed for a rejected attempt too (same id, maybe after the retry
+    was accepted) and may report a short request routed after it ended: the adapter counts the
+    accepted attempt from its own result's completion instead."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve_app.llm_routing import registry
+    from serve_app.llm_routing.request_router import CostAwareRouter
+
+    async def scenario():
+        router = CostAwareRouter.__new__(CostAwareRouter)  # Serve's constructor needs a cluster
+        router._deployment_id, router._lazily_fetched_loop = SimpleNamespace(name="llm-unit"), None
+        router.initialize_state(load_weight=1.0)
+        replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=r), routing_stats={"block_size": 16}) for r in ("a", "b")]
+        body = chat(DOCS[0] + " Q?")
+        pending = SimpleNamespace(args=["chat", body, "rid-1"], routing_context=SimpleNamespace(should_backoff=False),
+                                  metadata=SimpleNamespace(call_method="create", internal_request_id="h1"))
+        first = (await router.choose_replicas(replicas, pending))[0][0]
+        router.on_request_completed(first.replica_id, "h1")  # the first attempt was rejected
+        ranks = await router.choose_replicas(replicas, pending)  # Serve asks again, same request
+        assert pending.routing_context.should_backoff and [len(r) for r in ranks] == [1, 1]
+        done = []
+        result = SimpleNamespace(add_done_callback=done.append)
+        router.on_request_routed(pending, ranks[0][0].replica_id, result)
+        chosen = ranks[0][0].replica_id.unique_id
+        assert router.model.outstanding[chosen] > 0  # the accepted attempt is counted
+        assert registry.pop_decision("rid-1", body) == (chosen, 0)
+        assert registry.pop_decision("rid-1", dict(body)) is None  # another body with the same id: not this one
+        router.on_request_completed(ranks[0][0].replica_id, "h1")  # Serve's own notice changes nothing
+        assert router.model.outstanding[chosen] > 0
+        done[0](None)  # the accepted attempt's result ends
+        await asyncio.sleep(0)
+        assert router.model.outstanding[chosen] == 0
+        # a card call is not costed: every replica in one rank, as Serve's default
+        card = SimpleNamespace(args=[], routing_context=SimpleNamespace(should_backoff=False),
+                               metadata=SimpleNamespace(call_method="card", internal_request_id="h2"))
+        assert await router.choose_replicas(replicas, card) == [replicas]
+
+    asyncio.run(scenario())
+
+
+def test_a_huge_max_tokens_claims_a_bounded_share_of_a_replicas_load():
     model = CostModel(rng=random.Random(0))
-    model.update({"r0": ReplicaLoad()})
-    prompt = model.prompt("chat", chat("hi"))
-    model.completed("h1")
-    model.routed("h1", "req-1", "r0", prompt, None)
-    assert model.outstanding["r0"] == 0 and model.predictions["r0"].requests == 1
-    model.routed("h2", "req-2", "r0", prompt, None)
-    assert model.outstanding["r0"] > 0
-    model.completed("h2")
-    assert model.outstanding["r0"] == 0
+    assert model.prompt("chat", chat("hi", max_tokens=10**18)).output_tokens == 32_768
+    assert model.prompt("chat", {**chat("hi"), "n": 10**9}).output_tokens == 32 * 16
+
+
+def test_without_the_load_term_a_shared_system_prompt_pins_every_request_to_one_replica():
+    """The counter-case of the spreading test: it is the load term that spreads."""
+    sim = Sim(n=2, concurrency=8, load_weight=0.0)
+    for i in range(200):
+        sim.send(chat(f"Unique question number {i} about order {i * 7919 % 1000}?"))
+    assert sorted(sim.served.values()) == [200]
 
 
 def _llm(**extra) -> "ModelConfig":  # noqa: F821 - imported inside: the config package is heavy

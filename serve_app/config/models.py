@@ -244,6 +244,12 @@ class ModelConfig(StrictConfig):
         return self.batch.max_batch_size
 
     @property
+    def max_replicas(self) -> int:
+        """The most replicas the model may run: its autoscaling maximum, or its fixed count."""
+        d = self.deployment
+        return d.autoscaling_config.max_replicas if d.autoscaling_config else (d.num_replicas or 1)
+
+    @property
     def routing_policy(self) -> str | None:
         """The LLM request router: `routing.policy`, else cache-aware when the model may run two or
         more replicas (with one there is nothing to choose). None for encoders."""
@@ -251,16 +257,12 @@ class ModelConfig(StrictConfig):
             return None
         if self.routing.policy:
             return self.routing.policy
-        d = self.deployment
-        most = d.autoscaling_config.max_replicas if d.autoscaling_config else (d.num_replicas or 1)
-        return "cache_aware" if most >= 2 else "power_of_two"
+        return "cache_aware" if self.max_replicas >= 2 else "power_of_two"
 
     @property
     def capacity(self) -> int:
         """Requests the model's replicas run at once at most (queued ones not counted)."""
-        d = self.deployment
-        replicas = d.autoscaling_config.max_replicas if d.autoscaling_config else (d.num_replicas or 1)
-        return replicas * d.max_ongoing_requests
+        return self.max_replicas * self.deployment.max_ongoing_requests
 
     def resolved_source(self, models_dir: pathlib.Path) -> str:
         """A path for local models, else the hub id unchanged (hub ids are for production only)."""

@@ -60,7 +60,7 @@ class LLMHandlers:
         served, result = await ctx.dispatch.run(model, lambda h, left: call_replica(h.create.remote(api, data, rid), left))
         use = result.body.get("usage") or {}
         ctx.tenancy.served(request, served, use.get("prompt_tokens") or 0, use.get("completion_tokens") or 0)
-        return with_routing(json_response(result.body, result.replica), rid)
+        return with_routing(json_response(result.body, result.replica), rid, data)
 
     async def _stream(self, request: Request, model: str, api: str, data: dict[str, Any], rid: str,
                       prompt_estimate: int, choices: int) -> Response:
@@ -110,7 +110,7 @@ class LLMHandlers:
                 else:
                     ctx.tenancy.served(request, served, prompt_estimate, forwarded_tokens(events, api, choices))
 
-        return with_routing(sse_response(blocks(), replica), rid)
+        return with_routing(sse_response(blocks(), replica), rid, data)
 
     async def _tokenization(self, request: Request, method: str) -> Response:
         """vLLM's /tokenize and /detokenize, by the model named in the body."""
@@ -124,10 +124,10 @@ class LLMHandlers:
         return json_response(result.body, result.replica)
 
 
-def with_routing(response: Response, rid: str) -> Response:
+def with_routing(response: Response, rid: str, data: dict[str, Any]) -> Response:
     """The cost-aware router's decision for this request (serve_app/llm_routing/), if it made one:
     logged under the request id and sent as a header, so a slow answer can be traced to a guess."""
-    decision = registry.pop_decision(rid)
+    decision = registry.pop_decision(rid, data)
     if decision is not None:
         replica, cached = decision
         logger.info("routed to replica %s, predicted cached prompt tokens %d", replica, cached)

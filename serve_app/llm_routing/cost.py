@@ -25,6 +25,8 @@ from serve_app.llm_routing.prefix import PrefixIndex, block_hashes, render
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's on GPUs (128 on CPU); replicas report their own
 DEFAULT_OUTPUT_TOKENS = 128  # a request that names no max_tokens, for its share of the load
+MAX_OUTPUT_TOKENS = 32_768  # one body's claim on a replica's load (vLLM caps max_tokens by the context)
+MAX_CHOICES = 16
 
 
 def estimate(api: str, body: dict[str, Any], chars_per_token: float) -> tuple[str, int, int]:
@@ -32,7 +34,8 @@ def estimate(api: str, body: dict[str, Any], chars_per_token: float) -> tuple[st
     text = render(api, body)
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
-    output = (max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else DEFAULT_OUTPUT_TOKENS) * n
+    per_choice = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else DEFAULT_OUTPUT_TOKENS
+    output = min(per_choice, MAX_OUTPUT_TOKENS) * min(n, MAX_CHOICES)  # a huge claim must not mark a replica busy
     return text, max(1, round(len(text) / chars_per_token)), output
 
 
@@ -107,8 +110,7 @@ class CostModel:
         self.loads: dict[str, ReplicaLoad] = {}
         self.outstanding: collections.Counter[str] = collections.Counter()
         self.inflight: dict[str, tuple[str, int]] = {}  # handle request id -> (replica, its work)
-        self.last_tried: dict[str, str] = {}  # our request id -> the replica that last took it
-        self.ended_early: collections.OrderedDict[str, None] = collections.OrderedDict()  # completed before routed
+        self.last_tried: dict[Any, str] = {}  # a request's attempt key -> the replica that last took it
         self.predictions: dict[str, Predictions] = collections.defaultdict(Predictions)
         self.rng = rng or random.Random()
 
@@ -138,26 +140,25 @@ class CostModel:
             out.append(Cost(r, total, max(cached, 0), prefill, outstanding))
         return out
 
-    def rank(self, prompt: Prompt, replicas: list[str], request_id: str | None = None) -> list[Cost]:
+    def rank(self, prompt: Prompt, replicas: list[str], attempt: Any = None) -> list[Cost]:
         """Cheapest first; ties in random order (no replica is everyone's first by its name). The
-        replica that last took this request id goes last: a retry tries another first."""
+        replica that last took this request (`attempt`: the same key for each of its tries) goes
+        last: a retry tries another first."""
         costs = self.costs(prompt, replicas)
         self.rng.shuffle(costs)
-        last = self.last_tried.get(request_id) if request_id else None
+        last = self.last_tried.get(attempt) if attempt is not None else None
         costs.sort(key=lambda c: (c.replica == last, c.total))
         return costs
 
     # --- what happened ---
-    def routed(self, handle_request_id: str, request_id: str | None, replica: str, prompt: Prompt, cost: Cost | None) -> None:
+    def routed(self, handle_request_id: str, attempt: Any, replica: str, prompt: Prompt, cost: Cost | None) -> None:
+        """A replica accepted the request: its work is outstanding there until `completed`."""
         cost = cost or self.costs(prompt, [replica])[0]
         work = prompt.prompt_tokens + prompt.output_tokens  # as the replica counts it (outstanding_work)
-        if handle_request_id in self.ended_early:
-            del self.ended_early[handle_request_id]  # it already finished: nothing outstanding
-        else:
-            self.inflight[handle_request_id] = (replica, work)
-            self.outstanding[replica] += work
-        if request_id:
-            self.last_tried[request_id] = replica
+        self.inflight[handle_request_id] = (replica, work)
+        self.outstanding[replica] += work
+        if attempt is not None:
+            self.last_tried[attempt] = replica
             while len(self.last_tried) > 10_000:  # ids of finished requests: oldest first out
                 self.last_tried.pop(next(iter(self.last_tried)))
         p = self.predictions[replica]
@@ -169,11 +170,9 @@ class CostModel:
         self.index.add(replica, prompt.hashes, capacity)
 
     def completed(self, handle_request_id: str) -> None:
+        """The accepted request ended (answered, failed or cancelled)."""
         replica, work = self.inflight.pop(handle_request_id, (None, 0))
-        if replica is None:  # finished before it was reported routed (or never routed)
-            self.ended_early[handle_request_id] = None
-            while len(self.ended_early) > 10_000:
-                self.ended_early.popitem(last=False)
+        if replica is None:
             return
         self.outstanding[replica] -= work
         if self.outstanding[replica] <= 0:

@@ -87,9 +87,11 @@ class PrefixIndex:
 
     def add(self, replica: str, hashes: list[bytes], capacity: int) -> None:
         """The replica computed (or reused) these blocks: most recently used now, the oldest
-        dropped beyond `capacity` blocks, as vLLM's block pool evicts."""
+        dropped beyond `capacity` blocks. A prompt's blocks are touched last to first, so its
+        first blocks are the freshest: vLLM frees a request's blocks tail first, and a prefix is
+        only worth anything from its start."""
         held = self._held.setdefault(replica, collections.OrderedDict())
-        for h in hashes:
+        for h in reversed(hashes):
             held[h] = None
             held.move_to_end(h)
         while len(held) > max(capacity, 1):

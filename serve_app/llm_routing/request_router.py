@@ -48,7 +48,7 @@ class CostAwareRouter(RequestRouter):
         try:
             self.model.loads.update({i: ReplicaLoad.from_stats(r.routing_stats) for i, r in by_id.items()})
             prompt = self.model.prompt(api, body)
-            ranked = self.model.rank(prompt, list(by_id), request_id)
+            ranked = self.model.rank(prompt, list(by_id), attempt_key(request_id, body))
         except Exception:  # noqa: BLE001 - a body we cannot cost still gets a replica (vLLM judges it)
             logger.exception("cost-aware routing failed for request %s: Serve's choice instead", request_id)
             return [candidate_replicas]
@@ -58,27 +58,36 @@ class CostAwareRouter(RequestRouter):
         return [[by_id[c.replica]] for c in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        """A replica accepted it. Its end is counted from this attempt's own result, not from
+        on_request_completed: Serve fires that for a rejected attempt too (same request id, maybe
+        after the retry was accepted), and a short request may end before this is called."""
         handle_id = pending_request.metadata.internal_request_id
         chosen = self._prompts.pop(handle_id, None)
-        if chosen is None:
+        routed = _routed_call(pending_request)
+        if chosen is None or routed is None:
             return
         prompt, costs = chosen
         replica = replica_id.unique_id
         cost = costs.get(replica)
-        routed = _routed_call(pending_request)
-        request_id = routed[2] if routed else None
-        self.model.routed(handle_id, request_id, replica, prompt, cost)
-        if request_id:
-            registry.record_decision(request_id, replica, cost.cached_tokens if cost else 0)
-
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        # A short request can finish before Serve reports it routed (it awaits the replica's
-        # acceptance first): the prompt stays for on_request_routed, the model remembers the end.
-        self.model.completed(internal_request_id)
+        _, body, request_id = routed
+        key = attempt_key(request_id, body)
+        self.model.routed(handle_id, key, replica, prompt, cost)
+        # The callback fires on a Ray or gRPC thread: the count changes on the router's own loop.
+        loop = self._event_loop
+        result.add_done_callback(lambda _: loop.call_soon_threadsafe(self.model.completed, handle_id))
+        if key is not None:
+            registry.record_decision(key, replica, cost.cached_tokens if cost else 0)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self.model.update({r.replica_id.unique_id: ReplicaLoad.from_stats(r.routing_stats) for r in replicas})
+
+
+def attempt_key(request_id: str | None, body: dict[str, Any]) -> tuple[str, int] | None:
+    """The same for every try of one request and for nothing else: the router's request id (a
+    client may send one X-Request-ID for many requests) with the body object the router passes
+    unchanged to each of its tries."""
+    return None if request_id is None else (request_id, id(body))
 
 
 def _routed_call(pending_request: PendingRequest) -> tuple[str, dict[str, Any], str | None] | None:
