@@ -29,9 +29,13 @@ WORDS = ("account billing refund invoice shipping order warranty product custome
 def routing_model(policy: str) -> dict:
     """serve_config.yaml's LLM, two replicas, the given routing policy."""
     entry = llm_entry()
-    # health checks every second: replicas post vLLM's prefix counters to /v1/status with each
-    deployment = {**entry["deployment"], "num_replicas": 2, "health_check_period_s": 1}
-    return {**entry, "deployment": deployment, "routing": {"policy": policy, "stats_period_s": 1}}
+    # Replicas post vLLM's prefix counters to /v1/status with each health check (every 5 s here).
+    # The probe gets 60 s: on 2 cores a saturated replica's 1-token probe waits behind ~1,000-token
+    # prefills, and with 1 s checks and the default 10 s budget the first run had its replicas
+    # replaced mid-phase (see docs/benchmarks.md).
+    deployment = {**entry["deployment"], "num_replicas": 2, "health_check_period_s": 5, "health_check_timeout_s": 90}
+    return {**entry, "deployment": deployment, "health": {"probe_timeout_s": 60},
+            "routing": {"policy": policy, "stats_period_s": 1}}
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -115,7 +119,7 @@ def _hits(base: str) -> dict[str, tuple[int, int]]:
 def _phase(base: str, convs: list[list[dict]], concurrency: int) -> dict:
     before = _hits(base)
     results, wall = asyncio.run(_drive(base, convs, concurrency))
-    time.sleep(3)  # replicas post vLLM's counters with each health check
+    time.sleep(7)  # replicas post vLLM's counters with each health check (every 5 s)
     after = _hits(base)
     queried = sum(after[r][0] - before.get(r, (0, 0))[0] for r in after)
     hit = sum(after[r][1] - before.get(r, (0, 0))[1] for r in after)
