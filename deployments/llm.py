@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -91,7 +92,7 @@ class LLMServer(MonitoredReplica):
         counters (vLLM's own), and the work this replica holds from every router."""
         engine = getattr(self, "engine", None)  # a status report may come before the engine exists
         load = engine.load.snapshot() if engine is not None and engine.load is not None else {}
-        return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0)}
+        return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0), "reported_at": time.time()}
 
     def _snapshot(self) -> dict[str, Any]:
         """The status board's row for this replica, with vLLM's actual prefix-cache hit rate."""

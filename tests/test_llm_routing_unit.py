@@ -90,7 +90,7 @@ def test_load_overrides_affinity():
     home = sim.send(chat(DOCS[0] + " Question 1?"))
     other = next(r for r in sim.replicas if r != home)
     # the home replica reports a long queue of work from other routers: the prefix is not worth it
-    sim.model.loads[home] = ReplicaLoad(block_size=16, num_blocks=10_000, outstanding_tokens=50_000)
+    sim.model.observe({home: ReplicaLoad(block_size=16, num_blocks=10_000, outstanding_tokens=50_000, reported_at=1.0)})
     assert sim.send(chat(DOCS[0] + " Question 1?", "answer", "Question 2?")) == other
 
 
@@ -140,6 +140,61 @@ def test_two_routers_see_one_load_through_the_replicas_reports():
     reported = sum(w for _, w in a.inflight.values())
     b.update({"r0": ReplicaLoad(outstanding_tokens=reported), "r1": ReplicaLoad(outstanding_tokens=0)})
     assert b.rank(b.prompt("chat", chat("hi")), ["r0", "r1"])[0].replica == "r1"
+
+
+def test_a_report_taken_while_this_routers_request_ran_does_not_outlive_that_request():
+    """A conversation's next turn comes as soon as the last one is answered, before the replica's
+    next report: the report that still counts the finished turn must not push the turn elsewhere
+    (it did, in CI: the home replica looked busy by exactly the turn it had just served)."""
+    now = [100.0]
+    sim = Sim(n=2)
+    sim.model.clock = lambda: now[0]
+    first = chat(DOCS[0] + " Question 1?", max_tokens=8)
+    home = sim.send(first)  # Sim ends it at once (concurrency 1)
+    prompt = sim.model.prompt("chat", first)
+    turn = lambda i: chat(DOCS[0] + " Question 1?", "answer", f"Question {i}?", max_tokens=8)  # noqa: E731
+    for arrives_after_the_end in (False, True):  # the report reaches the router before / after the turn ended
+        sim.model.routed("h-next", None, home, prompt, None)  # the turn in flight when the replica reports
+        held = sim.model.outstanding[home]
+        report = ReplicaLoad(block_size=16, num_blocks=10_000, outstanding_tokens=held, reported_at=now[0])
+        if not arrives_after_the_end:
+            sim.model.observe({home: report})
+        now[0] += 0.5
+        sim.model.completed("h-next")
+        if arrives_after_the_end:
+            sim.model.observe({home: report})
+        assert sim.model.others[home] == 0
+        assert sim.send(turn(int(arrives_after_the_end))) == home
+        sim.model.observe({home: report})  # the same report again (Serve hands it with every routing)
+        assert sim.model.others[home] == 0
+        now[0] += 60
+
+
+def test_work_that_ended_long_before_a_report_is_not_taken_off_other_routers_share():
+    now = [0.0]
+    model = CostModel(rng=random.Random(0))
+    model.clock = lambda: now[0]
+    model.update({"r0": ReplicaLoad()})
+    prompt = model.prompt("chat", chat("hi"))
+    model.routed("mine", None, "r0", prompt, None)
+    model.completed("mine")
+    now[0] += model.report_transit_s + 1
+    model.observe({"r0": ReplicaLoad(outstanding_tokens=700, reported_at=9.0)})
+    assert model.others["r0"] == 700
+
+
+def test_other_routers_work_counts_once_beside_this_routers_own():
+    model = CostModel(rng=random.Random(0))
+    model.update({"r0": ReplicaLoad(), "r1": ReplicaLoad()})
+    prompt = model.prompt("chat", chat("hi"))
+    model.routed("mine", None, "r0", prompt, None)
+    mine = model.outstanding["r0"]
+    model.observe({"r0": ReplicaLoad(outstanding_tokens=mine + 500, reported_at=1.0)})  # 500 from another router
+    assert model.costs(prompt, ["r0"])[0].outstanding_tokens == mine + 500
+    model.completed("mine")
+    assert model.costs(prompt, ["r0"])[0].outstanding_tokens == 500
+    model.update({"r1": ReplicaLoad()})  # r0 gone: its report and share are forgotten
+    assert "r0" not in model.others and "r0" not in model.loads
 
 
 def test_the_cache_index_forgets_as_the_replicas_cache_would():

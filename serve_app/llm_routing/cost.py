@@ -8,9 +8,14 @@ There is no fleet-wide on/off switch for affinity: load is a term of every repli
 replica holding a prefix wins exactly while the prefill it saves outweighs the work queued on it.
 A prefix every request shares (one system prompt) therefore spreads: once the replica holding it
 is busier than the prefill it saves, another replica takes a request, computes the prefix, and
-from then on both hold it and load alone decides. Outstanding work is the larger of what this
-router sent and what the replica itself reports (every router's requests), so N router replicas
-see one load, not 1/N of it each.
+from then on both hold it and load alone decides. Outstanding work is this router's own, counted
+exactly as its requests start and end, plus the other routers' share as of the replica's last
+report: N router replicas see one load, not 1/N of it each. The share is what the replica
+reported minus what this router holds there now and what it finished there within a report's
+transit time (a report travels replica -> controller -> router, and may still count a request
+that has ended since). So a report taken while a conversation's last turn ran does not make its
+replica look busy when the next turn, sent at once, is routed; the price is that other routers'
+work that ended in the same window is briefly under-counted, the cheaper error.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
+import time
 from typing import Any
 
 from serve_app.llm_routing.config import RoutingConfig
@@ -27,6 +33,7 @@ DEFAULT_BLOCK_SIZE = 16  # vLLM's on GPUs (128 on CPU); replicas report their ow
 DEFAULT_OUTPUT_TOKENS = 128  # a request that names no max_tokens, for its share of the load
 MAX_OUTPUT_TOKENS = 32_768  # one body's claim on a replica's load (vLLM caps max_tokens by the context)
 MAX_CHOICES = 16
+FLOAT_FIELDS = ("kv_usage", "reported_at")
 
 
 def estimate(api: str, body: dict[str, Any], chars_per_token: float) -> tuple[str, int, int]:
@@ -58,6 +65,7 @@ class ReplicaLoad:
     outstanding_tokens: int = 0  # prompt + output tokens of the requests it holds, all routers'
     prefix_queries: int = 0  # vLLM's prefix-cache counters since the replica started, in tokens
     prefix_hits: int = 0
+    reported_at: float = 0.0  # the replica's clock: tells a new report from the one seen before
 
     @classmethod
     def from_stats(cls, stats: dict[str, Any] | None) -> "ReplicaLoad":
@@ -68,7 +76,7 @@ class ReplicaLoad:
         values = {}
         for key, value in stats.items():
             if key in known and isinstance(value, (int, float)) and not isinstance(value, bool):
-                values[key] = float(value) if key == "kv_usage" else int(value)
+                values[key] = float(value) if key in FLOAT_FIELDS else int(value)
         return cls(**values)
 
 
@@ -108,7 +116,10 @@ class CostModel:
         self.cfg = cfg or RoutingConfig()
         self.index = PrefixIndex()
         self.loads: dict[str, ReplicaLoad] = {}
-        self.outstanding: collections.Counter[str] = collections.Counter()
+        self.outstanding: collections.Counter[str] = collections.Counter()  # this router's, exact
+        self.others: dict[str, int] = {}  # other routers' work on each replica, as of its last report
+        self.ended: dict[str, collections.deque[tuple[float, int]]] = {}  # this router's recent ends: (when, work)
+        self.clock = time.monotonic
         self.inflight: dict[str, tuple[str, int]] = {}  # handle request id -> (replica, its work)
         self.last_tried: dict[Any, str] = {}  # a request's attempt key -> the replica that last took it
         self.predictions: dict[str, Predictions] = collections.defaultdict(Predictions)
@@ -135,7 +146,7 @@ class CostModel:
             load = self.loads.get(r, ReplicaLoad())
             cached = min(self.index.matched(r, prompt.hashes) * prompt.block_size, prompt.prompt_tokens - 1)
             prefill = prompt.prompt_tokens - max(cached, 0)
-            outstanding = max(self.outstanding[r], load.outstanding_tokens)
+            outstanding = self.outstanding[r] + self.others.get(r, 0)
             total = prefill + self.cfg.load_weight * outstanding + self.cfg.kv_penalty_tokens * load.kv_usage ** 2
             out.append(Cost(r, total, max(cached, 0), prefill, outstanding))
         return out
@@ -177,10 +188,43 @@ class CostModel:
         self.outstanding[replica] -= work
         if self.outstanding[replica] <= 0:
             del self.outstanding[replica]
+        ended = self.ended.setdefault(replica, collections.deque())
+        ended.append((self.clock(), work))
+        self._recently_ended(replica)
+
+    @property
+    def report_transit_s(self) -> float:
+        """How long a report may still count a request that ended: the controller polls each
+        replica every `stats_period_s` and passes the result on in its next loops."""
+        return 2 * self.cfg.stats_period_s + 1.0
+
+    def _recently_ended(self, replica: str) -> int:
+        """This router's work that ended on `replica` within a report's transit time."""
+        ended = self.ended.get(replica)
+        if not ended:
+            return 0
+        horizon = self.clock() - self.report_transit_s
+        while ended and ended[0][0] < horizon:
+            ended.popleft()
+        return sum(work for _, work in ended)
+
+    def observe(self, loads: dict[str, ReplicaLoad]) -> None:
+        """Replicas' reports as routing finds them. A new report splits its outstanding work into
+        this router's (known exactly, counted live) and the others' (kept until the next report);
+        the same report seen again changes nothing."""
+        for r, load in loads.items():
+            if self.loads.get(r) != load:
+                mine = self.outstanding[r] + self._recently_ended(r)
+                self.others[r] = max(0, load.outstanding_tokens - mine)
+                self.loads[r] = load
 
     def update(self, loads: dict[str, ReplicaLoad]) -> None:
         """The replicas Serve lists now, with their latest reports; the gone are forgotten."""
-        self.loads = dict(loads)
+        for gone in set(self.loads) - set(loads):
+            del self.loads[gone]
+            self.others.pop(gone, None)
+            self.ended.pop(gone, None)
+        self.observe(loads)
         self.index.keep(set(loads))
         for gone in set(self.predictions) - set(loads):
             del self.predictions[gone]

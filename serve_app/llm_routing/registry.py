@@ -39,6 +39,7 @@ def routing_view(deployment: str) -> dict[str, dict[str, Any]]:
     return {
         replica: {"requests": p.requests, "prompt_tokens": p.prompt_tokens, "predicted_cached_tokens": p.predicted_cached,
                   "predicted_hit_rate": round(p.predicted_cached / p.prompt_tokens, 4) if p.prompt_tokens else None,
-                  "outstanding_tokens": model.outstanding.get(replica, 0)}
+                  "outstanding_tokens": model.outstanding.get(replica, 0),
+                  "other_routers_tokens": model.others.get(replica, 0)}
         for replica, p in list(model.predictions.items())
     }

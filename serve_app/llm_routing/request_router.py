@@ -46,7 +46,7 @@ class CostAwareRouter(RequestRouter):
         api, body, request_id = routed
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         try:
-            self.model.loads.update({i: ReplicaLoad.from_stats(r.routing_stats) for i, r in by_id.items()})
+            self.model.observe({i: ReplicaLoad.from_stats(r.routing_stats) for i, r in by_id.items()})
             prompt = self.model.prompt(api, body)
             ranked = self.model.rank(prompt, list(by_id), attempt_key(request_id, body))
         except Exception:  # noqa: BLE001 - a body we cannot cost still gets a replica (vLLM judges it)

@@ -80,6 +80,10 @@ def test_a_conversations_turns_land_where_its_prefix_is_and_vllm_counts_the_hits
         routing = rows[replica]["routing"]
         assert routing["requests"] >= 3 and 0 < routing["predicted_hit_rate"] < 1, routing
         assert rows[replica]["prefix_cache"]["hit_rate"] > 0
+    # every request ended: nothing stays counted on a replica, by this router or (one router) others
+    idle = lambda: all((r.get("routing") or {}).get("outstanding_tokens", 0) == 0  # noqa: E731
+                       and (r.get("routing") or {}).get("other_routers_tokens", 0) == 0 for r in _rows(http).values())
+    wait_for(idle, 30, "the router's outstanding counts back to 0")
 
 
 @needs_chromium
