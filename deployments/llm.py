@@ -9,6 +9,7 @@ client unchanged; the router adds request ids, served-by headers, failover and q
 from __future__ import annotations
 
 import contextlib
+import logging
 import pathlib
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,12 +24,15 @@ from serve_app.errors import EngineFailure, InvalidRequest
 from serve_app.llm_routing.cost import outstanding_work
 
 APIS = ("chat", "completion")
+logger = logging.getLogger("ray.serve")
 
 
 class LLMServer(MonitoredReplica):
     async def __init__(self, model: ModelConfig, models_dir: str, default_max_tokens: int) -> None:
         self.cfg = model
-        self.engine = VLLMOpenAI(model, model.resolved_source(pathlib.Path(models_dir)), default_max_tokens)
+        self.adapter_names = model.adapter_names()  # `sql`, `base:sql` -> `sql`, as vLLM knows it
+        self.engine = VLLMOpenAI(model, model.resolved_source(pathlib.Path(models_dir)), default_max_tokens,
+                                 model.resolved_adapters(pathlib.Path(models_dir)))
         await self.engine.start()
         self.replica = replica_info(model.name)
         self.outstanding_tokens = 0  # prompt + output tokens of the requests it holds (routing stats)
@@ -74,8 +78,10 @@ class LLMServer(MonitoredReplica):
         return OpenAIResponse(await self.engine.detokenize(self._own(body)), self.replica)
 
     def _own(self, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        """The body as this model's: a fallback model answers under its own name (vLLM checks it)."""
-        return {**body, "model": self.cfg.name, **extra}
+        """The body as this model's: a fallback model answers under its own name (vLLM checks it);
+        an adapter's request keeps the adapter's name (vLLM picks the LoRA by it)."""
+        name = body.get("model")
+        return {**body, "model": self.adapter_names.get(name, self.cfg.name) if isinstance(name, str) else self.cfg.name, **extra}
 
     @contextlib.contextmanager
     def _counted(self, api: str, body: dict[str, Any]) -> Iterator[None]:
@@ -86,17 +92,29 @@ class LLMServer(MonitoredReplica):
         finally:
             self.outstanding_tokens -= work
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """Serve polls this every `routing.stats_period_s` and hands it to each router replica's
         request router (serve_app/llm_routing/): the engine's load, KV cache and prefix-cache
-        counters (vLLM's own), and the work this replica holds from every router."""
+        counters (vLLM's own), the work this replica holds from every router, and the LoRA
+        adapters vLLM holds loaded."""
+        stats = self._load()
+        engine = getattr(self, "engine", None)
+        cfg = getattr(self, "cfg", None)
+        if cfg is not None and cfg.lora is not None and engine is not None and engine.models is not None:
+            try:
+                stats["adapters"] = await engine.loaded_adapters()
+            except Exception:  # noqa: BLE001 - a dead engine fails its health check; the load still reports
+                logger.warning("could not list the engine's loaded LoRA adapters", exc_info=True)
+        return stats
+
+    def _load(self) -> dict[str, Any]:
         engine = getattr(self, "engine", None)  # a status report may come before the engine exists
         load = engine.load.snapshot() if engine is not None and engine.load is not None else {}
         return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0), "reported_at": time.time()}
 
     def _snapshot(self) -> dict[str, Any]:
         """The status board's row for this replica, with vLLM's actual prefix-cache hit rate."""
-        stats = self.record_routing_stats()
+        stats = self._load()
         queries, hits = stats.get("prefix_queries", 0), stats.get("prefix_hits", 0)
         return {**super()._snapshot(), "kv_usage": stats.get("kv_usage"),
                 "prefix_cache": {"queried_tokens": queries, "hit_tokens": hits,

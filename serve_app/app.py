@@ -83,9 +83,12 @@ def llm_request_router(model: ModelConfig) -> dict[str, Any]:
     """Serve's RequestRouterConfig for the cost-aware router (serve_app/llm_routing/): it runs in the
     router replica's process, for its handle to this model; the replicas report their load every
     `stats_period_s`."""
-    weights = model.routing.model_dump(exclude={"policy", "stats_period_s"})
+    weights = model.routing.model_dump(exclude={"policy"})
+    # Which names in `model` are LoRA adapters, and how many a replica keeps loaded.
+    adapters = {"adapter_names": model.adapter_names(), "adapters_resident": model.lora.resident if model.lora else 0}
     return {"request_router_class": "serve_app.llm_routing.request_router.CostAwareRouter",
-            "request_router_kwargs": weights, "request_routing_stats_period_s": model.routing.stats_period_s,
+            "request_router_kwargs": {"routing": weights, **adapters},
+            "request_routing_stats_period_s": model.routing.stats_period_s,
             "request_routing_stats_timeout_s": max(1.0, model.routing.stats_period_s)}
 
 
@@ -158,6 +161,7 @@ def describe(cfg: AppConfig) -> list[dict[str, Any]]:
             "source": m.resolved_source(cfg.gateway.models_path), "tp": m.tensor_parallel_size,
             "pp": m.pipeline_parallel_size, "gpus_per_replica": m.gpus_per_replica,
             "preset": (p := find_preset(m)) and f"{p.name} ({p.why})", "routing": m.routing_policy,
+            "adapters": sorted(m.adapters),
             **_brief({"ray_actor_options": {**d.ray_actor_options, "num_gpus": m.gpus_per_replica},
                       "num_replicas": d.num_replicas,
                       "autoscaling_config": m.deployment.autoscaling_config and m.deployment.autoscaling_config.model_dump()}),

@@ -98,6 +98,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         for row in describe(cfg):
             extra = f"  source={row['source']}  tp={row['tp']}" if "source" in row else ""
             extra += f"  routing={row['routing']}" if row.get("routing") else ""
+            extra += f"  adapters={','.join(row['adapters'])}" if row.get("adapters") else ""
             print(f"  {row['deployment']:<36} {row['serves']:<48} replicas={row['replicas']} "
                   f"cpus={row['cpus']} gpus={row['gpus']}{extra}")
             if row.get("preset"):

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import pathlib
+import re
 
 from deployments.engines.limits import usable_positions
 from serve_app.config import EngineKind, ModelConfig, ModelKind, RerankMode
@@ -56,7 +57,65 @@ def check_model(model: ModelConfig, models_dir: pathlib.Path) -> list[str]:
                 f"{model.name}: architecture {archs} has no classification head, so as a cross-encoder its "
                 "scores would be random; set rerank_mode: bi_encoder (embedding models) or engine: vllm"
             )
-    return problems + _tp_problems(model, text)
+    return problems + _tp_problems(model, text) + lora_problems(model, text, models_dir)
+
+
+def lora_problems(model: ModelConfig, text: dict, models_dir: pathlib.Path) -> list[str]:
+    """Each local LoRA adapter: a PEFT LoRA folder, of rank within `lora.max_lora_rank`, whose
+    weights fit this base model (layer count and the sizes its matrices adapt). vLLM would
+    refuse the first two at start and fail the third on its first request."""
+    problems: list[str] = []
+    for name, source in model.resolved_adapters(models_dir).items():
+        path = pathlib.Path(source)
+        if not path.is_absolute():
+            continue  # a hub id: not here to inspect
+        where = f"{model.name}: adapter {name!r} at {path}"
+        cfg_file = path / "adapter_config.json"
+        if not cfg_file.exists():
+            problems.append(f"{where}: no adapter_config.json (a PEFT LoRA folder holds it and adapter_model.safetensors)")
+            continue
+        peft = json.loads(cfg_file.read_text())
+        if str(peft.get("peft_type", "LORA")).upper() != "LORA":
+            problems.append(f"{where}: peft_type {peft.get('peft_type')!r} is not LORA")
+            continue
+        rank = peft.get("r")
+        if isinstance(rank, int) and rank > model.lora.max_lora_rank:
+            fits = min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= rank) if rank <= 512 else None
+            problems.append(f"{where}: rank {rank} exceeds lora.max_lora_rank {model.lora.max_lora_rank}"
+                            + (f"; set it to {fits}" if fits else "; vLLM serves ranks up to 512"))
+        problems += [f"{where}: {p}" for p in _adapter_shape_problems(path / "adapter_model.safetensors", text)]
+    return problems
+
+
+def _adapter_shape_problems(weights: pathlib.Path, text: dict) -> list[str]:
+    """The adapter's matrices against the base's sizes, from the safetensors header alone."""
+    if not weights.exists() or not text:
+        return []
+    with weights.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= 100_000_000:
+            return [f"{weights.name} is not a safetensors file"]
+        header = json.loads(f.read(size))
+    heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
+    head_dim = text.get("head_dim") or (hidden // heads if hidden and heads else None)
+    dims = {hidden, text.get("intermediate_size"), text.get("vocab_size")}
+    if head_dim:
+        dims |= {heads * head_dim, (text.get("num_key_value_heads") or heads) * head_dim}
+    dims.discard(None)
+    layers = text.get("num_hidden_layers")
+    for tensor, meta in header.items():
+        if tensor == "__metadata__" or not isinstance(meta, dict):
+            continue
+        shape = meta.get("shape") or []
+        outer = shape[1] if ".lora_A." in tensor and len(shape) == 2 else shape[0] if ".lora_B." in tensor and shape else None
+        if outer is not None and dims and outer not in dims:
+            return [f"{tensor} adapts a size-{outer} matrix; the base model's sizes are {sorted(dims)}: "
+                    "it was trained for another model"]
+        layer = re.search(r"layers\.(\d+)\.", tensor)
+        if layer and layers and int(layer.group(1)) >= layers:
+            return [f"{tensor} is for layer {layer.group(1)}; the base model has {layers} layers: "
+                    "it was trained for another model"]
+    return []
 
 
 def _tp_problems(model: ModelConfig, text: dict) -> list[str]:

@@ -27,7 +27,7 @@ from serve_app.batches.store import BatchStore
 from serve_app.batches.traffic import Traffic, TrafficMiddleware
 from serve_app.batches.worker import Answer, BatchWorker, answer_of, call_app
 from serve_app.cold_start import ColdStart
-from serve_app.config import GatewayConfig, ModelConfig, RouterSettings
+from serve_app.config import GatewayConfig, ModelConfig, RouterSettings, adapter_bases, served_names
 from serve_app.errors import ApiError, InvalidRequest, MethodNotAllowed, NotFound
 from serve_app.handlers.admin import AdminHandlers
 from serve_app.handlers.context import Context
@@ -46,7 +46,8 @@ class Router:
                  metrics: RouterMetrics | None = None) -> None:
         self.gateway = gateway
         self.models = {m.name: m for m in models}
-        self.aliases = {alias: m.name for m in models for alias in m.serving.aliases}
+        self.aliases = served_names(models)  # aliases and LoRA adapters' names → canonical names
+        self.adapters = adapter_bases(models)
         self.metrics = metrics or RouterMetrics()
         app = app_name_or_local()
         self.tenancy = Tenancy(gateway, self.aliases, self.metrics, app)
@@ -55,14 +56,19 @@ class Router:
         self.dispatch = Dispatcher(gateway, self.models, handles, cold_start.wait, self._event, report_circuit)
         # The Batch API (serve_app/batches/): its store, and the worker started with the app below.
         self.batch_store = BatchStore(gateway.batch.store, gateway.data_path, app)
-        self.batch_api = BatchApi(self.batch_store, gateway.batch, gateway.max_body_bytes, lambda n: self.aliases.get(n, n))
+        self.batch_api = BatchApi(self.batch_store, gateway.batch, gateway.max_body_bytes, self._serving_model)
         self.traffic = Traffic()
         self.batch_worker: BatchWorker | None = None
         self._worker_task: asyncio.Task | None = None
-        ctx = Context(gateway, self.models, self.aliases, handles, self.metrics, self.tenancy, self.dispatch, cold_start,
-                      self.traffic, self.batch_store, self.events)
+        ctx = Context(gateway, self.models, self.aliases, self.adapters, handles, self.metrics, self.tenancy, self.dispatch,
+                      cold_start, self.traffic, self.batch_store, self.events)
         self.admin, self.llm, self.scoring = AdminHandlers(ctx), LLMHandlers(ctx), ScoringHandlers(ctx)
         configure_alerts(gateway, self.models)  # the status board pushes them (deployments/status_board.py)
+
+    def _serving_model(self, name: str) -> str:
+        """The model whose replicas a name's requests take (an adapter's: its base's)."""
+        canonical = self.aliases.get(name, name)
+        return self.adapters.get(canonical, canonical)
 
     def __serve_build_asgi_app__(self) -> Starlette:
         """Called by `@serve.ingress()` on each replica after __init__ (on the replica's event

@@ -52,6 +52,8 @@ async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], br
             predicted = routing_view(m.deployment_name)  # this router replica's guesses
             for row in out["models"][name]["replicas"]:
                 row["routing"] = predicted.get(row["replica_id"])
+        if m.adapters:
+            out["models"][name]["adapters"] = sorted(m.adapters)  # LoRA adapters its replicas serve
     return out
 
 

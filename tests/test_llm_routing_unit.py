@@ -226,7 +226,7 @@ def test_the_serve_adapter_counts_only_the_accepted_attempt_until_its_own_result
     async def scenario():
         router = CostAwareRouter.__new__(CostAwareRouter)  # Serve's constructor needs a cluster
         router._deployment_id, router._lazily_fetched_loop = SimpleNamespace(name="llm-unit"), None
-        router.initialize_state(load_weight=1.0)
+        router.initialize_state({"load_weight": 1.0})
         replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=r), routing_stats={"block_size": 16}) for r in ("a", "b")]
         body = chat(DOCS[0] + " Q?")
         pending = SimpleNamespace(args=["chat", body, "rid-1"], routing_context=SimpleNamespace(should_backoff=False),
@@ -291,7 +291,10 @@ def test_cache_aware_routing_is_the_default_for_a_model_that_may_run_two_replica
     assert custom == (policy == "cache_aware")
     if custom:
         assert router.request_routing_stats_period_s == model.routing.stats_period_s
-        assert router.request_router_kwargs == {"load_weight": 1.0, "kv_penalty_tokens": 2048, "chars_per_token": 4.0}
+        assert router.request_router_kwargs == {
+            "routing": {"load_weight": 1.0, "kv_penalty_tokens": 2048, "adapter_load_tokens": 512, "chars_per_token": 4.0,
+                        "stats_period_s": model.routing.stats_period_s},
+            "adapter_names": {}, "adapters_resident": 0}
 
 
 def test_routing_is_refused_on_encoders_and_bad_weights_name_their_field():

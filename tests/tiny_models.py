@@ -159,3 +159,21 @@ def build_tiny_qwen3_reranker(dest: pathlib.Path) -> pathlib.Path:
     Qwen3ForCausalLM(cfg).to(torch.float32).save_pretrained(dest, safe_serialization=True)
     fast.save_pretrained(dest)
     return dest
+
+
+def build_tiny_lora(base: pathlib.Path, dest: pathlib.Path, *, rank: int = 8, seed: int = 1) -> pathlib.Path:
+    """A real PEFT LoRA for the model at `base`, saved as PEFT saves one (adapter_config.json and
+    adapter_model.safetensors). `init_lora_weights=False` draws both matrices at random (PEFT's
+    default makes B zero, an adapter that changes nothing), so the adapter changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if (dest / "adapter_config.json").exists():
+        return dest
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(model, cfg).save_pretrained(dest, safe_serialization=True)
+    return dest

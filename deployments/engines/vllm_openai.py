@@ -29,15 +29,19 @@ _CONTEXT_PHRASES = ("maximum context length", "than max_model_len", "context len
 
 
 class VLLMOpenAI:
-    def __init__(self, cfg, path: str, default_max_tokens: int) -> None:  # cfg: serve_app.config.ModelConfig
+    def __init__(self, cfg, path: str, default_max_tokens: int, adapters: dict[str, str] | None = None) -> None:
+        """cfg: serve_app.config.ModelConfig; adapters: LoRA adapter name -> resolved folder."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.entrypoints.openai.models.protocol import LoRAModulePath
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self.args = make_arg_parser(FlexibleArgumentParser()).parse_args([])
-        for key, value in serving_args(cfg, path, default_max_tokens).items():
+        for key, value in serving_args(cfg, path, default_max_tokens, adapters).items():
+            if key == "lora_modules":  # as `--lora-modules name=path` parses them
+                value = [LoRAModulePath(**m) for m in value]
             setattr(self.args, key, as_flag_value(getattr(self.args, key, None), value))
         # init_app_state reads the reasoning parser from here; give this engine its own copy.
         self.args.structured_outputs_config = dataclasses.replace(
@@ -61,7 +65,7 @@ class VLLMOpenAI:
         self.model_defaults: dict[str, Any] = {
             k: v for k, v in self.engine.model_config.get_diff_sampling_param().items() if k != "max_tokens"
         }
-        self.chat = self.completion = self.tokenization = None
+        self.chat = self.completion = self.tokenization = self.models = None
 
     async def start(self) -> None:
         """vLLM's `init_app_state`: the serving objects `vllm serve` would put on its app."""
@@ -74,6 +78,7 @@ class VLLMOpenAI:
         self.chat = getattr(state, "openai_serving_chat", None)
         self.completion = getattr(state, "openai_serving_completion", None)
         self.tokenization = getattr(state, "serving_tokenization", None) or getattr(state, "openai_serving_tokenization", None)
+        self.models = getattr(state, "openai_serving_models", None)  # the served names, LoRA adapters included
         if self.chat is None or self.completion is None or self.tokenization is None:
             raise RuntimeError(f"vLLM built no chat/completion/tokenization serving for tasks {tasks}")
 
@@ -100,6 +105,13 @@ class VLLMOpenAI:
 
         return unwrap(await _client_errors(self.tokenization.create_detokenize(parse(DetokenizeRequest, body), None)))
 
+    async def loaded_adapters(self) -> list[str]:
+        """The LoRA adapters the engine holds loaded now (it loads others on demand, evicting)."""
+        if self.models is None or not self.models.lora_requests:
+            return []
+        ids = await self.engine.list_loras()
+        return sorted(name for name, req in self.models.lora_requests.items() if req.lora_int_id in ids)
+
     def unfinished(self) -> int:
         return self.engine.get_num_unfinished_requests()
 
@@ -122,9 +134,13 @@ async def _client_errors(call: Awaitable[Any]) -> Any:
         raise to_api_error(str(exc), 400, None) from None
 
 
-def serving_args(cfg, path: str, default_max_tokens: int) -> dict[str, Any]:
+def serving_args(cfg, path: str, default_max_tokens: int, adapters: dict[str, str] | None = None) -> dict[str, Any]:
     """The `vllm serve` flags our config owns, as attributes of vLLM's parsed arguments."""
     kwargs: dict[str, Any] = dict(cfg.engine_kwargs)  # eager mode only where the config asks
+    if cfg.lora is not None:  # `--enable-lora --lora-modules name=path ...`: loaded at start
+        kwargs.update(enable_lora=True, max_loras=cfg.lora.max_loras, max_lora_rank=cfg.lora.max_lora_rank,
+                      max_cpu_loras=cfg.lora.resident,
+                      lora_modules=[{"name": n, "path": p, "base_model_name": cfg.name} for n, p in (adapters or {}).items()])
     if cfg.pipeline_parallel_size > 1:
         # Across nodes: vLLM's ray executor fills the replica's placement group (serve_app/app.py).
         kwargs.setdefault("distributed_executor_backend", "ray")

@@ -4,19 +4,20 @@ Everything else receives these validated objects; nothing else parses YAML or re
 environment variables. Validation errors name the offending field (pydantic's `loc`), and
 `describe_validation_error` turns them into one line per problem for the CLI.
 
-One module per concern: `models` (one served model), `keys` (client keys and the router's live
-settings), `gateway` (the router and what models share), `loading` (`AppConfig` and reading it),
-`errors`. A feature's own section lives beside the feature (`serve_app/alerts/config.py`,
-`serve_app/batches/config.py`); every public name is re-exported here, so callers import from
-`serve_app.config` alone.
+One module per concern: `models` (one served model), `lora` (its LoRA adapters), `keys` (client
+keys, the router's live settings and the names clients may use), `gateway` (the router and what
+models share), `loading` (`AppConfig` and reading it), `errors`. A feature's own section lives
+beside the feature (`serve_app/alerts/config.py`, `serve_app/batches/config.py`); every public
+name is re-exported here, so callers import from `serve_app.config` alone.
 """
 
 from serve_app.alerts.config import AlertsConfig, AlertTarget
 from serve_app.batches.config import BatchApiConfig
 from serve_app.config.errors import ConfigError, describe_validation_error
 from serve_app.config.gateway import GatewayConfig
-from serve_app.config.keys import ApiKeyConfig, RouterSettings, check_keys, hash_key
+from serve_app.config.keys import ApiKeyConfig, RouterSettings, adapter_bases, check_keys, hash_key, served_names
 from serve_app.config.loading import AppConfig, load_serve_config, parse_app_config
+from serve_app.config.lora import LoraAdapter, LoraSettings
 from serve_app.config.models import (
     PREPARED_MODELS,
     PREPARED_PREFIX,
@@ -39,7 +40,7 @@ __all__ = [
     "PREPARED_MODELS", "PREPARED_PREFIX", "REPO_ROOT",
     "ActorResources", "AlertTarget", "AlertsConfig", "ApiKeyConfig", "AppConfig", "AutoscalingSettings",
     "BatchApiConfig", "BatchConfig", "BatchSettings", "ConfigError", "DeploymentSettings", "EngineKind",
-    "GatewayConfig", "HealthSettings", "ModelConfig", "ModelKind", "RerankMode", "RouterSettings",
-    "ServingSettings", "check_keys", "describe_validation_error", "hash_key", "load_serve_config",
-    "parse_app_config",
+    "GatewayConfig", "HealthSettings", "LoraAdapter", "LoraSettings", "ModelConfig", "ModelKind", "RerankMode",
+    "RouterSettings", "ServingSettings", "adapter_bases", "check_keys", "describe_validation_error", "hash_key",
+    "load_serve_config", "parse_app_config", "served_names",
 ]

@@ -30,7 +30,7 @@ class ApiKeyConfig(StrictConfig):
         "upwards with the response's usage; over-estimates are not refunded"
     )
     models: list[str] | None = Field(
-        None, description="models (names or aliases) this key may use; others answer 404 as if absent and "
+        None, description="models (names, aliases or LoRA adapters) this key may use; others answer 404 as if absent and "
         "/v1/models lists only these. None: every model"
     )
     expires_at: datetime.datetime | None = Field(
@@ -86,7 +86,7 @@ LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requ
 def check_keys(keys: list[ApiKeyConfig], models: list[ModelConfig] | None = None) -> None:
     """One entry per secret; entries sharing a name (two secrets while one is rotated) share its
     quota counters, so they must carry the same limits; allow-lists name only this app's models or
-    aliases (a typo would silently lock the key out). Raises ValueError naming `api_keys.N...`."""
+    aliases or adapters (a typo would silently lock the key out). Raises ValueError naming `api_keys.N...`."""
     seen: dict[str, int] = {}
     named: dict[str, int] = {}
     for i, key in enumerate(keys):
@@ -101,12 +101,28 @@ def check_keys(keys: list[ApiKeyConfig], models: list[ModelConfig] | None = None
                              "is one quota, so its entries must carry the same limits")
     if models is None:
         return
-    known = {m.name for m in models} | {a for m in models for a in m.serving.aliases}
+    known = set(served_names(models))
     for i, key in enumerate(keys):
         unknown = sorted(set(key.models or ()) - known)
         if unknown:
             raise ValueError(f"api_keys.{i}.models: {unknown} are not models of this app; known: {sorted(known)}")
 
+
+
+def served_names(models: list[ModelConfig]) -> dict[str, str]:
+    """Every name a client may put in `model` -> the canonical name it is served and counted
+    under: a model's name or alias -> the model; an adapter, `base:adapter` or `alias:adapter` ->
+    the adapter (an adapter is its own name for allow-lists, quotas, usage and metrics)."""
+    names = {m.name: m.name for m in models}
+    names.update({alias: m.name for m in models for alias in m.serving.aliases})
+    for m in models:
+        names.update(m.adapter_names())
+    return names
+
+
+def adapter_bases(models: list[ModelConfig]) -> dict[str, str]:
+    """Each adapter's name -> the model whose replicas serve it."""
+    return {a: m.name for m in models for a in m.adapters}
 
 
 def hash_key(secret: str) -> str:

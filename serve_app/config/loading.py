@@ -44,6 +44,12 @@ class AppConfig(StrictConfig):
                 if alias in seen:
                     raise ValueError(f"{m.name}.serving.aliases: {alias!r} is already a model name or alias")
                 seen.add(alias)
+        for m in v:
+            for form, adapter in m.adapter_names().items():
+                if form in seen:
+                    raise ValueError(f"{m.name}.lora.adapters: {adapter!r} (as {form!r}) is already a model, "
+                                     "alias or adapter name")
+                seen.add(form)
         by_name = {m.name: m for m in v}
         for m in v:
             for field in ("fallbacks", "context_window_fallbacks"):

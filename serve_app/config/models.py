@@ -11,8 +11,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from serve_app.llm_routing.config import RoutingConfig
+from serve_app.config.lora import OWNED_ENGINE_KWARGS as LORA_KWARGS
+from serve_app.config.lora import LoraSettings, adapter_forms
 from serve_app.config_base import REPO_ROOT, StrictConfig
+from serve_app.llm_routing.config import RoutingConfig
 
 # Models that `make up` / `python -m serve_app prepare-models` build from PyPI packages into
 # the models folder, so a fresh machine serves real models without a hub download.
@@ -162,6 +164,7 @@ class ModelConfig(StrictConfig):
     batching: BatchSettings | None = None
     health: HealthSettings = Field(default_factory=HealthSettings)
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="llm: how its replicas are chosen (docs/ROUTING.md)")
+    lora: LoraSettings | None = Field(None, description="llm: LoRA adapters served by this model's replicas (docs/LORA.md)")
     allow_fault_injection: bool = Field(False, description="chaos tests and failover drills only")
     fallbacks: list[str] = Field(
         default_factory=list, description="models (same kind) tried in order when this one is unavailable or full"
@@ -179,6 +182,9 @@ class ModelConfig(StrictConfig):
                 f"{sorted(owned)} are set by the model's own fields "
                 "(source, tensor_parallel_size, pipeline_parallel_size, max_input_tokens, trust_remote_code)"
             )
+        lora = sorted(LORA_KWARGS & v.keys())
+        if lora:
+            raise ValueError(f"{lora} are set by the model's lora section (adapters, max_loras, max_lora_rank, max_cpu_loras)")
         return v
 
     @model_validator(mode="after")
@@ -189,6 +195,8 @@ class ModelConfig(StrictConfig):
             raise ValueError("serving (tool/reasoning parsers, chat template, aliases) applies to llm models only")
         if self.kind is not ModelKind.llm and self.routing != RoutingConfig():
             raise ValueError("routing applies to llm models only; encoders are batched, not routed by prefix")
+        if self.lora is not None and self.kind is not ModelKind.llm:
+            raise ValueError("lora applies to llm models only")
         if self.kind is ModelKind.llm and self.batching is not None:
             raise ValueError("batching applies to rerank/embed models; vLLM batches LLM requests itself")
         if self.rerank_mode is not None and not (
@@ -223,6 +231,15 @@ class ModelConfig(StrictConfig):
             if name not in PREPARED_MODELS:
                 raise ValueError(f"source: unknown prepared model {name!r}; known: {sorted(PREPARED_MODELS)}")
         return self
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Each LoRA adapter's name -> its source (empty without `lora:`)."""
+        return {a.name: a.source for a in self.lora.adapters} if self.lora else {}
+
+    def adapter_names(self) -> dict[str, str]:
+        """Every name a client may use for one of this model's adapters -> the adapter's name."""
+        return {form: a for a in self.adapters for form in adapter_forms(self.name, self.serving.aliases, a)}
 
     @property
     def batch(self) -> BatchSettings:
@@ -266,9 +283,17 @@ class ModelConfig(StrictConfig):
 
     def resolved_source(self, models_dir: pathlib.Path) -> str:
         """A path for local models, else the hub id unchanged (hub ids are for production only)."""
-        if self.source.startswith(PREPARED_PREFIX):
-            return str(models_dir / self.source[len(PREPARED_PREFIX):])
-        path = pathlib.Path(self.source).expanduser()
-        if self.source.startswith((".", "/", "~")) or path.exists():
-            return str(path if path.is_absolute() else (REPO_ROOT / path).resolve())
-        return self.source
+        return resolve_source(self.source, models_dir)
+
+    def resolved_adapters(self, models_dir: pathlib.Path) -> dict[str, str]:
+        """Each LoRA adapter's name -> its folder (or hub id), resolved as the model's source is."""
+        return {name: resolve_source(source, models_dir) for name, source in self.adapters.items()}
+
+
+def resolve_source(source: str, models_dir: pathlib.Path) -> str:
+    if source.startswith(PREPARED_PREFIX):
+        return str(models_dir / source[len(PREPARED_PREFIX):])
+    path = pathlib.Path(source).expanduser()
+    if source.startswith((".", "/", "~")) or path.exists():
+        return str(path if path.is_absolute() else (REPO_ROOT / path).resolve())
+    return source

@@ -64,19 +64,24 @@ class AdminHandlers:
     async def list_models(self, request: Request) -> Response:
         """The served models; where a replica answers its card in time, also its context length
         (`max_model_len`, as vLLM names it), device and dtype (cached for CARD_TTL_S)."""
-        names = [n for n in self.ctx.models if self.ctx.tenancy.allowed(request, n)]
-        cards = await asyncio.gather(*(self._card(n) for n in names))
+        ctx = self.ctx
+        names = [n for n in (*ctx.models, *ctx.adapters) if ctx.tenancy.allowed(request, n)]
+        cards = await asyncio.gather(*(self._card(ctx.base_of(n)) for n in names))
         return JSONResponse(openai.model_list([self._model_entry(n, c) for n, c in zip(names, cards)]))
 
     async def get_model(self, request: Request) -> Response:
         name = self.ctx.visible_model(request, request.path_params["model"])
-        return JSONResponse(self._model_entry(name, await self._card(name)))
+        return JSONResponse(self._model_entry(name, await self._card(self.ctx.base_of(name))))
 
     def _model_entry(self, name: str, card: ModelCard | None) -> dict[str, Any]:
-        m = self.ctx.models[name]
-        entry: dict[str, Any] = {"id": m.name, "object": "model", "created": self.started, "owned_by": "serve-app",
+        """A model, or a LoRA adapter with its base as `parent` (as `vllm serve` lists adapters)."""
+        base = self.ctx.base_of(name)
+        m = self.ctx.models[base]
+        entry: dict[str, Any] = {"id": name, "object": "model", "created": self.started, "owned_by": "serve-app",
                                  "kind": m.kind.value, "engine": m.engine.value}
-        if m.kind is ModelKind.llm and m.serving.aliases:
+        if base != name:
+            entry.update(parent=base, adapter=True)
+        elif m.kind is ModelKind.llm and m.serving.aliases:
             entry["aliases"] = list(m.serving.aliases)
         if card is not None:
             entry.update(max_model_len=card.max_input_tokens, device=card.device, dtype=card.dtype)

@@ -28,7 +28,8 @@ from serve_app.tenancy import Tenancy
 class Context:
     gateway: GatewayConfig
     models: dict[str, ModelConfig]
-    aliases: dict[str, str]  # alias → canonical name
+    aliases: dict[str, str]  # any name a client may use → canonical name (config.served_names)
+    adapters: dict[str, str]  # LoRA adapter → the model whose replicas serve it
     handles: dict[str, DeploymentHandle]
     metrics: RouterMetrics
     tenancy: Tenancy
@@ -42,19 +43,25 @@ class Context:
         """The canonical name of a model this request's key may use, or a 404. A model outside
         the key's allow-list is answered exactly as one that does not exist."""
         canonical = self.aliases.get(name, name)
-        if canonical not in self.models or not self.tenancy.allowed(request, canonical):
+        known = canonical in self.models or canonical in self.adapters
+        if not known or not self.tenancy.allowed(request, canonical):
             raise ModelNotFound(f"model '{name}' does not exist; GET /v1/models lists the served models", "model")
         return canonical
 
     def check_model(self, request: Request, name: str, kind: ModelKind) -> str:
         """The model a request will be served by (clients may use an alias), or a 404 / 400;
-        from here on the request is counted against that model."""
+        from here on the request is counted against that model. An adapter's request is counted
+        against the adapter (its name is returned) and served by `base_of` it."""
         name = self.visible_model(request, name)
         request.scope["state"]["model"] = name  # metrics label: only names we serve
-        model = self.models[name]
+        model = self.models[self.base_of(name)]
         if model.kind is not kind:
             raise InvalidRequest(f"model '{name}' is a {model.kind.value} model and cannot serve this endpoint", "model")
         return name
+
+    def base_of(self, name: str) -> str:
+        """The model whose replicas serve `name` (canonical): itself, or an adapter's base."""
+        return self.adapters.get(name, name)
 
     async def admit(self, request: Request, model: str, tokens: int) -> None:
         """Admit the request (or 429); only then is it interactive traffic on its model, which

@@ -53,13 +53,16 @@ class LLMHandlers:
         data = await read_object(request, ctx.gateway.max_body_bytes)
         env = validate(shape, data)
         model = ctx.check_model(request, env.model, ModelKind.llm)
-        await ctx.admit(request, model, env.estimated_tokens(ctx.gateway.default_max_tokens))
+        base = ctx.base_of(model)  # an adapter's requests take its base model's replicas
+        await ctx.admit(request, base, env.estimated_tokens(ctx.gateway.default_max_tokens))
         rid = request_id(request)
         if env.stream:
             return await self._stream(request, model, api, data, rid, env.estimated_prompt_tokens(), env.n or 1)
-        served, result = await ctx.dispatch.run(model, lambda h, left: call_replica(h.create.remote(api, data, rid), left))
+        served, result = await ctx.dispatch.run(base, lambda h, left: call_replica(h.create.remote(api, data, rid), left),
+                                                fallbacks=base == model)
         use = result.body.get("usage") or {}
-        ctx.tenancy.served(request, served, use.get("prompt_tokens") or 0, use.get("completion_tokens") or 0)
+        ctx.tenancy.served(request, _counted_as(model, base, served), use.get("prompt_tokens") or 0,
+                           use.get("completion_tokens") or 0)
         return with_routing(json_response(result.body, result.replica), rid, data)
 
     async def _stream(self, request: Request, model: str, api: str, data: dict[str, Any], rid: str,
@@ -82,7 +85,10 @@ class LLMHandlers:
                 stream.cancel()
                 raise
 
-        served, (stream, first) = await ctx.dispatch.run(model, open_stream)
+        base = ctx.base_of(model)
+        # No fallback model serves an adapter: another model's answer would pass for the fine-tune's.
+        served, (stream, first) = await ctx.dispatch.run(base, open_stream, fallbacks=base == model)
+        served = _counted_as(model, base, served)
         started = request.scope["state"].get("started")
         if started is not None:
             ctx.metrics.ttft.observe((time.perf_counter() - started) * 1000, {"model": served})
@@ -118,10 +124,17 @@ class LLMHandlers:
         data = await read_object(request, ctx.gateway.max_body_bytes)
         env = validate(openai.ModelOnly, data)
         model = ctx.check_model(request, env.model, ModelKind.llm)
-        await ctx.admit(request, model, 0)
+        base = ctx.base_of(model)
+        await ctx.admit(request, base, 0)
         served, result = await ctx.dispatch.run(
-            model, lambda h, left: call_replica(getattr(h, method).remote(data), left), fallbacks=False)
+            base, lambda h, left: call_replica(getattr(h, method).remote(data), left), fallbacks=False)
         return json_response(result.body, result.replica)
+
+
+def _counted_as(model: str, base: str, served: str) -> str:
+    """The name usage is recorded under: the adapter for an adapter's request, else the model
+    that served (a fallback's own name)."""
+    return model if model != base else served
 
 
 def with_routing(response: Response, rid: str, data: dict[str, Any]) -> Response:

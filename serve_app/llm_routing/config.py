@@ -23,5 +23,8 @@ class RoutingConfig(StrictConfig):
     kv_penalty_tokens: int = Field(
         2048, ge=0, le=1_000_000, description="cost added as the replica's KV cache fills: this many tokens x use^2"
     )
+    adapter_load_tokens: int = Field(
+        512, ge=0, le=1_000_000, description="cost of a LoRA adapter the replica does not hold (it loads it first)"
+    )
     chars_per_token: float = Field(4.0, gt=0, le=16, description="the router's prompt-length estimate (it holds no tokenizer)")
     stats_period_s: float = Field(2.0, gt=0, le=60, description="how often each replica reports its load (Serve's routing stats)")

@@ -3,6 +3,13 @@
 cost(replica) = prefill it would compute      (prompt tokens minus the prefix it likely holds)
               + load_weight x outstanding work (tokens routed there and not finished)
               + kv_penalty_tokens x kv_use^2   (a full cache evicts, preempts and recomputes)
+              + adapter_load_tokens            (a LoRA adapter it does not hold: loaded first)
+
+An adapter's requests therefore go where it is loaded while that replica is not busier than a
+load costs; a hot adapter spreads as a hot prefix does. What a replica holds is what it last
+reported (vLLM's loaded adapters) plus what this router sent there since (least recent out, as
+vLLM's own adapter cache evicts). An adapter's prompt hashes apart from its base's (the name is
+part of the rendered prompt), as vLLM keys its prefix cache by adapter.
 
 There is no fleet-wide on/off switch for affinity: load is a term of every replica's cost, so a
 replica holding a prefix wins exactly while the prefill it saves outweighs the work queued on it.
@@ -66,6 +73,7 @@ class ReplicaLoad:
     prefix_queries: int = 0  # vLLM's prefix-cache counters since the replica started, in tokens
     prefix_hits: int = 0
     reported_at: float = 0.0  # the replica's clock: tells a new report from the one seen before
+    adapters: frozenset[str] = frozenset()  # the LoRA adapters vLLM holds loaded there
 
     @classmethod
     def from_stats(cls, stats: dict[str, Any] | None) -> "ReplicaLoad":
@@ -73,9 +81,11 @@ class ReplicaLoad:
         if not stats:
             return cls()
         known = {f.name: f.type for f in dataclasses.fields(cls)}
-        values = {}
+        values: dict[str, Any] = {}
         for key, value in stats.items():
-            if key in known and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if key == "adapters" and isinstance(value, (list, tuple, set, frozenset)):
+                values[key] = frozenset(v for v in value if isinstance(v, str))
+            elif key in known and key != "adapters" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 values[key] = float(value) if key in FLOAT_FIELDS else int(value)
         return cls(**values)
 
@@ -88,6 +98,7 @@ class Prompt:
     block_size: int
     prompt_tokens: int
     output_tokens: int
+    adapter: str | None = None  # the LoRA adapter it asks for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +108,7 @@ class Cost:
     cached_tokens: int
     prefill_tokens: int
     outstanding_tokens: int
+    adapter_cold: bool = False  # the replica would load the request's adapter first
 
 
 @dataclasses.dataclass
@@ -112,8 +124,12 @@ class Predictions:
 class CostModel:
     """Pure bookkeeping (no Ray): unit-tested against a simulated engine."""
 
-    def __init__(self, cfg: RoutingConfig | None = None, rng: random.Random | None = None) -> None:
+    def __init__(self, cfg: RoutingConfig | None = None, rng: random.Random | None = None,
+                 adapter_names: dict[str, str] | None = None, adapters_resident: int = 0) -> None:
         self.cfg = cfg or RoutingConfig()
+        self.adapter_names = dict(adapter_names or {})  # `sql`, `base:sql` -> `sql`
+        self.adapters_resident = max(1, adapters_resident)
+        self.adapters_sent: dict[str, collections.OrderedDict[str, None]] = {}  # replica -> adapters, LRU
         self.index = PrefixIndex()
         self.loads: dict[str, ReplicaLoad] = {}
         self.outstanding: collections.Counter[str] = collections.Counter()  # this router's, exact
@@ -130,7 +146,12 @@ class CostModel:
         text, prompt_tokens, output_tokens = estimate(api, body, self.cfg.chars_per_token)
         block_size = self._block_size()
         hashes = block_hashes(text, max(1, round(block_size * self.cfg.chars_per_token)))
-        return Prompt(hashes, block_size, prompt_tokens, output_tokens)
+        name = body.get("model")
+        adapter = self.adapter_names.get(name) if isinstance(name, str) else None
+        return Prompt(hashes, block_size, prompt_tokens, output_tokens, adapter)
+
+    def holds_adapter(self, replica: str, adapter: str) -> bool:
+        return adapter in self.loads.get(replica, ReplicaLoad()).adapters or adapter in self.adapters_sent.get(replica, ())
 
     def _block_size(self) -> int:
         """One block size for the model (its replicas share the engine config)."""
@@ -147,8 +168,10 @@ class CostModel:
             cached = min(self.index.matched(r, prompt.hashes) * prompt.block_size, prompt.prompt_tokens - 1)
             prefill = prompt.prompt_tokens - max(cached, 0)
             outstanding = self.outstanding[r] + self.others.get(r, 0)
-            total = prefill + self.cfg.load_weight * outstanding + self.cfg.kv_penalty_tokens * load.kv_usage ** 2
-            out.append(Cost(r, total, max(cached, 0), prefill, outstanding))
+            cold = prompt.adapter is not None and not self.holds_adapter(r, prompt.adapter)
+            total = (prefill + self.cfg.load_weight * outstanding + self.cfg.kv_penalty_tokens * load.kv_usage ** 2
+                     + (self.cfg.adapter_load_tokens if cold else 0))
+            out.append(Cost(r, total, max(cached, 0), prefill, outstanding, cold))
         return out
 
     def rank(self, prompt: Prompt, replicas: list[str], attempt: Any = None) -> list[Cost]:
@@ -179,6 +202,12 @@ class CostModel:
         load = self.loads.get(replica, ReplicaLoad())
         capacity = load.num_blocks or 1_000_000
         self.index.add(replica, prompt.hashes, capacity)
+        if prompt.adapter is not None:
+            sent = self.adapters_sent.setdefault(replica, collections.OrderedDict())
+            sent[prompt.adapter] = None
+            sent.move_to_end(prompt.adapter)
+            while len(sent) > self.adapters_resident:
+                sent.popitem(last=False)
 
     def completed(self, handle_request_id: str) -> None:
         """The accepted request ended (answered, failed or cancelled)."""
@@ -224,6 +253,7 @@ class CostModel:
             del self.loads[gone]
             self.others.pop(gone, None)
             self.ended.pop(gone, None)
+            self.adapters_sent.pop(gone, None)
         self.observe(loads)
         self.index.keep(set(loads))
         for gone in set(self.predictions) - set(loads):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from serve_app.llm_routing.cost import CostModel
+from serve_app.llm_routing.cost import CostModel, Predictions, ReplicaLoad
 
 MAX_DECISIONS = 10_000
 
@@ -36,10 +36,13 @@ def routing_view(deployment: str) -> dict[str, dict[str, Any]]:
     model = models.get(deployment)
     if model is None:
         return {}
-    return {
-        replica: {"requests": p.requests, "prompt_tokens": p.prompt_tokens, "predicted_cached_tokens": p.predicted_cached,
-                  "predicted_hit_rate": round(p.predicted_cached / p.prompt_tokens, 4) if p.prompt_tokens else None,
-                  "outstanding_tokens": model.outstanding.get(replica, 0),
-                  "other_routers_tokens": model.others.get(replica, 0)}
-        for replica, p in list(model.predictions.items())
-    }
+    out = {}
+    for replica in set(model.loads) | set(model.predictions):  # every replica Serve lists, routed to or not
+        p, load = model.predictions.get(replica, Predictions()), model.loads.get(replica, ReplicaLoad())
+        out[replica] = {
+            "requests": p.requests, "prompt_tokens": p.prompt_tokens, "predicted_cached_tokens": p.predicted_cached,
+            "predicted_hit_rate": round(p.predicted_cached / p.prompt_tokens, 4) if p.prompt_tokens else None,
+            "outstanding_tokens": model.outstanding.get(replica, 0), "other_routers_tokens": model.others.get(replica, 0),
+            "adapters_loaded": sorted(load.adapters),  # the replica's report: vLLM's loaded LoRA adapters
+        }
+    return out

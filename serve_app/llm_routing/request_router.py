@@ -27,9 +27,12 @@ ROUTED_METHODS = ("create", "create_stream")  # deployments/llm.py: (api, body, 
 
 
 class CostAwareRouter(RequestRouter):
-    def initialize_state(self, **routing: Any) -> None:
-        self.model = registry.models[self._deployment_id.name] = CostModel(RoutingConfig(**routing))
-        logger.info("cost-aware request router for %s: %s", self._deployment_id.name, routing)
+    def initialize_state(self, routing: dict[str, Any], adapter_names: dict[str, str] | None = None,
+                         adapters_resident: int = 0) -> None:
+        self.model = registry.models[self._deployment_id.name] = CostModel(
+            RoutingConfig(**routing), adapter_names=adapter_names, adapters_resident=adapters_resident)
+        logger.info("cost-aware request router for %s: %s, %d adapter name(s)", self._deployment_id.name, routing,
+                    len(adapter_names or {}))
         # handle request id -> (prompt, costs); oldest dropped first (a request cancelled before it
         # was routed never comes back for its entry)
         self._prompts: collections.OrderedDict[str, tuple[Prompt, Any]] = collections.OrderedDict()
