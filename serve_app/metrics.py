@@ -59,6 +59,12 @@ class RouterMetrics:
         self.batch_lines_pending = factory("gauge", "serve_app_batch_lines_pending",
                                            "batch lines waiting or running, by model (the whole store's count)", ("model",))
         self._pending_models: set[str] = set()
+        # The cost-aware LLM router's guesses (serve_app/llm_routing/), per replica: their ratio is the
+        # predicted prefix-cache hit rate, beside vLLM's actual one (ray_vllm_prefix_cache_hits / _queries).
+        self.routed_prompt_tokens = c("serve_app_routed_prompt_tokens", "prompt tokens the cost-aware router sent to "
+                                      "each LLM replica (its estimate)", ("model", "replica"))
+        self.routed_cached_tokens = c("serve_app_routed_predicted_cached_tokens", "of the prompt tokens sent to each "
+                                      "LLM replica, those the router predicted cached there", ("model", "replica"))
         self.store_errors = c("serve_app_quota_store_errors",
                               "quota/usage store calls that failed, or were decided on this router's memory while the "
                               "store was unreachable, by operation", ("op",))
@@ -69,6 +75,13 @@ class RouterMetrics:
         reason = _REJECTIONS.get(status)
         if reason:
             self.rejections.inc(1, {"model": model, "reason": reason})
+
+    def routed(self, model: str, replica: str, prompt_tokens: int, predicted_cached: int) -> None:
+        tags = {"model": model, "replica": replica}
+        if prompt_tokens > 0:  # Ray counters refuse 0
+            self.routed_prompt_tokens.inc(prompt_tokens, tags)
+        if predicted_cached > 0:
+            self.routed_cached_tokens.inc(predicted_cached, tags)
 
     def served_for(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.key_requests.inc(1, {"key": key, "model": model})

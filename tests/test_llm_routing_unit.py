@@ -240,7 +240,8 @@ def test_the_serve_adapter_counts_only_the_accepted_attempt_until_its_own_result
         router.on_request_routed(pending, ranks[0][0].replica_id, result)
         chosen = ranks[0][0].replica_id.unique_id
         assert router.model.outstanding[chosen] > 0  # the accepted attempt is counted
-        assert registry.pop_decision("rid-1", body) == (chosen, 0)
+        decision = registry.pop_decision("rid-1", body)
+        assert decision[:2] == (chosen, 0) and decision[2] == router.model.prompt("chat", body).prompt_tokens
         assert registry.pop_decision("rid-1", dict(body)) is None  # another body with the same id: not this one
         router.on_request_completed(ranks[0][0].replica_id, "h1")  # Serve's own notice changes nothing
         assert router.model.outstanding[chosen] > 0
@@ -352,3 +353,34 @@ def test_any_json_body_is_costed_without_raising():
         model.completed("h")
 
     check()
+
+
+def test_each_decision_is_logged_sent_as_a_header_and_counted_per_replica_for_prometheus():
+    from starlette.responses import Response
+
+    from serve_app.handlers.llm import with_routing
+    from serve_app.llm_routing import registry
+    from serve_app.metrics import RouterMetrics
+
+    counted: dict[tuple[str, tuple], float] = collections.Counter()
+
+    class Mem:
+        def __init__(self, name):
+            self.name = name
+
+        def inc(self, value=1.0, tags=None):
+            counted[(self.name, tuple(sorted((tags or {}).items())))] += value
+
+        def observe(self, value, tags=None): ...
+
+        def set(self, value, tags=None): ...
+
+    metrics = RouterMetrics(factory=lambda kind, name, desc, tags: Mem(name))
+    body = chat("hi")
+    registry.record_decision(("rid-9", id(body)), "replica-a", 96, 130)
+    r = with_routing(Response(), "rid-9", body, metrics, "m")
+    assert r.headers["x-predicted-cached-tokens"] == "96"
+    tags = (("model", "m"), ("replica", "replica-a"))
+    assert counted[("serve_app_routed_prompt_tokens", tags)] == 130
+    assert counted[("serve_app_routed_predicted_cached_tokens", tags)] == 96
+    assert "x-predicted-cached-tokens" not in with_routing(Response(), "rid-9", body, metrics, "m").headers  # read once

@@ -24,6 +24,7 @@ from serve_app.errors import from_exception
 from serve_app.handlers.context import Context
 from serve_app.http import json_response, request_id, sse_response
 from serve_app.llm_routing import registry
+from serve_app.metrics import RouterMetrics
 from serve_app.replica_calls import with_deadline
 from serve_app.resilience import call_replica
 
@@ -63,7 +64,7 @@ class LLMHandlers:
         use = result.body.get("usage") or {}
         ctx.tenancy.served(request, _counted_as(model, base, served), use.get("prompt_tokens") or 0,
                            use.get("completion_tokens") or 0)
-        return with_routing(json_response(result.body, result.replica), rid, data)
+        return with_routing(json_response(result.body, result.replica), rid, data, ctx.metrics, base)
 
     async def _stream(self, request: Request, model: str, api: str, data: dict[str, Any], rid: str,
                       prompt_estimate: int, choices: int) -> Response:
@@ -116,7 +117,7 @@ class LLMHandlers:
                 else:
                     ctx.tenancy.served(request, served, prompt_estimate, forwarded_tokens(events, api, choices))
 
-        return with_routing(sse_response(blocks(), replica), rid, data)
+        return with_routing(sse_response(blocks(), replica), rid, data, ctx.metrics, base)
 
     async def _tokenization(self, request: Request, method: str) -> Response:
         """vLLM's /tokenize and /detokenize, by the model named in the body."""
@@ -137,14 +138,18 @@ def _counted_as(model: str, base: str, served: str) -> str:
     return model if model != base else served
 
 
-def with_routing(response: Response, rid: str, data: dict[str, Any]) -> Response:
+def with_routing(response: Response, rid: str, data: dict[str, Any], metrics: RouterMetrics | None = None,
+                 model: str = "") -> Response:
     """The cost-aware router's decision for this request (serve_app/llm_routing/), if it made one:
-    logged under the request id and sent as a header, so a slow answer can be traced to a guess."""
+    logged under the request id and sent as a header, so a slow answer can be traced to a guess,
+    and counted per replica in Prometheus beside vLLM's own prefix-cache counters."""
     decision = registry.pop_decision(rid, data)
     if decision is not None:
-        replica, cached = decision
-        logger.info("routed to replica %s, predicted cached prompt tokens %d", replica, cached)
+        replica, cached, prompt_tokens = decision
+        logger.info("routed to replica %s, predicted cached prompt tokens %d of %d", replica, cached, prompt_tokens)
         response.headers["x-predicted-cached-tokens"] = str(cached)
+        if metrics is not None:
+            metrics.routed(model, replica, prompt_tokens, cached)
     return response
 
 

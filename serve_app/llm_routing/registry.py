@@ -15,18 +15,19 @@ from serve_app.llm_routing.cost import CostModel, Predictions, ReplicaLoad
 MAX_DECISIONS = 10_000
 
 models: dict[str, CostModel] = {}  # LLM deployment name -> its cost model
-_decisions: collections.OrderedDict[tuple[str, int], tuple[str, int]] = collections.OrderedDict()
+# (request id, id(body)) -> (replica, predicted cached tokens, the prompt tokens it estimated)
+_decisions: collections.OrderedDict[tuple[str, int], tuple[str, int, int]] = collections.OrderedDict()
 
 
-def record_decision(key: tuple[str, int], replica: str, cached_tokens: int) -> None:
+def record_decision(key: tuple[str, int], replica: str, cached_tokens: int, prompt_tokens: int) -> None:
     """Written on the request router's thread, under the request's attempt key (request id and
     body: request_router.attempt_key); read once by the request's handler."""
-    _decisions[key] = (replica, cached_tokens)
+    _decisions[key] = (replica, cached_tokens, prompt_tokens)
     while len(_decisions) > MAX_DECISIONS:  # decisions of requests whose handler never asked
         _decisions.popitem(last=False)
 
 
-def pop_decision(request_id: str, body: dict[str, Any]) -> tuple[str, int] | None:
+def pop_decision(request_id: str, body: dict[str, Any]) -> tuple[str, int, int] | None:
     return _decisions.pop((request_id, id(body)), None)
 
 

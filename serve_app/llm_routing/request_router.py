@@ -79,7 +79,7 @@ class CostAwareRouter(RequestRouter):
         loop = self._event_loop
         result.add_done_callback(lambda _: loop.call_soon_threadsafe(self.model.completed, handle_id))
         if key is not None:
-            registry.record_decision(key, replica, cost.cached_tokens if cost else 0)
+            registry.record_decision(key, replica, cost.cached_tokens if cost else 0, prompt.prompt_tokens)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
