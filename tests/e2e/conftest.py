@@ -32,6 +32,13 @@ CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU":
 # 1 s (shm_broadcast's busy loop), so a 10 s probe keeps each worker at ~10% of a core while idle,
 # taken from every test that runs beside them. No test here is about their health period.
 TINY_VLLM_HEALTH = {"health_check_period_s": 30}
+# The tiny decoders' KV cache in blocks (vLLM's num_gpu_blocks_override): 64 blocks of 128 tokens
+# (CPU's block size) hold 8,192 tokens, far more than any test sends. Without it each such engine
+# fills VLLM_CPU_KVCACHE_SPACE's whole 1 GiB (65,536 blocks of a 1 KiB-per-token model): with the
+# routing module's two replicas up, the suite's engines came to ~22 GiB of the 24 and Ray's
+# memory monitor killed the Serve controller (a full run, 2026-12-03). Measured: a tiny Llama's
+# vLLM worker is 1,728 MB resident with the default cache, 708 MB with 256 blocks.
+TINY_KV_BLOCKS = 64
 DEPLOY_TIMEOUT_S = 900
 
 
@@ -46,7 +53,7 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dic
             {
                 "name": "tiny-llm-tp2", "kind": "llm", "engine": "vllm", "source": str(llama),
                 "max_input_tokens": 256, "tensor_parallel_size": 2,
-                "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8},
+                "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8, "num_gpu_blocks_override": TINY_KV_BLOCKS},
                 # One core per TP rank (vllm-cpu syntax: ranks separated by '|').
                 "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
                 "deployment": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}, **TINY_VLLM_HEALTH},
@@ -70,7 +77,7 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dic
             },
             {
                 "name": "tiny-qwen3-vllm", "kind": "rerank", "engine": "vllm", "source": str(qwen3),
-                "engine_kwargs": {"enforce_eager": True},
+                "engine_kwargs": {"enforce_eager": True, "num_gpu_blocks_override": TINY_KV_BLOCKS},
                 "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
                 "deployment": {"ray_actor_options": {"num_cpus": 1}, **TINY_VLLM_HEALTH},
             },
