@@ -15,6 +15,7 @@ import re
 
 from deployments.engines.limits import usable_positions
 from serve_app.config import EngineKind, ModelConfig, ModelKind, RerankMode
+from serve_app.config.lora import LORA_RANKS
 from serve_app.presets import find_preset
 
 _GENERATIVE = ("ForCausalLM", "ForConditionalGeneration")
@@ -80,9 +81,9 @@ def lora_problems(model: ModelConfig, text: dict, models_dir: pathlib.Path) -> l
             continue
         rank = peft.get("r")
         if isinstance(rank, int) and rank > model.lora.max_lora_rank:
-            fits = min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= rank) if rank <= 512 else None
+            fits = min((r for r in LORA_RANKS if r >= rank), default=None)
             problems.append(f"{where}: rank {rank} exceeds lora.max_lora_rank {model.lora.max_lora_rank}"
-                            + (f"; set it to {fits}" if fits else "; vLLM serves ranks up to 512"))
+                            + (f"; set it to {fits}" if fits else f"; vLLM serves ranks up to {LORA_RANKS[-1]}"))
         problems += [f"{where}: {p}" for p in _adapter_shape_problems(path / "adapter_model.safetensors", text)]
     return problems
 

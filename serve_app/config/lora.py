@@ -8,7 +8,7 @@ allow-lists, quotas, usage and metrics see the adapter's name.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -16,6 +16,7 @@ from serve_app.config_base import StrictConfig
 
 # vLLM's accepted --max-lora-rank values (vllm.config.lora.MaxLoRARanks).
 LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+LORA_RANKS: tuple[int, ...] = get_args(LoraRank)
 ADAPTER_SEPARATOR = ":"  # `base:adapter`
 
 
