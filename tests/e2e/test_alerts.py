@@ -17,7 +17,7 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.serve_view import app_deployments
+from deployments.serve_view import app_deployments, state_name
 from tests.browser import chromium_dom, console_errors, needs_chromium
 from tests.e2e.conftest import all_apps, chaos_app, deploy, wait_for
 from tests.e2e.test_chaos import Load, replica_ids
@@ -25,7 +25,8 @@ from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 APP = "alerts"
-# 90 s: room for two kills and their replacements (about 15 s each here) with margin for slower machines.
+# 90 s: room for two kills and their replacements (5-15 s each here, 30-45+ s on a loaded CI runner; the
+# flapping test holds either ending to the rule).
 WINDOW_S, CHECK_PERIOD_S = 90, 1
 # The status page test kills a replica of KILL after KILL's own test: it checks no alert.
 KILL, FLAP, STALL = "ce-kill", "ce-flap", "ce-stall"
@@ -116,27 +117,51 @@ def test_a_killed_replica_is_one_alert_naming_its_node_and_one_recovery(stack, a
     assert _events(alerting, KILL) == ["alert", "recovery"], [b["text"] for b in _about(alerting, KILL)]
 
 
-def test_replicas_killed_again_within_the_window_stay_one_alert_and_one_recovery(stack, alerting):
-    """Kill, wait for the replacement, kill again, while the next replacement (given 1.25x the
-    slowest seen so far, plus the board's check) still ends inside the window: every incident is
-    then over before the window ends, however slowly this machine replaces replicas. The window is
-    then waited out: a flap folded into it must not come back as a second alert. (An incident
-    still open when the window ends is alerted again, by design: that is not what this tests.)"""
+def _running(model: str) -> set[str]:
+    """The replicas Serve lists as RUNNING: one controller call. (Polling through the handle, 30
+    calls a time, loads the one replica left while its replacement starts on the same 2 cores.)"""
+    return {r["replica_id"] for r in app_deployments(APP)[_deployment(model)]["replicas"] if state_name(r.get("state")) == "RUNNING"}
+
+
+def _kill_and_replace(model: str, timeout: float) -> float:
+    """Kill one replica and wait until Serve runs two again without it; returns when that was seen."""
+    victim = sorted(_running(model))[0]
+    _kill(model, victim)
+    wait_for(lambda: (lambda running: len(running) == 2 and victim not in running)(_running(model)), timeout,
+             f"a replacement of {victim}")
+    return time.time()
+
+
+def test_replicas_killed_again_within_the_window_alert_once_inside_it(stack, alerting):
+    """Kill a replica: one alert, and a recovery once Serve replaced it. Kill again inside the window:
+    the second incident is folded into the window, never alerted inside it. How it ends depends on
+    how fast this machine replaces a replica (CI's took 30 s, then over 45 s), so both endings are
+    held to the rule, and the test waits for whichever came:
+    - replaced well before the window ends: nothing more, once the window is over;
+    - still open when the window ends: exactly one more alert, not before the window's end,
+      counting the folded incident, and its recovery."""
     _fresh(alerting, FLAP)
-    t0, slowest, kills = time.time(), 0.0, 0
-    while kills < 3 and (kills == 0 or time.time() - t0 + 1.25 * slowest + 2 * CHECK_PERIOD_S < WINDOW_S):
-        began = time.time()
-        _kill(FLAP, sorted(_replicas(FLAP))[0])
-        kills += 1
-        wait_for(lambda: len(_replicas(FLAP)) == 2, WINDOW_S / 2, "a replacement")
-        slowest = max(slowest, time.time() - began)
-        time.sleep(3)
-    assert kills >= 2, f"a replacement took {slowest:.0f}s: no second kill fits the {WINDOW_S}s window"
+    first_killed = time.time()
+    _kill_and_replace(FLAP, 150)
     first = wait_for(lambda: next((b for b in _about(alerting, FLAP) if b["event"] == "alert"), None), 30, "the alert")
-    wait_for(lambda: _events(alerting, FLAP)[-1:] == ["recovery"], WINDOW_S, "the flapping to recover")
-    # The window ends WINDOW_S after the alert; the board checks every period; 5 s of slack.
-    time.sleep(max(0.0, first["at"] + WINDOW_S + 2 * CHECK_PERIOD_S + 5 - time.time()))
-    assert _events(alerting, FLAP) == ["alert", "recovery"], [b["text"] for b in _about(alerting, FLAP)]
+    assert first["at"] - first_killed < 15, first
+    wait_for(lambda: _events(alerting, FLAP)[-1:] == ["recovery"], 30, "the first incident's recovery")
+    end = first["at"] + WINDOW_S
+    assert time.time() < end - 10, f"one replacement took {time.time() - first_killed:.0f}s: no second kill fits the {WINDOW_S}s window"
+    replaced = _kill_and_replace(FLAP, 150)
+    time.sleep(max(0.0, end + 2 * CHECK_PERIOD_S + 5 - time.time()))
+    wait_for(lambda: _events(alerting, FLAP)[-1:] == ["recovery"], 60, "every incident's recovery")
+    about = _about(alerting, FLAP)
+    alerts = [b for b in about if b["event"] == "alert"]
+    assert [b["event"] for b in about] == ["alert", "recovery"] * len(alerts), [b["text"] for b in about]
+    assert alerts[0] == first and all(a["at"] >= end and a["folded"] >= 1 for a in alerts[1:]), [b["text"] for b in about]
+    # The board closes an incident at its next check after Serve lists the replacement RUNNING.
+    if replaced < end - 2 * CHECK_PERIOD_S - 1:
+        assert len(alerts) == 1, [b["text"] for b in about]
+    elif replaced > end + 2 * CHECK_PERIOD_S:
+        assert len(alerts) == 2, [b["text"] for b in about]
+    if len(alerts) == 2:  # the next test needs FLAP out of any window
+        time.sleep(max(0.0, alerts[1]["at"] + WINDOW_S + 2 * CHECK_PERIOD_S - time.time()))
 
 
 def test_a_board_made_anew_still_alerts_once_and_keeps_the_restart_count(stack, alerting):
