@@ -1,5 +1,6 @@
 """Baselines measured in the same run: the same handler on plain uvicorn, the raw model in-process,
-bare `vllm serve`, and Infinity (in its own venv)."""
+bare `vllm serve`, Infinity (in its own venv), and two bare `vllm serve` behind vllm-router (in its
+own venv) for the routing step."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from bench.rooms import Meter, descendants, process_table
 from bench.workloads import NULL_BODY, RERANK_BODY, RERANK_CONCURRENCY, RERANK_MAX_BATCH, llm_load, llm_model, rerank_pairs
 
 INFINITY_VENV = pathlib.Path(".bench-venvs") / "infinity"
+VLLM_ROUTER_VENV = pathlib.Path(".bench-venvs") / "vllm-router"
+VLLM_ROUTER = "vllm-router==0.1.17"  # vLLM's Rust router (PyPI); its cache_aware policy is the peer
 
 
 def uvicorn_app():
@@ -84,9 +87,8 @@ def _stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def vllm_serve(seconds: float, port: int) -> dict:
-    """Bare `vllm serve` on the default LLM with the engine settings serve_config.yaml gives it."""
-    model, path = llm_model()
+def vllm_command(model, path: pathlib.Path, port: int) -> list[str]:
+    """`vllm serve` with the engine and frontend settings our LLM replica gives `model`."""
     cmd = [str(pathlib.Path(sys.executable).parent / "vllm"), "serve", str(path), "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", model.name, "--max-model-len", str(model.max_input_tokens)]
     for key, value in model.engine_kwargs.items():
@@ -99,6 +101,13 @@ def vllm_serve(seconds: float, port: int) -> dict:
         cmd += ["--enable-auto-tool-choice"]
     if model.serving.reasoning_parser:
         cmd += ["--reasoning-parser", model.serving.reasoning_parser]
+    return cmd
+
+
+def vllm_serve(seconds: float, port: int) -> dict:
+    """Bare `vllm serve` on the default LLM with the engine settings serve_config.yaml gives it."""
+    model, path = llm_model()
+    cmd = vllm_command(model, path, port)
     env = {**os.environ, **model.engine_env}
     log = open("bench/results/vllm-serve.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -111,6 +120,71 @@ def vllm_serve(seconds: float, port: int) -> dict:
         return {"ready_s": ready_s, **llm_load(f"http://127.0.0.1:{port}/v1/chat/completions", seconds, meter)}
     finally:
         _stop(proc)
+
+
+def vllm_router(port: int) -> dict:
+    """The routing step's peer: two bare `vllm serve` with the routing step's engine settings, behind
+    `vllm-router --policy cache_aware` (vLLM's Rust router, in its own venv, installed on first
+    use), under the routing step's workload. Each engine's hit and request counters come from its
+    /metrics."""
+    from bench.routing import routing_entry, run_phases
+    from serve_app.config import ModelConfig
+    from serve_app.presets import apply_preset
+
+    model = apply_preset(ModelConfig.model_validate(routing_entry()))
+    path = model.resolved_source(pathlib.Path("models"))
+    binary = VLLM_ROUTER_VENV / "bin" / "vllm-router"
+    if not binary.exists():
+        print(f"[bench] installing {VLLM_ROUTER} into {VLLM_ROUTER_VENV} (first run only) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VLLM_ROUTER_VENV)], check=True)
+        subprocess.run([str(VLLM_ROUTER_VENV / "bin" / "pip"), "install", "-q", VLLM_ROUTER], check=True)
+    engine_ports = [_free_port(), _free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in engine_ports]
+    procs: list[subprocess.Popen] = []
+    try:
+        t0 = time.time()
+        for i, p in enumerate(engine_ports):
+            log = open(f"bench/results/vllm-router-engine{i}.log", "w")
+            procs.append(subprocess.Popen(vllm_command(model, path, p), env={**os.environ, **model.engine_env}, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        for url, proc in zip(urls, procs):
+            _wait_http(f"{url}/v1/models", proc, 600)
+        log = open("bench/results/vllm-router.log", "w")
+        router = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls,
+                                   "--policy", "cache_aware", "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port())],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(router)
+        _wait_http(f"http://127.0.0.1:{port}/health", router, 120)
+        ready_s = time.time() - t0
+        return {"ready_s": round(ready_s, 1), "policy": "vllm-router cache_aware",
+                **run_phases(f"http://127.0.0.1:{port}", lambda: {url: _engine_counters(url) for url in urls}, settle_s=1)}
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _engine_counters(url: str) -> dict[str, int]:
+    """A bare vLLM's prefix-cache and finished-request counters, from its Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    names = {"vllm:prefix_cache_queries_total": "queried", "vllm:prefix_cache_hits_total": "hit",
+             "vllm:request_success_total": "requests"}
+    out = dict.fromkeys(names.values(), 0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in names:
+                out[names[sample.name]] += int(sample.value)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def infinity(seconds: float, port: int) -> dict:
@@ -139,7 +213,7 @@ def infinity(seconds: float, port: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["uvicorn", "raw-rerank", "vllm-serve", "infinity"])
+    p.add_argument("what", choices=["uvicorn", "raw-rerank", "vllm-serve", "infinity", "vllm-router"])
     p.add_argument("--port", type=int, default=8032)
     p.add_argument("--seconds", type=float, default=8)
     args = p.parse_args()
@@ -150,6 +224,8 @@ def main() -> None:
         out = vllm_serve(args.seconds, args.port)
     elif args.what == "infinity":
         out = infinity(args.seconds, args.port)
+    elif args.what == "vllm-router":
+        out = vllm_router(args.port)
     else:
         out = _uvicorn(args.seconds, args.port)
     print("RESULT " + json.dumps(out), flush=True)

@@ -1,11 +1,15 @@
 """The LLM routing step: two SmolLM2 replicas, the same workload under each policy (issue 21).
 
 Workload (seeded, the same for every policy): groups of conversations sharing a long prefix (a
-system prompt plus a document, ~1,000 tokens), three turns each, mixed with unique prompts,
+system prompt plus a document, ~1,100 tokens), three turns each, mixed with unique prompts,
 sent with a few requests in flight; then a second phase where every request shares one system
-prompt and asks its own question. Measured from outside: TTFT (streamed), output tokens/s, the
-share of requests per replica (x-served-replica), and vLLM's own prefix-cache hit rate on each
-replica (its counters in /v1/status, before and after).
+prompt and asks its own question. Each replica's KV cache holds 10,240 tokens (320 blocks of
+32): about seven of the twelve group prefixes beside the requests in flight, so a policy that
+spreads every group over both replicas makes vLLM evict prefixes it will need again.
+
+Measured from outside: TTFT (streamed), output tokens/s, the share of requests per replica, and
+vLLM's own prefix-cache hit rate on each replica (its counters, before and after): through our
+/v1/status for the stack's policies, from each `vllm serve`'s /metrics for vllm-router.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -26,23 +31,36 @@ WORDS = ("account billing refund invoice shipping order warranty product custome
          "manual device battery screen charger cable network router firmware update reset password email").split()
 
 
-def routing_model(policy: str) -> dict:
-    """serve_config.yaml's LLM, two replicas, the given routing policy."""
+# Every policy's engines, ours and bare `vllm serve` alike: a KV cache small enough to evict.
+ENGINE = {"block_size": 32, "num_gpu_blocks_override": 320}
+POLICIES = ("power_of_two", "cache_aware", "ray_prefix")  # ray_prefix: Ray Serve LLM's router (bench/peers.py)
+Counters = dict[str, dict[str, int]]  # replica -> {"queried", "hit", "requests"}
+
+
+def routing_entry() -> dict:
+    """serve_config.yaml's LLM with the bench's KV cache: what every policy's engines run."""
     entry = llm_entry()
+    return {**entry, "engine_kwargs": {**entry.get("engine_kwargs", {}), **ENGINE}}
+
+
+def routing_model(policy: str) -> dict:
+    """The bench's LLM, two replicas, the given routing policy (Ray's router rides on `cache_aware`'s
+    request-router slot: see routing())."""
+    entry = routing_entry()
     # Replicas post vLLM's prefix counters to /v1/status with each health check (every 5 s here).
     # The probe gets 60 s: on 2 cores a saturated replica's 1-token probe waits behind ~1,000-token
     # prefills, and with 1 s checks and the default 10 s budget the first run had its replicas
     # replaced mid-phase (see docs/benchmarks.md).
     deployment = {**entry["deployment"], "num_replicas": 2, "health_check_period_s": 5, "health_check_timeout_s": 90}
     return {**entry, "deployment": deployment, "health": {"probe_timeout_s": 60},
-            "routing": {"policy": policy, "stats_period_s": 1}}
+            "routing": {"policy": "cache_aware" if policy == "ray_prefix" else policy, "stats_period_s": 1}}
 
 
 def _text(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def conversations(seed: int = 0, groups: int = 6, per_group: int = 3, turns: int = 3, unique: int = 12) -> list[list[dict]]:
+def conversations(seed: int = 0, groups: int = 12, per_group: int = 2, turns: int = 3, unique: int = 12) -> list[list[dict]]:
     """Each conversation is a list of request bodies, one per turn (each turn's body holds the
     earlier turns, with a fixed stand-in for the assistant's answers so bodies do not depend on
     what the model said)."""
@@ -110,41 +128,57 @@ async def _drive(base: str, convs: list[list[dict]], concurrency: int) -> tuple[
     return results, time.perf_counter() - t0
 
 
-def _hits(base: str) -> dict[str, tuple[int, int]]:
+def stack_counters(base: str) -> Counters:
+    """vLLM's prefix counters of each replica, as our replicas post them to /v1/status."""
     rows = httpx.get(f"{base}/v1/status", timeout=30).json()["models"][MODEL]["replicas"]
-    return {r["replica_id"]: ((r.get("prefix_cache") or {}).get("queried_tokens", 0), (r.get("prefix_cache") or {}).get("hit_tokens", 0))
+    return {r["replica_id"]: {"queried": (r.get("prefix_cache") or {}).get("queried_tokens", 0),
+                              "hit": (r.get("prefix_cache") or {}).get("hit_tokens", 0), "requests": 0}
             for r in rows}
 
 
-def _phase(base: str, convs: list[list[dict]], concurrency: int) -> dict:
-    before = _hits(base)
+def phase(base: str, convs: list[list[dict]], concurrency: int, counters: Callable[[], Counters], settle_s: float = 7) -> dict:
+    """One phase against `base`. The share per replica comes from x-served-replica where the
+    server names it (ours), else from each engine's finished-request counter (vllm-router)."""
+    before = counters()
     results, wall = asyncio.run(_drive(base, convs, concurrency))
-    time.sleep(7)  # replicas post vLLM's counters with each health check (every 5 s)
-    after = _hits(base)
-    queried = sum(after[r][0] - before.get(r, (0, 0))[0] for r in after)
-    hit = sum(after[r][1] - before.get(r, (0, 0))[1] for r in after)
+    time.sleep(settle_s)  # our replicas post vLLM's counters with each health check (every 5 s)
+    after = counters()
+    delta = {r: {k: after[r][k] - before.get(r, {}).get(k, 0) for k in after[r]} for r in after}
+    queried, hit = sum(d["queried"] for d in delta.values()), sum(d["hit"] for d in delta.values())
     ttfts = sorted(x["ttft"] for x in results if x["ok"]) or [float("nan")]
     share: dict[str, int] = {}
     for x in results:
-        share[x["replica"]] = share.get(x["replica"], 0) + 1
+        if x["replica"]:
+            share[x["replica"]] = share.get(x["replica"], 0) + 1
+    if not share:
+        share = {r: d["requests"] for r, d in delta.items()}
     return {
         "requests": len(results), "failed": sum(not x["ok"] for x in results),
         "vllm_hit_rate": round(hit / queried, 3) if queried else None,
         "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p99_s": round(ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 3),
         "output_tokens_per_s": round(sum(x["tokens"] for x in results) / wall, 2),
-        "max_replica_share": round(max(share.values()) / len(results), 3), "wall_s": round(wall, 1),
+        "max_replica_share": round(max(share.values()) / max(1, sum(share.values())), 3), "wall_s": round(wall, 1),
     }
+
+
+def run_phases(base: str, counters: Callable[[], Counters], settle_s: float = 7) -> dict:
+    return {"conversations": phase(base, conversations(), 4, counters, settle_s),
+            "shared_system_prompt": phase(base, shared_system(), 4, counters, settle_s)}
 
 
 def routing(base: str, policy: str) -> dict:
     from ray import serve
 
+    import serve_app.app
     from serve_app.app import build_app
 
+    if policy == "ray_prefix":
+        # Ray's router in the slot our cost-aware router takes, with Ray Serve LLM's defaults.
+        from bench.peers import RAY_PREFIX_ROUTER
+
+        serve_app.app.llm_request_router = lambda model: {"request_router_class": RAY_PREFIX_ROUTER}
     t0 = time.time()
     serve.run(build_app(app_args([routing_model(policy)])), name="bench", route_prefix="/")
     ready_s = time.time() - t0
     time.sleep(3)  # first load reports
-    return {"ready_s": round(ready_s, 1), "policy": policy,
-            "conversations": _phase(base, conversations(), concurrency=4),
-            "shared_system_prompt": _phase(base, shared_system(), concurrency=4)}
+    return {"ready_s": round(ready_s, 1), "policy": policy, **run_phases(base, lambda: stack_counters(base))}

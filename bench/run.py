@@ -52,6 +52,10 @@ STEPS = [
     ("routing-default", "two SmolLM2 replicas, shared-prefix conversations, Serve's default router (baseline)",
      ["bench.stack", "--scenario", "routing", "--policy", "power_of_two"], SERVE_ENV),
     ("routing-ours", "the same, our cost-aware router", ["bench.stack", "--scenario", "routing", "--policy", "cache_aware"], SERVE_ENV),
+    ("routing-ray-prefix", "the same, Ray Serve LLM's PrefixCacheAffinityRouter in our stack",
+     ["bench.stack", "--scenario", "routing", "--policy", "ray_prefix"], SERVE_ENV),
+    ("routing-vllm-router", "the same engines as two bare `vllm serve` behind vllm-router --policy cache_aware",
+     ["bench.baselines", "vllm-router"], {}),
 ]
 
 
@@ -347,21 +351,43 @@ def table(r: dict[str, dict]) -> str:
             add(f"| {tag} ready after start | {s['ready_s']:.0f} s | {v['ready_s']:.0f} s | {_x(s['ready_s'], v['ready_s'])} |")
             if own := meter_cost(s):
                 add(f"| {tag} the CPU split's own work (outside the measured latencies) | {own} | | |")
-    if (d := r.get("routing-default")) and (o := r.get("routing-ours")):
-        for phase, label in (("conversations", "shared-prefix conversations"), ("shared_system_prompt", "one system prompt for all")):
-            a, b = o[phase], d[phase]
-            if a["vllm_hit_rate"] is not None and b["vllm_hit_rate"] is not None:
-                add(f"| routing, {label}: vLLM prefix hit rate | {a['vllm_hit_rate']:.3f} | {b['vllm_hit_rate']:.3f} (Serve's default) | {_x(a['vllm_hit_rate'], max(b['vllm_hit_rate'], 1e-9))} |")
-            add(f"| routing, {label}: TTFT p50 | {a['ttft_p50_s'] * 1000:.0f} ms | {b['ttft_p50_s'] * 1000:.0f} ms | {_x(a['ttft_p50_s'], b['ttft_p50_s'])} |")
-            add(f"| routing, {label}: TTFT p99 | {a['ttft_p99_s'] * 1000:.0f} ms | {b['ttft_p99_s'] * 1000:.0f} ms | {_x(a['ttft_p99_s'], b['ttft_p99_s'])} |")
-            add(f"| routing, {label}: output tokens/s | {a['output_tokens_per_s']:.1f} | {b['output_tokens_per_s']:.1f} | {_x(a['output_tokens_per_s'], b['output_tokens_per_s'])} |")
-            add(f"| routing, {label}: busiest replica's share | {a['max_replica_share']:.0%} | {b['max_replica_share']:.0%} | |")
-            add(f"| routing, {label}: failed requests | {a['failed']} of {a['requests']} | {b['failed']} of {b['requests']} | |")
+    if d := r.get("routing-default"):
+        rows.extend(routing_rows(r, d))
     for name in sorted(k for k in r if "@" in k):
         step, rev = name.split("@", 1)
         if step in r:
             rows.extend(compare_rows(step, rev, r[step], r[name]))
     return "\n".join(rows)
+
+
+ROUTING_POLICIES = (("routing-ours", ""), ("routing-ray-prefix", " (Ray's PrefixCacheAffinityRouter)"),
+                    ("routing-vllm-router", " (vllm-router cache_aware)"))
+ROUTING_PHASES = (("conversations", "shared-prefix conversations"), ("shared_system_prompt", "one system prompt for all"))
+
+
+def routing_rows(r: dict[str, dict], d: dict) -> list[str]:
+    """Each routing policy that ran against Serve's default (`d`), same run; then ours against the
+    best peer's hit rate."""
+    rows = []
+    add = rows.append
+    for phase, label in ROUTING_PHASES:
+        for step, who in ROUTING_POLICIES:
+            if step not in r:
+                continue
+            a, b = r[step][phase], d[phase]
+            if a["vllm_hit_rate"] is not None and b["vllm_hit_rate"] is not None:
+                add(f"| routing, {label}{who}: vLLM prefix hit rate | {a['vllm_hit_rate']:.3f} | {b['vllm_hit_rate']:.3f} (Serve's default) | {_x(a['vllm_hit_rate'], max(b['vllm_hit_rate'], 1e-9))} |")
+            add(f"| routing, {label}{who}: TTFT p50 | {a['ttft_p50_s'] * 1000:.0f} ms | {b['ttft_p50_s'] * 1000:.0f} ms | {_x(a['ttft_p50_s'], b['ttft_p50_s'])} |")
+            add(f"| routing, {label}{who}: TTFT p99 | {a['ttft_p99_s'] * 1000:.0f} ms | {b['ttft_p99_s'] * 1000:.0f} ms | {_x(a['ttft_p99_s'], b['ttft_p99_s'])} |")
+            add(f"| routing, {label}{who}: output tokens/s | {a['output_tokens_per_s']:.1f} | {b['output_tokens_per_s']:.1f} | {_x(a['output_tokens_per_s'], b['output_tokens_per_s'])} |")
+            add(f"| routing, {label}{who}: busiest replica's share | {a['max_replica_share']:.0%} | {b['max_replica_share']:.0%} | |")
+            add(f"| routing, {label}{who}: failed requests | {a['failed']} of {a['requests']} | {b['failed']} of {b['requests']} | |")
+        peers = [(r[s][phase]["vllm_hit_rate"], who.strip(" ()")) for s, who in ROUTING_POLICIES[1:]
+                 if s in r and r[s][phase]["vllm_hit_rate"] is not None]
+        if peers and (ours := r.get("routing-ours")) and ours[phase]["vllm_hit_rate"] is not None:
+            best, name = max(peers)
+            add(f"| routing, {label}: our hit rate vs the best peer's | {ours[phase]['vllm_hit_rate']:.3f} | {best:.3f} ({name}) | {_x(ours[phase]['vllm_hit_rate'], max(best, 1e-9))} |")
+    return rows
 
 
 def _machine() -> str:

@@ -206,7 +206,8 @@ def haproxy_listeners() -> dict[str, str]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm", "batch", "routing"], required=True)
-    p.add_argument("--policy", choices=["cache_aware", "power_of_two"], default="cache_aware", help="routing: the LLM policy")
+    p.add_argument("--policy", choices=["cache_aware", "power_of_two", "ray_prefix"], default="cache_aware",
+                   help="routing: the LLM policy (ray_prefix: Ray Serve LLM's PrefixCacheAffinityRouter, bench/peers.py)")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--port", type=int, default=8031)
     p.add_argument("--seconds", type=float, default=8)
@@ -228,7 +229,7 @@ def main() -> None:
         if args.scenario == "routing":
             from bench.routing import routing
 
-            out = routing(base, args.policy)
+            out = {**routing(base, args.policy), "code": serve_rooms()[1]}  # which checkout's code the replicas ran
         elif args.scenario in ("long-list", "rerank"):
             out = {"long-list": long_list, "rerank": rerank}[args.scenario](base, args.seconds, args.replicas)
         else:
