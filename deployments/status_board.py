@@ -33,6 +33,10 @@ from serve_app.config import AlertsConfig
 
 logger = logging.getLogger("ray.serve")
 RECENT_ALERTS = 50  # kept for /v1/status
+# A board whose app Serve has not listed for this long ends itself and its saved state: a deleted
+# app's board would otherwise ask the controller for every app's details each check period until
+# the cluster stops. (Long enough for a `serve deploy` that removes and re-adds the app.)
+APP_GONE_EXIT_S = 60.0
 
 NAMESPACE = "serve_app"
 
@@ -81,9 +85,18 @@ class StatusBoard:
             restarts, nodes_alive = self._alerts.restarts, dict(self._alerts.tracker.nodes_alive)  # a new config keeps them
         cfg = AlertsConfig.model_validate(alerts)
         self._alerts = _AlertLoop(wanted, app, cfg, models, self._read_copy, self._circuits_copy, restarts, nodes_alive,
-                                  self._saved)
+                                  self._saved, on_app_gone=self._retire)
         if self._saved is not None:
             self._saved.store(config=[app, alerts, models])
+
+    def _retire(self) -> None:
+        """The app is gone: forget what was saved for it and end this actor for good (a crash
+        would be restarted). A later app of the same name makes a new board."""
+        if self._saved is not None:
+            self._saved.clear()
+        logger.warning("status board: app %s not listed by Serve for %.0fs; ending", self._alerts.app if self._alerts else "?",
+                       APP_GONE_EXIT_S)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def alert_state(self) -> dict[str, Any]:
         """Recent alerts, delivery counts and replicas lost per model (`restarts`), for /v1/status.
@@ -123,9 +136,10 @@ class _AlertLoop:
 
     def __init__(self, wanted: tuple, app: str, cfg, models: dict[str, dict[str, Any]], reports, circuits,
                  restarts: dict[str, int] | None = None, nodes_alive: dict[str, str] | None = None,
-                 saved: "Saved | None" = None) -> None:
+                 saved: "Saved | None" = None, on_app_gone=None, clock=time.monotonic) -> None:
         self.wanted, self.app, self.cfg, self.models, self.reports = wanted, app, cfg, models, reports
-        self.circuits, self.saved = circuits, saved
+        self.circuits, self.saved, self.on_app_gone, self.clock = circuits, saved, on_app_gone, clock
+        self.app_missing_since: float | None = None  # when the controller first answered without the app
         self.tracker = AlertTracker(cfg, app)
         self.tracker.restarts.update(restarts or {})
         self.tracker.nodes_alive.update(nodes_alive or {})
@@ -144,7 +158,13 @@ class _AlertLoop:
     def _run(self) -> None:
         while not self._stop.wait(self.cfg.check_period_s):
             try:
-                messages = self.tracker.observe(self._world())
+                world = self._world()
+                if self.app_gone():
+                    self.stop()
+                    if self.on_app_gone is not None:
+                        self.on_app_gone()
+                    return
+                messages = self.tracker.observe(world)
                 self.restarts = dict(self.tracker.restarts)
                 if self.saved is not None:
                     self.saved.store(restarts=self.restarts, nodes_alive=dict(self.tracker.nodes_alive))
@@ -157,10 +177,18 @@ class _AlertLoop:
             except Exception:  # noqa: BLE001 - a bad period must not end alerting
                 logger.exception("status board: alert check failed")
 
+    def app_gone(self) -> bool:
+        return self.app_missing_since is not None and self.clock() - self.app_missing_since >= APP_GONE_EXIT_S
+
     def _world(self) -> World:
         try:
             deps = app_deployments(self.app)
-        except Exception:  # noqa: BLE001 - controller busy, restarting, or the app is being deployed
+            self.app_missing_since = None
+        except KeyError:  # the controller answered, without this app: deleted (or, briefly, being re-added)
+            deps = None
+            if self.app_missing_since is None:
+                self.app_missing_since = self.clock()
+        except Exception:  # noqa: BLE001 - controller busy or restarting: no claim, and no verdict on the app
             deps = None  # no claim about replicas or circuits this period
         return World(models=_models(deps, self.models), reports=self.reports(), nodes=_nodes(),
                      circuits=_live_router_circuits(deps, self.circuits()))
@@ -197,6 +225,16 @@ class Saved:
                 self.state = state
             except Exception:  # noqa: BLE001 - tried again at the next change
                 logger.warning("status board: could not save its state", exc_info=True)
+
+    def clear(self) -> None:
+        from ray.experimental import internal_kv
+
+        with self._lock:
+            try:
+                internal_kv._internal_kv_del(self.key, namespace=NAMESPACE)
+                self.state = {}
+            except Exception:  # noqa: BLE001 - a stale entry is only read by a board of the same app name
+                logger.warning("status board: could not clear its saved state", exc_info=True)
 
 
 def _models(deps: dict[str, dict[str, Any]] | None, models: dict[str, dict[str, Any]]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from types import SimpleNamespace
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError
@@ -154,3 +155,75 @@ def test_the_periodic_resend_never_replaces_a_config_the_board_has(monkeypatch):
     assert board._alerts is not loop and board._alerts.cfg.window_s == 90
     board._alerts.stop()
     loop.stop()
+
+
+def _board_with_fake_ray(monkeypatch, listing):
+    """A board configured for app "app", with the GCS store, Serve's listing and ray.kill faked."""
+    from ray.experimental import internal_kv
+
+    kv: dict[tuple, bytes] = {}
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", lambda k, v, overwrite=True, namespace=None: kv.__setitem__((namespace, k), v))
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda k, namespace=None: kv.get((namespace, k)))
+    monkeypatch.setattr(internal_kv, "_internal_kv_del", lambda k, namespace=None: kv.pop((namespace, k), None))
+    killed: list[tuple] = []
+    monkeypatch.setattr(status_board.ray, "kill", lambda handle, no_restart=False: killed.append((handle, no_restart)))
+    monkeypatch.setattr(status_board.ray, "get_runtime_context", lambda: SimpleNamespace(current_actor="this board"))
+    monkeypatch.setattr(status_board, "app_deployments", listing)
+    monkeypatch.setattr(status_board, "_nodes", lambda: None)
+    board = status_board.StatusBoard.__ray_actor_class__("app")
+    return board, kv, killed
+
+
+def test_a_board_ends_itself_and_its_saved_state_once_serve_has_not_listed_its_app_for_a_minute(monkeypatch):
+    """A deleted app's board used to poll the controller every check period until the cluster
+    stopped (seen in a full test run: every deleted test app's board). Only Serve's answer
+    without the app counts toward the minute; a controller that cannot be asked is no verdict."""
+    answer = {"now": "listed"}
+
+    def listing(app):
+        if answer["now"] == "listed":
+            return {}
+        if answer["now"] == "busy":
+            raise TimeoutError("controller busy")
+        raise KeyError(app)
+
+    board, kv, killed = _board_with_fake_ray(monkeypatch, listing)
+    board.configure_alerts("app", {"check_period_s": 60}, {})  # its own thread waits a minute: driven by hand here
+    loop, now = board._alerts, [1000.0]
+    loop.clock = lambda: now[0]
+    try:
+        assert kv  # the config was saved
+        answer["now"] = "gone"
+        loop._world()
+        now[0] += 59
+        answer["now"] = "busy"
+        loop._world()
+        assert not loop.app_gone()
+        answer["now"] = "listed"  # re-added within the minute: the count starts over
+        loop._world()
+        answer["now"] = "gone"
+        now[0] += 30
+        loop._world()
+        now[0] += 59
+        assert not loop.app_gone()
+        now[0] += 1
+        assert loop.app_gone()
+    finally:
+        loop.stop()
+    loop.on_app_gone()
+    assert killed == [("this board", True)] and not kv  # for good (no restart), and nothing left for a namesake
+
+
+def test_the_alert_thread_ends_the_board_when_its_app_is_gone_and_not_when_the_controller_is_busy(monkeypatch):
+    monkeypatch.setattr(status_board, "APP_GONE_EXIT_S", 0.0)
+    busy, _, killed_busy = _board_with_fake_ray(monkeypatch, lambda app: (_ for _ in ()).throw(TimeoutError("busy")))
+    busy.configure_alerts("app", {"check_period_s": 0.01}, {})
+    time.sleep(0.3)
+    assert killed_busy == [] and not busy._alerts._stop.is_set()
+    busy._alerts.stop()
+    gone, kv, killed = _board_with_fake_ray(monkeypatch, lambda app: (_ for _ in ()).throw(KeyError(app)))
+    gone.configure_alerts("app", {"check_period_s": 0.01}, {})
+    deadline = time.time() + 5
+    while not killed and time.time() < deadline:
+        time.sleep(0.01)
+    assert killed == [("this board", True)] and gone._alerts._stop.is_set() and not kv
