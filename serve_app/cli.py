@@ -320,7 +320,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     raw, _ = load_serve_config(args.config)
     http = raw.get("http_options") or {}
     base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    _print_endpoints(base, apps)
+    prefixes = {a.get("name", "default"): a.get("route_prefix", "/") for a in raw.get("applications") or []}
+    _print_endpoints(base, apps, {n: prefixes.get(n, "/") for n in names})
     return 0
 
 
@@ -390,11 +391,16 @@ def _wait_running(names: list[str], timeout: float) -> bool:
     return False
 
 
-def _print_endpoints(base: str, apps: list[tuple[str, AppConfig]]) -> None:
-    print(f"\nRUNNING. Endpoints at {base}:")
-    for path in ("GET  /health", "GET  /ready", "GET  /v1/models", "POST /v1/chat/completions",
-                 "POST /v1/completions", "POST /v1/embeddings", "POST /v1/rerank (and /rerank)", "POST /v2/rerank (Cohere v2)"):
-        print(f"  {path}")
+def _print_endpoints(base: str, apps: list[tuple[str, AppConfig]], prefixes: dict[str, str]) -> None:
+    """Every route of the router (openapi.ROUTES, which the schema test holds to the route table),
+    under each app's route prefix."""
+    from serve_app.openapi import ROUTES
+
+    where = ", ".join(f"{name} at {base}{'' if prefix in ('', '/') else prefix}" for name, prefix in prefixes.items())
+    print(f"\nRUNNING: {where}. Each app's endpoints, under its prefix:")
+    for key, doc in ROUTES.items():
+        method, _, path = key.rpartition(" ")
+        print(f"  {method or ('POST' if doc.body else 'GET'):<6} {path:<32} {doc.summary}")
     print(f"  Ray dashboard: {DASHBOARD}")
     llm = next((m.name for _, c in apps for m in c.models if m.kind.value == "llm"), None)
     if llm:

@@ -108,8 +108,10 @@ class AuthMiddleware:
     key's in-flight slot taken by the handler's admission is given back, however it ended.
     """
 
-    # /status, /docs: HTML shells without data; /openapi.json: the API's shape, public as vLLM's
+    # /status, /docs: HTML shells without data (and /docs/static/: Swagger UI's files); /openapi.json:
+    # the API's shape, public as vLLM's
     OPEN_PATHS = frozenset({"/health", "/ready", "/status", "/docs", "/openapi.json"})
+    OPEN_PREFIXES = ("/docs/static/",)
 
     def __init__(self, app: ASGIApp, admission) -> None:  # admission: serve_app.admission.Admission
         self.app = app
@@ -125,7 +127,7 @@ class AuthMiddleware:
                 path = path[len(root):]
             if BATCH_SCOPE in scope:  # a batch line, run in-process as its owner (serve_app/batches/worker.py)
                 state["principal"] = scope[BATCH_SCOPE]
-            elif path in self.OPEN_PATHS:
+            elif path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES):
                 try:
                     state["principal"] = self.admission.authenticate(auth) if auth else None
                 except ApiError:

@@ -129,6 +129,7 @@ class Router:
                 Route("/status", admin.status_page, methods=["GET"]),
                 Route("/openapi.json", admin.openapi_schema, methods=["GET"]),
                 Route("/docs", admin.api_docs, methods=["GET"]),
+                Route("/docs/static/{name}", admin.docs_asset, methods=["GET"]),
             ],
             # Inside Starlette's ServerErrorMiddleware, so we shape errors before it answers 500.
             middleware=[

@@ -22,7 +22,8 @@ def page_response() -> HTMLResponse:
     return html_response(PAGE)
 
 
-def html_response(page: str) -> HTMLResponse:
-    """A static page of ours: never cached, inline code only, talking to this origin only."""
-    return HTMLResponse(page, headers={"cache-control": "no-store", "content-security-policy": CSP,
+def html_response(page: str, csp: str = CSP) -> HTMLResponse:
+    """A static page of ours: never cached, inline code only (unless `csp` says more), talking to
+    this origin only."""
+    return HTMLResponse(page, headers={"cache-control": "no-store", "content-security-policy": csp,
                                        "x-content-type-options": "nosniff"})

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+from collections.abc import Iterator
+from typing import Any
 
 from tests.local_servers import needs, require
 
@@ -24,3 +27,24 @@ def chromium_dom(url: str, budget_ms: int, tmp_path) -> tuple[str, str]:
 
 def console_errors(log: str) -> list[str]:
     return [line for line in log.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
+
+
+@contextlib.contextmanager
+def browser_page() -> Iterator[tuple[Any, list[str], list[str]]]:
+    """A page in the machine's Chromium driven by Playwright (never Playwright's own browsers), for
+    tests that click: (page, every URL it requested, its console errors)."""
+    require(CHROMIUM is not None, NO_CHROMIUM)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            requested: list[str] = []
+            errors: list[str] = []
+            page.on("request", lambda r: requested.append(r.url))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield page, requested, errors
+        finally:
+            browser.close()

@@ -17,7 +17,7 @@ from serve_app.api import admin, openai
 from serve_app.config import ModelKind
 from serve_app.errors import ApiError, GatewayTimeout, Overloaded
 from serve_app.handlers.context import Context
-from serve_app.openapi import docs_response, schema_response
+from serve_app.openapi import docs_asset_response, docs_response, schema_response
 from serve_app.resilience import call_replica
 from serve_app.status import running_replicas, status_view
 from serve_app.status_page import page_response
@@ -135,8 +135,12 @@ class AdminHandlers:
         return schema_response(request.app.routes)
 
     async def api_docs(self, request: Request) -> Response:
-        """`GET /docs`: a static page rendering /openapi.json, no CDN."""
+        """`GET /docs`: Swagger UI rendering /openapi.json, its assets from this router (no CDN)."""
         return docs_response()
+
+    async def docs_asset(self, request: Request) -> Response:
+        """`GET /docs/static/{name}`: Swagger UI's script, style and icon (a fixed list)."""
+        return docs_asset_response(request.path_params["name"])
 
 
 def _short(exc: BaseException) -> str:

@@ -22,6 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from serve_app.openapi import DOCS_ASSETS
+
 pytestmark = pytest.mark.e2e
 EXAMPLES = 60
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
@@ -265,6 +267,27 @@ def test_api_page_and_schema(http, params, raw, prefix, path, who):
     assert r.status_code == 200, r.text[:300]
     if path == "/openapi.json":
         assert "/v1/chat/completions" in r.json()["paths"]
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(DOCS_ASSETS)) | TEXT.filter(lambda n: n not in (".", ".."))  # the client drops dot segments
+       | st.sampled_from(["../openapi.py", "%2e%2e%2fREADME.md", "index.html", "swagger-ui.js.map"]),
+       prefix=st.sampled_from(["", "/tiny", "/guarded"]), who=st.sampled_from(["admin", "wrong", None]))
+def test_api_page_assets(http, name, prefix, who):
+    """GET /docs/static/{name}: Swagger UI's own files -> 200 with no key; any other name -> a 404 in
+    OpenAI's shape (never a file outside the list, never a 5xx)."""
+    from urllib.parse import quote
+
+    from tests.e2e.conftest import ADMIN_KEY
+
+    secret = {"admin": ADMIN_KEY, "wrong": "sk-wrong", None: None}[who]
+    headers = {"authorization": f"Bearer {secret}"} if secret else {}
+    r = http.get(f"{prefix}/docs/static/{quote(name, safe='%')}", headers=headers)
+    check(r, (prefix, name, who))
+    if name in DOCS_ASSETS:
+        assert r.status_code == 200 and r.headers["content-type"].startswith(DOCS_ASSETS[name]), r.headers
+    else:
+        assert r.status_code == 404, (name, r.status_code, r.text[:200])
 
 
 # --- the Batch API (on the tiny app: its lines rerank with tiny-ce) ---
