@@ -12,7 +12,7 @@ import contextlib
 import logging
 import pathlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from deployments.engines.vllm_openai import VLLMOpenAI, coalesce
@@ -61,13 +61,14 @@ class LLMServer(MonitoredReplica):
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         own = self._own(body, stream=True)
         own["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        with self.tracked(request_id) as health, self._counted(api, body):
+        with self.tracked(request_id) as health, self._counted(api, body) as prefilled:
             sse = await self.engine.create(_api(api), own, request_id)
             if isinstance(sse, dict):
                 raise EngineFailure("the engine answered whole a request asked as a stream")
             replica = self.replica  # in the first item only
             async for events, usage in coalesce(sse, want_usage):
                 health.progress()
+                prefilled()  # the first item carries the first token (the router counts it there too)
                 yield stream_item(events, usage, replica)
                 replica = None
 
@@ -84,13 +85,22 @@ class LLMServer(MonitoredReplica):
         return {**body, "model": self.adapter_names.get(name, self.cfg.name) if isinstance(name, str) else self.cfg.name, **extra}
 
     @contextlib.contextmanager
-    def _counted(self, api: str, body: dict[str, Any]) -> Iterator[None]:
-        work = outstanding_work(api, body, self.cfg.routing.chars_per_token)
-        self.outstanding_tokens += work
+    def _counted(self, api: str, body: dict[str, Any]) -> Iterator[Callable[[], None]]:
+        """The request's work in `outstanding_tokens` (reported to the routers): its prompt until
+        `prefilled()` (a stream's first token; a whole answer never says), its output until it ends."""
+        prompt, output = outstanding_work(api, body, self.cfg.routing.chars_per_token)
+        held = [prompt + output]
+        self.outstanding_tokens += held[0]
+
+        def prefilled() -> None:
+            if held[0] > output:
+                self.outstanding_tokens -= held[0] - output
+                held[0] = output
+
         try:
-            yield
+            yield prefilled
         finally:
-            self.outstanding_tokens -= work
+            self.outstanding_tokens -= held[0]
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Serve polls this every `routing.stats_period_s` and hands it to each router replica's

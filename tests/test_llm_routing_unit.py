@@ -137,7 +137,7 @@ def test_two_routers_see_one_load_through_the_replicas_reports():
     prompt = a.prompt("chat", chat("hi"))
     for i in range(6):  # router a sends six requests to r0 and none finish
         a.routed(f"h{i}", None, "r0", prompt, None)
-    reported = sum(w for _, w in a.inflight.values())
+    reported = sum(prompt_tokens + output for _, prompt_tokens, output in a.inflight.values())
     b.update({"r0": ReplicaLoad(outstanding_tokens=reported), "r1": ReplicaLoad(outstanding_tokens=0)})
     assert b.rank(b.prompt("chat", chat("hi")), ["r0", "r1"])[0].replica == "r1"
 
@@ -252,6 +252,37 @@ def test_the_serve_adapter_counts_only_the_accepted_attempt_until_its_own_result
         card = SimpleNamespace(args=[], routing_context=SimpleNamespace(should_backoff=False),
                                metadata=SimpleNamespace(call_method="card", internal_request_id="h2"))
         assert await router.choose_replicas(replicas, card) == [replicas]
+
+    asyncio.run(scenario())
+
+
+def test_the_handlers_first_token_reaches_the_cost_model_of_the_accepted_stream_on_the_routers_loop():
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve_app.llm_routing import registry
+    from serve_app.llm_routing.request_router import CostAwareRouter
+
+    async def scenario():
+        router = CostAwareRouter.__new__(CostAwareRouter)
+        router._deployment_id, router._lazily_fetched_loop = SimpleNamespace(name="llm-unit-stream"), None
+        router.initialize_state({"load_weight": 1.0})
+        replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=r), routing_stats={"block_size": 16}) for r in ("a", "b")]
+        body = chat(DOCS[2] + " Q?", max_tokens=16)
+        pending = SimpleNamespace(args=["chat", body, "rid-s"], routing_context=SimpleNamespace(should_backoff=False),
+                                  metadata=SimpleNamespace(call_method="create_stream", internal_request_id="hs"))
+        chosen = (await router.choose_replicas(replicas, pending))[0][0]
+        router.on_request_routed(pending, chosen.replica_id, SimpleNamespace(add_done_callback=lambda _: None))
+        replica = chosen.replica_id.unique_id
+        prompt = router.model.prompt("chat", body)
+        assert router.model.outstanding[replica] == prompt.prompt_tokens + prompt.output_tokens
+        registry.first_token("rid-s", dict(body))  # another body object: not this request
+        registry.first_token("rid-s", body)
+        await asyncio.sleep(0)  # it runs on the request router's loop (here: this one)
+        assert router.model.outstanding[replica] == prompt.output_tokens
+        registry.first_token("rid-s", body)  # once only
+        await asyncio.sleep(0)
+        assert router.model.outstanding[replica] == prompt.output_tokens
 
     asyncio.run(scenario())
 
@@ -384,3 +415,60 @@ def test_each_decision_is_logged_sent_as_a_header_and_counted_per_replica_for_pr
     assert counted[("serve_app_routed_prompt_tokens", tags)] == 130
     assert counted[("serve_app_routed_predicted_cached_tokens", tags)] == 96
     assert "x-predicted-cached-tokens" not in with_routing(Response(), "rid-9", body, metrics, "m").headers  # read once
+
+
+def test_a_replica_only_decoding_keeps_the_prefix_it_holds():
+    """Load is work not yet computed: once a request's first token is out, its prompt no longer
+    weighs on its replica. The next turn of a conversation whose earlier turn is still decoding
+    there stays home; counted with its whole prompt, that turn looked like ~700 tokens of queue
+    and the turn went to the replica without the prefix (and paid its prefill)."""
+    for first_token_seen, stays in ((False, False), (True, True)):
+        sim = Sim(n=2, concurrency=2)  # the first turn is still in flight when the next comes
+        home = sim.send(chat(DOCS[3] + " Question 1?", max_tokens=16))
+        if first_token_seen:
+            sim.model.prefilled(sim.inflight[-1])
+        nxt = sim.model.prompt("chat", chat(DOCS[3] + " Question 1?", "answer", "Question 2?", max_tokens=16))
+        assert (sim.model.rank(nxt, sim.replicas)[0].replica == home) is stays, first_token_seen
+
+
+def test_a_prefilled_requests_prompt_leaves_the_count_once_and_a_stale_report_does_not_put_it_back():
+    now = [50.0]
+    m = CostModel(rng=random.Random(0))
+    m.clock = lambda: now[0]
+    m.update({"r0": ReplicaLoad(), "r1": ReplicaLoad()})
+    prompt = m.prompt("chat", chat(DOCS[0] + " Question?", max_tokens=16))
+    m.routed("h1", None, "r0", prompt, None)
+    full = m.outstanding["r0"]
+    assert full == prompt.prompt_tokens + prompt.output_tokens
+    m.prefilled("h1")
+    m.prefilled("h1")  # said twice (a retry's first token): counted once
+    assert m.outstanding["r0"] == prompt.output_tokens
+    # The replica's report from before its first token still holds the whole request: no other
+    # router's work is read into it (the prompt left this router's count within the transit time).
+    m.observe({"r0": ReplicaLoad(outstanding_tokens=full, reported_at=1.0), "r1": ReplicaLoad()})
+    assert m.others.get("r0", 0) == 0
+    m.completed("h1")
+    assert "r0" not in m.outstanding and m.inflight == {}
+    now[0] += m.report_transit_s + 1  # long after: a report that still says `full` is other routers' work
+    m.observe({"r0": ReplicaLoad(outstanding_tokens=full, reported_at=2.0), "r1": ReplicaLoad()})
+    assert m.others["r0"] == full
+
+
+def test_the_replica_reports_a_streams_prompt_until_its_first_token_and_its_output_until_the_end():
+    from deployments.llm import LLMServer
+    from serve_app.config import ModelConfig
+
+    server = LLMServer.__new__(LLMServer)
+    server.cfg = ModelConfig.model_validate({"name": "m", "kind": "llm", "engine": "vllm", "source": "org/m"})
+    server.outstanding_tokens = 0
+    body = chat(DOCS[1] + " Question?", max_tokens=16)
+    with server._counted("chat", body) as prefilled:
+        whole = server.outstanding_tokens
+        assert whole > 16
+        prefilled()
+        prefilled()
+        assert server.outstanding_tokens == 16  # the output still to come
+    assert server.outstanding_tokens == 0
+    with server._counted("chat", body):  # a whole answer never says: its prompt counts to the end
+        assert server.outstanding_tokens == whole
+    assert server.outstanding_tokens == 0

@@ -89,6 +89,7 @@ class LLMHandlers:
         base = ctx.base_of(model)
         # No fallback model serves an adapter: another model's answer would pass for the fine-tune's.
         served, (stream, first) = await ctx.dispatch.run(base, open_stream, fallbacks=base == model)
+        registry.first_token(rid, data)  # the prefill is done: the cost-aware router stops counting the prompt
         served = _counted_as(model, base, served)
         started = request.scope["state"].get("started")
         if started is not None:

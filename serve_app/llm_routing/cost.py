@@ -1,7 +1,9 @@
 """The cost of a request on each LLM replica, and the ranking the request router returns.
 
 cost(replica) = prefill it would compute      (prompt tokens minus the prefix it likely holds)
-              + load_weight x outstanding work (tokens routed there and not finished)
+              + load_weight x outstanding work (tokens routed there and not yet computed: a
+                                                request's prompt until its first token, its output
+                                                until it ends)
               + kv_penalty_tokens x kv_use^2   (a full cache evicts, preempts and recomputes)
               + adapter_load_tokens            (a LoRA adapter it does not hold: loaded first)
 
@@ -53,11 +55,12 @@ def estimate(api: str, body: dict[str, Any], chars_per_token: float) -> tuple[st
     return text, max(1, round(len(text) / chars_per_token)), output
 
 
-def outstanding_work(api: str, body: dict[str, Any], chars_per_token: float) -> int:
-    """A request's share of a replica's load: its prompt and output tokens (the replica's count
-    and the router's are the same number, so the larger of the two is never a double count)."""
+def outstanding_work(api: str, body: dict[str, Any], chars_per_token: float) -> tuple[int, int]:
+    """A request's share of a replica's load, (prompt tokens, output tokens): the prompt counts until
+    its first token (the prefill is then done; a stream's first token is seen on both sides), the
+    output until it ends. The replica's count and the router's are the same numbers."""
     _, prompt_tokens, output_tokens = estimate(api, body, chars_per_token)
-    return prompt_tokens + output_tokens
+    return prompt_tokens, output_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +72,7 @@ class ReplicaLoad:
     kv_usage: float = 0.0
     running: int = 0
     waiting: int = 0
-    outstanding_tokens: int = 0  # prompt + output tokens of the requests it holds, all routers'
+    outstanding_tokens: int = 0  # tokens of the requests it holds not yet computed (outstanding_work), all routers'
     prefix_queries: int = 0  # vLLM's prefix-cache counters since the replica started, in tokens
     prefix_hits: int = 0
     reported_at: float = 0.0  # the replica's clock: tells a new report from the one seen before
@@ -136,7 +139,8 @@ class CostModel:
         self.others: dict[str, int] = {}  # other routers' work on each replica, as of its last report
         self.ended: dict[str, collections.deque[tuple[float, int]]] = {}  # this router's recent ends: (when, work)
         self.clock = time.monotonic
-        self.inflight: dict[str, tuple[str, int]] = {}  # handle request id -> (replica, its work)
+        # handle request id -> [replica, prompt tokens not yet prefilled (0 after the first token), output tokens]
+        self.inflight: dict[str, list] = {}
         self.last_tried: dict[Any, str] = {}  # a request's attempt key -> the replica that last took it
         self.predictions: dict[str, Predictions] = collections.defaultdict(Predictions)
         self.rng = rng or random.Random()
@@ -188,9 +192,8 @@ class CostModel:
     def routed(self, handle_request_id: str, attempt: Any, replica: str, prompt: Prompt, cost: Cost | None) -> None:
         """A replica accepted the request: its work is outstanding there until `completed`."""
         cost = cost or self.costs(prompt, [replica])[0]
-        work = prompt.prompt_tokens + prompt.output_tokens  # as the replica counts it (outstanding_work)
-        self.inflight[handle_request_id] = (replica, work)
-        self.outstanding[replica] += work
+        self.inflight[handle_request_id] = [replica, prompt.prompt_tokens, prompt.output_tokens]  # as outstanding_work
+        self.outstanding[replica] += prompt.prompt_tokens + prompt.output_tokens
         if attempt is not None:
             self.last_tried[attempt] = replica
             while len(self.last_tried) > 10_000:  # ids of finished requests: oldest first out
@@ -209,11 +212,23 @@ class CostModel:
             while len(sent) > self.adapters_resident:
                 sent.popitem(last=False)
 
+    def prefilled(self, handle_request_id: str) -> None:
+        """The request's first token came back: its prompt is computed, and what it still asks of
+        the replica is its decode. (A replica busy only decoding is no reason to send a prefix
+        elsewhere: a new prefill there waits for steps, not for other prefills.)"""
+        entry = self.inflight.get(handle_request_id)
+        if entry is not None and entry[1]:
+            prompt_tokens, entry[1] = entry[1], 0
+            self._release(entry[0], prompt_tokens)
+
     def completed(self, handle_request_id: str) -> None:
         """The accepted request ended (answered, failed or cancelled)."""
-        replica, work = self.inflight.pop(handle_request_id, (None, 0))
-        if replica is None:
-            return
+        entry = self.inflight.pop(handle_request_id, None)
+        if entry is not None:
+            self._release(entry[0], entry[1] + entry[2])
+
+    def _release(self, replica: str, work: int) -> None:
+        """Work left this router's count for `replica`; a report may still hold it for a while."""
         self.outstanding[replica] -= work
         if self.outstanding[replica] <= 0:
             del self.outstanding[replica]
@@ -228,7 +243,8 @@ class CostModel:
         return 2 * self.cfg.stats_period_s + 1.0
 
     def _recently_ended(self, replica: str) -> int:
-        """This router's work that ended on `replica` within a report's transit time."""
+        """This router's work that left `replica` (its prefill done, or the request ended) within a
+        report's transit time."""
         ended = self.ended.get(replica)
         if not ended:
             return 0

@@ -17,6 +17,9 @@ MAX_DECISIONS = 10_000
 models: dict[str, CostModel] = {}  # LLM deployment name -> its cost model
 # (request id, id(body)) -> (replica, predicted cached tokens, the prompt tokens it estimated)
 _decisions: collections.OrderedDict[tuple[str, int], tuple[str, int, int]] = collections.OrderedDict()
+# (request id, id(body)) of a stream -> (its cost model, the accepted try's handle request id, the
+# request router's loop): where the handler says that the first token came
+_streams: collections.OrderedDict[tuple[str, int], tuple[CostModel, str, Any]] = collections.OrderedDict()
 
 
 def record_decision(key: tuple[str, int], replica: str, cached_tokens: int, prompt_tokens: int) -> None:
@@ -29,6 +32,22 @@ def record_decision(key: tuple[str, int], replica: str, cached_tokens: int, prom
 
 def pop_decision(request_id: str, body: dict[str, Any]) -> tuple[str, int, int] | None:
     return _decisions.pop((request_id, id(body)), None)
+
+
+def record_stream(key: tuple[str, int], model: CostModel, handle_request_id: str, loop: Any) -> None:
+    """A stream's try was accepted (request router's thread); a later try of the same request replaces it."""
+    _streams[key] = (model, handle_request_id, loop)
+    while len(_streams) > MAX_DECISIONS:  # streams whose first token never came
+        _streams.popitem(last=False)
+
+
+def first_token(request_id: str, body: dict[str, Any]) -> None:
+    """The handler got a stream's first token: its prompt no longer weighs on the replica's load
+    in this router's count (CostModel.prefilled, run on the request router's own loop)."""
+    entry = _streams.pop((request_id, id(body)), None)
+    if entry is not None:
+        model, handle_request_id, loop = entry
+        loop.call_soon_threadsafe(model.prefilled, handle_request_id)
 
 
 def routing_view(deployment: str) -> dict[str, dict[str, Any]]:

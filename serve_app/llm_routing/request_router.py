@@ -80,6 +80,8 @@ class CostAwareRouter(RequestRouter):
         result.add_done_callback(lambda _: loop.call_soon_threadsafe(self.model.completed, handle_id))
         if key is not None:
             registry.record_decision(key, replica, cost.cached_tokens if cost else 0, prompt.prompt_tokens)
+            if pending_request.metadata.call_method == "create_stream":
+                registry.record_stream(key, self.model, handle_id, loop)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
