@@ -4,7 +4,9 @@ Serve calls `check_health` every `health_check_period_s`; raising makes Serve re
 replica. An engine ping misses stalls (ray #61263) and a probe stuck behind a long queue has
 killed healthy vLLM replicas (ray #54070), so:
 - stalled (requests in flight, no progress for `stall_after_s`) → unhealthy, whatever else;
-- a real request completed within `fresh_s` → healthy, no probe needed;
+- a real request completed, or real output came (a token streamed, a batch scored), within
+  `fresh_s` → healthy, no probe needed: a saturated replica whose long prefills keep a 1-token
+  probe waiting past its budget is still serving (the routing bench had replicas replaced so);
 - otherwise a tiny real probe through the engine must finish within `probe_timeout_s`.
 """
 
@@ -34,6 +36,7 @@ class HealthMonitor:
         self.completed = 0
         self.last_progress = clock()
         self.last_success: float | None = None
+        self.last_output: float | None = None  # the engine produced something (not a failure's end)
         self.last_error: str | None = None
         self.last_error_at: float | None = None  # wall clock, for people
         self.last_probe_at: float | None = None
@@ -53,11 +56,12 @@ class HealthMonitor:
             self.in_flight_ids[request_id] = self.in_flight_ids.get(request_id, 0) + 1
 
     def progress(self) -> None:
-        self.last_progress = self.clock()
+        """Real output: a streamed token, a scored batch."""
+        self.last_progress = self.last_output = self.clock()
 
     def finished(self, error: BaseException | None = None, request_id: str | None = None) -> None:
         self.in_flight = max(0, self.in_flight - 1)
-        self.progress()
+        self.last_progress = self.clock()  # an end is progress against a stall, but only a success is output
         if request_id and request_id in self.in_flight_ids:
             self.in_flight_ids[request_id] -= 1
             if not self.in_flight_ids[request_id]:
@@ -77,7 +81,8 @@ class HealthMonitor:
         stalled = self.stalled_for()
         if stalled > self.settings.stall_after_s:
             raise self._fail(f"stalled: {self.in_flight} request(s) in flight, no progress for {stalled:.0f}s")
-        if self.last_success is not None and self.clock() - self.last_success < self.settings.fresh_s:
+        served = max((t for t in (self.last_success, self.last_output) if t is not None), default=None)
+        if served is not None and self.clock() - served < self.settings.fresh_s:
             self._passed()
             return
         t0 = self.clock()

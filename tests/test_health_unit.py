@@ -56,6 +56,38 @@ def test_recent_success_skips_the_probe_so_a_busy_queue_cannot_fail_it():
     assert m.snapshot()["last_probe_ok"] is False
 
 
+def test_output_streaming_now_passes_a_saturated_replica_whose_probe_would_wait_past_its_budget():
+    """A replica busy with long prefills answers no request for a while, but its streams emit
+    tokens: that is serving, not failing (the routing bench had such replicas replaced)."""
+    m, now = monitor()
+
+    async def never():
+        await asyncio.sleep(10)
+
+    m.started()
+    now[0] += 6
+    m.progress()  # a token streamed
+    now[0] += 4
+    asyncio.run(m.check(never))  # within fresh_s of the output: no probe
+    now[0] += 2  # no output for 6 s now: the probe runs, and its budget counts
+    with pytest.raises(ReplicaUnhealthy, match="did not finish within 0.2s"):
+        asyncio.run(m.check(never))
+
+
+def test_requests_that_fail_fast_are_no_output_and_do_not_skip_the_probe():
+    m, now = monitor()
+    for _ in range(3):
+        m.started()
+        m.finished(RuntimeError("engine dead"))
+    assert m.stalled_for() == 0.0
+
+    async def broken():
+        raise RuntimeError("engine dead")
+
+    with pytest.raises(ReplicaUnhealthy, match="probe failed: RuntimeError"):
+        asyncio.run(m.check(broken))
+
+
 def test_probe_errors_and_client_errors():
     m, _ = monitor()
 

@@ -89,7 +89,7 @@ class HealthSettings(StrictConfig):
     """Deep health checks: Serve calls `check_health` every `health_check_period_s`."""
 
     probe_timeout_s: float = Field(10.0, gt=0, description="budget of the tiny real probe through the engine")
-    fresh_s: float = Field(30.0, ge=0, description="a request completed this recently counts as a passed probe")
+    fresh_s: float = Field(30.0, ge=0, description="a request completed, or output streamed, this recently counts as a passed probe")
     stall_after_s: float = Field(60.0, gt=0, description="requests in flight but no progress this long -> unhealthy")
 
 
