@@ -30,6 +30,7 @@ from ray.exceptions import ActorDiedError
 from deployments.serve_view import app_deployments, live_replicas, state_name
 from serve_app.alerts import AlertDelivery, AlertTracker, ModelView, World
 from serve_app.config import AlertsConfig
+from serve_app.traffic import History
 
 logger = logging.getLogger("ray.serve")
 RECENT_ALERTS = 50  # kept for /v1/status
@@ -50,6 +51,7 @@ class StatusBoard:
         self.reports: dict[str, dict[str, dict[str, Any]]] = {}
         self.circuits: dict[str, dict[str, dict[str, Any]]] = {}  # model -> router replica -> breaker state
         self._lock = threading.Lock()  # reports and circuits are read by the alert thread
+        self.history = History()  # the last hour per model, for /status's charts (serve_app/traffic.py)
         self._alerts: _AlertLoop | None = None
         self._saved = Saved(app) if app else None
         state = self._saved.load() if self._saved else None
@@ -57,8 +59,19 @@ class StatusBoard:
             self.configure_alerts(*state["config"], restarts=state.get("restarts"), nodes_alive=state.get("nodes_alive"))
 
     def post(self, model: str, replica_id: str, snapshot: dict[str, Any]) -> None:
+        now = time.time()
         with self._lock:
-            self.reports.setdefault(model, {})[replica_id] = {**snapshot, "reported_at": time.time()}
+            self.reports.setdefault(model, {})[replica_id] = {**snapshot, "reported_at": now}
+            self.history.add_replica(model, replica_id, now, snapshot.get("kv_usage"), snapshot.get("in_flight"))
+
+    def traffic(self, window: dict[str, dict[str, Any]]) -> None:
+        """A router replica's counts since its last hand-over (serve_app/status.py), on this board's clock."""
+        with self._lock:
+            self.history.add_window(time.time(), window)
+
+    def traffic_history(self) -> dict[str, list[dict[str, Any]]]:
+        with self._lock:
+            return self.history.read(time.time())
 
     def circuit(self, model: str, router_replica: str, snapshot: dict[str, Any]) -> None:
         """A router replica's circuit for `model` changed (opened, or closed again)."""

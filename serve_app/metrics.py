@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from serve_app.traffic import Window
+
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
 
 
@@ -59,6 +61,9 @@ class RouterMetrics:
         self.batch_lines_pending = factory("gauge", "serve_app_batch_lines_pending",
                                            "batch lines waiting or running, by model (the whole store's count)", ("model",))
         self._pending_models: set[str] = set()
+        # The same answers, counted for /status's charts of the last hour (serve_app/traffic.py): the
+        # router hands this window to the status board every traffic.BUCKET_S.
+        self.window = Window()
         # The cost-aware LLM router's guesses (serve_app/llm_routing/), per replica: their ratio is the
         # predicted prefix-cache hit rate, beside vLLM's actual one (ray_vllm_prefix_cache_hits / _queries).
         self.routed_prompt_tokens = c("serve_app_routed_prompt_tokens", "prompt tokens the cost-aware router sent to "
@@ -72,6 +77,8 @@ class RouterMetrics:
     def response(self, model: str, route: str, status: int, latency_ms: float) -> None:
         self.requests.inc(1, {"model": model, "route": route, "status": str(status)})
         self.latency.observe(latency_ms, {"model": model, "route": route})
+        if model != "-":  # a model's request (not a page, a probe or the status view): for /status's charts
+            self.window.request(model, status, latency_ms)
         reason = _REJECTIONS.get(status)
         if reason:
             self.rejections.inc(1, {"model": model, "reason": reason})
@@ -83,7 +90,12 @@ class RouterMetrics:
         if predicted_cached > 0:
             self.routed_cached_tokens.inc(predicted_cached, tags)
 
+    def first_token(self, model: str, ms: float) -> None:
+        self.ttft.observe(ms, {"model": model})
+        self.window.first_token(model, ms)
+
     def served_for(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.window.tokens(model, completion_tokens)
         self.key_requests.inc(1, {"key": key, "model": model})
         if prompt_tokens:  # Ray counters refuse 0
             self.key_tokens.inc(prompt_tokens, {"key": key, "model": model, "type": "prompt"})

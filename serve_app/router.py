@@ -37,7 +37,7 @@ from serve_app.metrics import RouterMetrics
 from serve_app.middleware import AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve_app.resilience import Dispatcher
 from serve_app.serve_context import app_name_or_local, in_serve, replica_id
-from serve_app.status import configure_alerts, keep_alerts_configured, report_circuit
+from serve_app.status import configure_alerts, hand_over_traffic, keep_alerts_configured, report_circuit
 from serve_app.tenancy import Tenancy
 
 
@@ -80,6 +80,7 @@ class Router:
         if in_serve():
             self.start_batch_worker()
             self._alerts_task = asyncio.get_running_loop().create_task(keep_alerts_configured(self.gateway, self.models))
+            self._traffic_task = asyncio.get_running_loop().create_task(hand_over_traffic(self.metrics.window))
         return self.asgi
 
     def start_batch_worker(self) -> None:

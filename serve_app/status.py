@@ -22,6 +22,7 @@ from deployments.serve_view import app_deployments, live_replicas, state_name
 from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.llm_routing.registry import routing_view
 from serve_app.serve_context import app_name, replica_context
+from serve_app.traffic import BUCKET_S, Window
 
 logger = logging.getLogger("ray.serve")
 CONFIG_RESEND_S = 30.0  # how often each router replica hands the status board its alert config again
@@ -30,7 +31,8 @@ CONFIG_RESEND_S = 30.0  # how often each router replica hands the status board i
 async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], breakers: dict[str, Any],
                       events: dict[tuple[str, str], int]) -> dict[str, Any]:
     app = app_name()
-    serve_state, reports, alerts = await asyncio.gather(_serve_state(app), _board_reports(app), _board_alerts(app))
+    serve_state, reports, alerts, history = await asyncio.gather(_serve_state(app), _board_reports(app), _board_alerts(app),
+                                                                 _board_history(app))
     now = time.time()
     restarts = alerts.pop("restarts", None)
     out: dict[str, Any] = {"app": app, "generated_at": now, "models": {}, "alerts": alerts}
@@ -46,6 +48,8 @@ async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], br
             "router_events": {e: n for (e, mdl), n in events.items() if mdl == name},
             "restarts": None if restarts is None else restarts.get(name, 0),
             "replicas": await _replicas(app, name, m, dep, reports.get(name, {}), gateway.status_gone_retention_s, now),
+            # the last hour, one point per traffic.BUCKET_S, every router replica's answers together
+            "history": history.get(name, []),
         }
         if m.routing_policy:
             out["models"][name]["routing_policy"] = m.routing_policy
@@ -140,6 +144,31 @@ async def _board_alerts(app: str | None) -> dict[str, Any]:
         return await status_board.call(app, "alert_state")
     except Exception:  # noqa: BLE001
         return {"enabled": False, "error": "status board unreachable"}
+
+
+async def _board_history(app: str | None) -> dict[str, list[dict[str, Any]]]:
+    if app is None:
+        return {}
+    try:
+        return await status_board.call(app, "traffic_history")
+    except Exception:  # noqa: BLE001 - no charts rather than no status
+        return {}
+
+
+async def hand_over_traffic(window: Window, period_s: float = BUCKET_S) -> None:
+    """Every `period_s`, this router replica's counts to the status board, which keeps the last
+    hour for every router replica together (serve_app/traffic.py). Best effort: a lost window is a
+    gap in a chart, never a failed request."""
+    app = app_name()
+    while app is not None:
+        await asyncio.sleep(period_s)
+        counts = window.drain()
+        if not counts:
+            continue
+        try:
+            status_board.call(app, "traffic", counts)
+        except Exception:  # noqa: BLE001
+            logger.warning("could not hand this router's traffic counts to the status board", exc_info=True)
 
 
 async def keep_alerts_configured(gateway: GatewayConfig, models: dict[str, ModelConfig]) -> None:

@@ -41,7 +41,7 @@ def view(victim_state: str) -> dict:
         "serve_message": "", "replica_states": {"RUNNING": 2},
         "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
         "circuit": {"state": "open", "last_error": "boom"}, "router_events": {"retry": 3},
-        "restarts": 1 if victim_state == "gone" else 0, "replicas": [keeper, victim]}},
+        "restarts": 1 if victim_state == "gone" else 0, "replicas": [keeper, victim], "history": HISTORY}},
         "alerts": {"enabled": True, "delivery": {"sent": 1, "failed": 0, "dropped": 0},
                    "recent": [{"at": time.time(), "event": "alert", "text": "[llm-stack] ALERT ce: replica victim01 gone"}]},
         "batches": {"store": "sqlite:///data/batches-llm-stack.sqlite3", "batches": [
@@ -49,6 +49,12 @@ def view(victim_state: str) -> dict:
              "created_at": time.time() - 60, "expires_at": time.time() + 86_000, "ended_at": None, "total": 2000,
              "completed": 1500, "failed": 3, "running": 16, "pending": 481, "lines_per_s": 25.0, "eta_s": 20,
              "pending_by_model": {"ce": 497}}]}}
+
+
+# Twenty minutes of 10 s points: traffic rising, one burst of errors; a reranker has no TTFT, tokens or KV use.
+HISTORY = [{"t": time.time() - 1200 + 10 * i, "requests": 10 + i, "rps": (10 + i) / 10, "error_rate": 0.5 if i == 60 else 0.0,
+            "p50_ms": 20.0 + i, "p99_ms": 80.0 + 2 * i, "ttft_p50_ms": None, "tokens_per_s": 0.0, "kv_usage": None,
+            "in_flight": i % 5} for i in range(120)]
 
 
 class FakeGateway:
@@ -83,6 +89,13 @@ def test_the_page_renders_models_replicas_and_nodes_and_shows_a_killed_replica_g
         assert restarts_cell(first) == ("", "0")
         batch = first[first.index("batch_nightly01"):].split("</tr>")[0]
         assert all(f">{v}<" in batch for v in ("etl", "/v1/embeddings", "in_progress", "1500", "3", "497", "25", "20s")), batch
+        # the last hour as charts: one line per measure the model has, every point drawn, last and peak values
+        charts = re.findall(r'<div class="chart" data-field="(\w+)"><div>([^<]*)</div><svg[^>]*><polyline points="([^"]*)" '
+                            r'data-points="(\d+)"', first)
+        assert [c[0] for c in charts] == ["rps", "p50_ms", "p99_ms", "error_rate", "tokens_per_s", "in_flight"], charts
+        assert all(int(c[3]) == 120 and len(c[2].split()) == 120 for c in charts), charts
+        assert dict((c[0], c[1]) for c in charts)["error_rate"] == "server errors: 0% (max 50%)"
+        assert dict((c[0], c[1]) for c in charts)["p99_ms"] == "p99 latency: 318 ms (max 318 ms)"
         assert console_errors(log) == [], console_errors(log)
         gw.calls = 0
         later, log = chromium_dom(gw.url, 4000, tmp_path)  # one refresh (every 3 s) later
@@ -117,7 +130,9 @@ def test_the_router_serves_the_page_without_a_key_and_keeps_the_data_admin_only(
     page = c.get("/status")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "fetch(\"v1/status\"" in page.text and "connect-src 'self'" in page.headers["content-security-policy"]
-    assert "<script src" not in page.text and "http" not in page.text.split("<script>")[1]  # no CDN, no remote asset
+    # no CDN, no remote asset: the one URL is SVG's namespace, a name that is never fetched
+    assert "<script src" not in page.text and re.findall(r"https?://[^\"' ]+", page.text.split("<script>")[1]) == [
+        "http://www.w3.org/2000/svg"]
     assert c.get("/v1/status").status_code == 401
     assert c.get("/v1/status", headers={"authorization": "Bearer sk-app"}).status_code == 403
     assert json.loads(c.get("/v1/status", headers={"authorization": "Bearer sk-ops"}).text)["models"]["chat"]

@@ -93,7 +93,7 @@ class LLMHandlers:
         served = _counted_as(model, base, served)
         started = request.scope["state"].get("started")
         if started is not None:
-            ctx.metrics.ttft.observe((time.perf_counter() - started) * 1000, {"model": served})
+            ctx.metrics.first_token(served, (time.perf_counter() - started) * 1000)
 
         replica: ReplicaInfo = first[2]
 

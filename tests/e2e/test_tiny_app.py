@@ -100,3 +100,24 @@ def test_batching_is_retuned_in_place_through_user_config(stack):
         time.sleep(0.5)
     assert after.batching == want
     assert after.replica.replica_id == before.replica.replica_id  # same process: updated in place
+
+
+def test_status_charts_count_the_answers_of_the_last_minutes(http):
+    """/v1/status's history (the charts on /status): the router counts each model's answers and
+    hands them to the app's status board every 10 s; replicas add their in-flight count."""
+    from tests.e2e.conftest import wait_for
+
+    def history(model: str) -> list[dict]:
+        return http.get("/v1/status").json()["models"][model]["history"]
+
+    before = sum(p["requests"] for p in history("tiny-ce"))
+    for i in range(20):
+        assert http.post("/v1/rerank", json={"model": "tiny-ce", "query": "q", "documents": [f"d{i}"]}).status_code == 200
+    r = http.post("/v1/completions", json={"model": "tiny-llm-tp2", "prompt": "paris is", "max_tokens": 4, "stream": True})
+    assert r.status_code == 200
+    # 20 more, or more than that: an earlier test's answers may have been handed over meanwhile.
+    wait_for(lambda: sum(p["requests"] for p in history("tiny-ce")) >= before + 20, 40, "the rerank answers on /v1/status")
+    ce = history("tiny-ce")
+    assert any(p["p50_ms"] and p["rps"] > 0 for p in ce) and any(p["in_flight"] is not None for p in ce), ce[-3:]
+    llm = wait_for(lambda: [p for p in history("tiny-llm-tp2") if p["ttft_p50_ms"] is not None], 40, "a TTFT point")
+    assert llm[-1]["ttft_p50_ms"] > 0 and any(p["tokens_per_s"] > 0 for p in history("tiny-llm-tp2")), llm[-3:]

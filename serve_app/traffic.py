@@ -1,0 +1,152 @@
+"""The last hour per model, for the charts on /status, without a Prometheus server.
+
+Each router replica counts what it answered in a `Window` (requests, server errors, latency and
+time-to-first-token histograms, completion tokens) and hands it to the app's status board every
+`BUCKET_S` (serve_app/status.py); the board keeps a `History`: per model, one bucket per
+`BUCKET_S` for `KEEP_S`, into which every router's windows and the replicas' own reports (KV-cache
+use, requests in flight, posted each health period) fall. So whichever router replica answers
+/v1/status shows the same charts, for all router replicas together.
+
+Latencies are counted in log-spaced bins (each 10% wider than the last, as Prometheus histograms
+do with coarser ones): a window or a bucket holds at most one count per bin it saw, however many
+requests and router replicas, and windows merge by adding counts. A percentile is its bin's upper
+edge, so it reads at most 10% high. Pure: no Ray, an injectable clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Any
+
+BUCKET_S = 10.0
+KEEP_S = 3600.0
+GROWTH = 1.1  # each latency bin's upper edge is this much above the last's
+
+
+def bin_of(ms: float) -> int:
+    """The bin whose upper edge is the first at or above `ms` (1 ms and less: bin 0)."""
+    return 0 if ms <= 1 else math.ceil(math.log(ms) / math.log(GROWTH) - 1e-9)
+
+
+def edge(b: int) -> float:
+    return GROWTH ** b
+
+
+@dataclasses.dataclass
+class _Counts:
+    requests: int = 0
+    errors: int = 0  # answered with a 5xx (a client's 4xx is not the model's failure)
+    tokens: int = 0  # completion tokens
+    latency: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # bin -> requests
+    ttft: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+class Window:
+    """One router replica's counts since its last hand-over."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, _Counts] = {}
+
+    def _of(self, model: str) -> _Counts:
+        return self.models.setdefault(model, _Counts())
+
+    def request(self, model: str, status: int, latency_ms: float) -> None:
+        c = self._of(model)
+        c.requests += 1
+        c.errors += status >= 500
+        c.latency[bin_of(latency_ms)] += 1
+
+    def first_token(self, model: str, ms: float) -> None:
+        self._of(model).ttft[bin_of(ms)] += 1
+
+    def tokens(self, model: str, completion_tokens: int) -> None:
+        self._of(model).tokens += max(0, completion_tokens)
+
+    def drain(self) -> dict[str, dict[str, Any]]:
+        """What was counted, as plain data for the board; the window starts again empty."""
+        out = {m: {"requests": c.requests, "errors": c.errors, "tokens": c.tokens,
+                   "latency": dict(c.latency), "ttft": dict(c.ttft)}
+               for m, c in self.models.items()}
+        self.models = {}
+        return out
+
+
+@dataclasses.dataclass
+class _Bucket:
+    requests: int = 0
+    errors: int = 0
+    tokens: int = 0
+    latency: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    ttft: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    replicas: dict[str, tuple[float | None, int]] = dataclasses.field(default_factory=dict)  # id -> (kv use, in flight)
+
+
+class History:
+    """The board's per-model buckets over the last KEEP_S."""
+
+    def __init__(self, bucket_s: float = BUCKET_S, keep_s: float = KEEP_S) -> None:
+        self.bucket_s, self.keep = bucket_s, max(1, round(keep_s / bucket_s))
+        self.models: dict[str, dict[int, _Bucket]] = {}
+
+    def _bucket(self, model: str, t: float) -> _Bucket:
+        buckets = self.models.setdefault(model, {})
+        index = int(t // self.bucket_s)
+        bucket = buckets.get(index)
+        if bucket is None:
+            bucket = buckets[index] = _Bucket()
+            newest = max(buckets)
+            for old in [i for i in buckets if i <= newest - self.keep]:
+                del buckets[old]
+        return bucket
+
+    def add_window(self, t: float, window: dict[str, dict[str, Any]]) -> None:
+        """A router's window, handed over at `t` on the board's clock (one clock for every router's
+        windows): its counts fall into the bucket of `t`."""
+        for model, w in window.items():
+            b = self._bucket(model, t)
+            b.requests += int(w.get("requests", 0))
+            b.errors += int(w.get("errors", 0))
+            b.tokens += int(w.get("tokens", 0))
+            for name in ("latency", "ttft"):
+                getattr(b, name).update({int(k): int(n) for k, n in (w.get(name) or {}).items()})
+
+    def add_replica(self, model: str, replica: str, t: float, kv_usage: float | None, in_flight: int | None) -> None:
+        """A replica's own report (each health period): its latest in the bucket counts."""
+        self._bucket(model, t).replicas[replica] = (kv_usage, int(in_flight or 0))
+
+    def read(self, now: float) -> dict[str, list[dict[str, Any]]]:
+        """Per model, one point per bucket with anything in it, oldest first, within KEEP_S of `now`."""
+        oldest = int(now // self.bucket_s) - self.keep + 1
+        out = {}
+        for model, buckets in self.models.items():
+            points = [self._point(i, b) for i, b in sorted(buckets.items()) if i >= oldest]
+            if points:
+                out[model] = points
+        return out
+
+    def _point(self, index: int, b: _Bucket) -> dict[str, Any]:
+        kv = [u for u, _ in b.replicas.values() if u is not None]
+        return {
+            "t": index * self.bucket_s, "requests": b.requests, "rps": round(b.requests / self.bucket_s, 3),
+            "error_rate": round(b.errors / b.requests, 4) if b.requests else None,
+            "p50_ms": percentile(b.latency, 0.5), "p99_ms": percentile(b.latency, 0.99),
+            "ttft_p50_ms": percentile(b.ttft, 0.5),
+            "tokens_per_s": round(b.tokens / self.bucket_s, 2),
+            "kv_usage": round(sum(kv) / len(kv), 4) if kv else None,
+            "in_flight": sum(n for _, n in b.replicas.values()) if b.replicas else None,
+        }
+
+
+def percentile(bins: collections.Counter, q: float) -> float | None:
+    """The upper edge of the bin holding the q-quantile (reads at most GROWTH - 1 high)."""
+    total = sum(bins.values())
+    if not total:
+        return None
+    running = 0
+    for b in sorted(bins):
+        running += bins[b]
+        if running >= q * total:
+            return round(edge(b), 1)
+    return round(edge(max(bins)), 1)
