@@ -52,3 +52,16 @@ def pytest_collection_modifyitems(items):
     down at the session's end) is never up while the unit tests run: its idle processes would
     share this machine's two cores with them."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_started_by_a_unit_test(request):
+    """A unit test that reaches Ray by accident (an unpatched status-board call) starts a whole Ray
+    cluster inside the test process, silently (ray.init is implicit), and it stays for every later
+    test: slower, and not the isolation a unit test claims. The e2e tests start Ray on purpose."""
+    import ray
+
+    was_on = ray.is_initialized()
+    yield
+    if not was_on and ray.is_initialized() and "e2e" not in request.keywords:
+        pytest.fail("this unit test started Ray in the test process (patch the call that reached it)")

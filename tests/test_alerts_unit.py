@@ -244,6 +244,7 @@ def test_the_status_view_shows_the_boards_restart_count_per_model(monkeypatch):
     monkeypatch.setattr(status, "app_name", lambda: "app")
     monkeypatch.setattr(status, "_board_alerts", board_alerts)
     monkeypatch.setattr(status, "_board_reports", empty)
+    monkeypatch.setattr(status, "_board_history", empty)  # (unpatched, it would start a Ray cluster in this process)
     monkeypatch.setattr(status, "_serve_state", empty)
     view = asyncio.run(status.status_view(cfg.gateway, {m.name: m for m in cfg.models}, {}, {}))
     assert view["models"]["ce"]["restarts"] == 2 and view["models"]["em"]["restarts"] == 0

