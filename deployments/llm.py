@@ -35,7 +35,7 @@ class LLMServer(MonitoredReplica):
                                  model.resolved_adapters(pathlib.Path(models_dir)))
         await self.engine.start()
         self.replica = replica_info(model.name)
-        self.outstanding_tokens = 0  # prompt + output tokens of the requests it holds (routing stats)
+        self.outstanding_tokens = 0  # tokens of the requests it holds still to compute (routing stats; _counted)
         self._init_health()
         # One real token before Serve's first health check: the first request through the serving
         # layer pays lazy start-up costs that a loaded node can stretch past probe_timeout_s.

@@ -64,10 +64,12 @@ class StatusBoard:
             self.reports.setdefault(model, {})[replica_id] = {**snapshot, "reported_at": now}
             self.history.add_replica(model, replica_id, now, snapshot.get("kv_usage"), snapshot.get("in_flight"))
 
-    def traffic(self, window: dict[str, dict[str, Any]]) -> None:
-        """A router replica's counts since its last hand-over (serve_app/status.py), on this board's clock."""
+    def traffic(self, window: dict[str, dict[str, Any]], ended_at: float | None = None) -> None:
+        """A router replica's counts for the period that ended at `ended_at` (serve_app/status.py);
+        a time far from this board's clock (a skewed node) is replaced by the board's."""
+        now = time.time()
         with self._lock:
-            self.history.add_window(time.time(), window)
+            self.history.add_window(ended_at if ended_at is not None and abs(now - ended_at) < 60 else now, window)
 
     def traffic_history(self) -> dict[str, list[dict[str, Any]]]:
         with self._lock:
@@ -153,6 +155,7 @@ class _AlertLoop:
         self.wanted, self.app, self.cfg, self.models, self.reports = wanted, app, cfg, models, reports
         self.circuits, self.saved, self.on_app_gone, self.clock = circuits, saved, on_app_gone, clock
         self.app_missing_since: float | None = None  # when the controller first answered without the app
+        self.app_listed: bool | None = None  # the latest answer: listed, not listed, or none (unreachable)
         self.tracker = AlertTracker(cfg, app)
         self.tracker.restarts.update(restarts or {})
         self.tracker.nodes_alive.update(nodes_alive or {})
@@ -191,18 +194,20 @@ class _AlertLoop:
                 logger.exception("status board: alert check failed")
 
     def app_gone(self) -> bool:
-        return self.app_missing_since is not None and self.clock() - self.app_missing_since >= APP_GONE_EXIT_S
+        """The controller's latest answer left the app out, as have all its answers for APP_GONE_EXIT_S."""
+        return (self.app_listed is False and self.app_missing_since is not None
+                and self.clock() - self.app_missing_since >= APP_GONE_EXIT_S)
 
     def _world(self) -> World:
         try:
             deps = app_deployments(self.app)
-            self.app_missing_since = None
+            self.app_missing_since, self.app_listed = None, True
         except KeyError:  # the controller answered, without this app: deleted (or, briefly, being re-added)
-            deps = None
+            deps, self.app_listed = None, False
             if self.app_missing_since is None:
                 self.app_missing_since = self.clock()
         except Exception:  # noqa: BLE001 - controller busy or restarting: no claim, and no verdict on the app
-            deps = None  # no claim about replicas or circuits this period
+            deps, self.app_listed = None, None  # no claim about replicas or circuits this period
         return World(models=_models(deps, self.models), reports=self.reports(), nodes=_nodes(),
                      circuits=_live_router_circuits(deps, self.circuits()))
 

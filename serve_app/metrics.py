@@ -62,8 +62,10 @@ class RouterMetrics:
                                            "batch lines waiting or running, by model (the whole store's count)", ("model",))
         self._pending_models: set[str] = set()
         # The same answers, counted for /status's charts of the last hour (serve_app/traffic.py): the
-        # router hands this window to the status board every traffic.BUCKET_S.
+        # router hands this window to the status board every traffic.BUCKET_S. Charted under the
+        # model whose replicas served (the router sets it: an adapter's answers join its base's).
         self.window = Window()
+        self.chart_name: Callable[[str], str] = lambda model: model
         # The cost-aware LLM router's guesses (serve_app/llm_routing/), per replica: their ratio is the
         # predicted prefix-cache hit rate, beside vLLM's actual one (ray_vllm_prefix_cache_hits / _queries).
         self.routed_prompt_tokens = c("serve_app_routed_prompt_tokens", "prompt tokens the cost-aware router sent to "
@@ -78,7 +80,7 @@ class RouterMetrics:
         self.requests.inc(1, {"model": model, "route": route, "status": str(status)})
         self.latency.observe(latency_ms, {"model": model, "route": route})
         if model != "-":  # a model's request (not a page, a probe or the status view): for /status's charts
-            self.window.request(model, status, latency_ms)
+            self.window.request(self.chart_name(model), status, latency_ms)
         reason = _REJECTIONS.get(status)
         if reason:
             self.rejections.inc(1, {"model": model, "reason": reason})
@@ -92,10 +94,10 @@ class RouterMetrics:
 
     def first_token(self, model: str, ms: float) -> None:
         self.ttft.observe(ms, {"model": model})
-        self.window.first_token(model, ms)
+        self.window.first_token(self.chart_name(model), ms)
 
     def served_for(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self.window.tokens(model, completion_tokens)
+        self.window.tokens(self.chart_name(model), completion_tokens)
         self.key_requests.inc(1, {"key": key, "model": model})
         if prompt_tokens:  # Ray counters refuse 0
             self.key_tokens.inc(prompt_tokens, {"key": key, "model": model, "type": "prompt"})

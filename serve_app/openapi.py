@@ -27,10 +27,11 @@ ERRORS = {"400": "invalid request (names the param)", "401": "missing or unknown
           "403": "key not allowed (admin-only route, or a model outside the key's allow-list)",
           "404": "no such model, file, batch or asset", "413": "body, file or list too large",
           "429": "quota exceeded (Retry-After)", "503": "overloaded, no ready replica, or the store did not answer (Retry-After)",
+          "500": "the engine failed on a valid request (ours, never the client's: see the logs by request id)",
           "504": "the model missed the deadline"}
 # What each family of routes can answer itself, besides 200 (Serve's proxy in front may add a 503
 # under backpressure or a 408 on its own timeout to any route). Codes only, described by ERRORS.
-MODEL_ERRORS = ("400", "401", "403", "404", "413", "429", "503", "504")  # body, key, allow-list, quota, replicas, deadline
+MODEL_ERRORS = ("400", "401", "403", "404", "413", "429", "500", "503", "504")  # body, key, allow-list, quota, engine, replicas, deadline
 STORE_ERRORS = ("400", "401", "404", "503")  # the Batch API: every call goes to its store (refused value, NUL id, down)
 MULTIPART = "multipart"  # POST /v1/files: a file upload, not a JSON body
 

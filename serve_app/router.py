@@ -58,6 +58,7 @@ class Router:
         self.batch_store = BatchStore(gateway.batch.store, gateway.data_path, app)
         self.batch_api = BatchApi(self.batch_store, gateway.batch, gateway.max_body_bytes, self._serving_model)
         self.traffic = Traffic()
+        self.metrics.chart_name = self._serving_model  # /status charts an adapter's answers with its base's
         self.batch_worker: BatchWorker | None = None
         self._worker_task: asyncio.Task | None = None
         ctx = Context(gateway, self.models, self.aliases, self.adapters, handles, self.metrics, self.tenancy, self.dispatch,

@@ -156,17 +156,20 @@ async def _board_history(app: str | None) -> dict[str, list[dict[str, Any]]]:
 
 
 async def hand_over_traffic(window: Window, period_s: float = BUCKET_S) -> None:
-    """Every `period_s`, this router replica's counts to the status board, which keeps the last
-    hour for every router replica together (serve_app/traffic.py). Best effort: a lost window is a
-    gap in a chart, never a failed request."""
+    """Just after each `period_s` boundary of the wall clock, this router replica's counts to the
+    status board, stamped with the window's last instant, so every router's window of one period
+    lands in the same bucket (serve_app/traffic.py). Best effort: a lost window is a gap in a
+    chart, never a failed request."""
     app = app_name()
     while app is not None:
-        await asyncio.sleep(period_s)
+        now = time.time()
+        boundary = (now // period_s + 1) * period_s
+        await asyncio.sleep(boundary - now + min(0.2, period_s / 10))
         counts = window.drain()
         if not counts:
             continue
         try:
-            status_board.call(app, "traffic", counts)
+            status_board.call(app, "traffic", counts, boundary - 1e-3)
         except Exception:  # noqa: BLE001
             logger.warning("could not hand this router's traffic counts to the status board", exc_info=True)
 

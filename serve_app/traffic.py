@@ -23,6 +23,10 @@ from typing import Any
 BUCKET_S = 10.0
 KEEP_S = 3600.0
 GROWTH = 1.1  # each latency bin's upper edge is this much above the last's
+# A replica reports each health period (10 s by default, plus its probe): its last report stands
+# for the buckets after it until this many have passed, so a bucket it happened to miss does not
+# dip (in flight, KV use), and a replica gone for longer drops out.
+CARRY_BUCKETS = 3
 
 
 def bin_of(ms: float) -> int:
@@ -102,8 +106,9 @@ class History:
         return bucket
 
     def add_window(self, t: float, window: dict[str, dict[str, Any]]) -> None:
-        """A router's window, handed over at `t` on the board's clock (one clock for every router's
-        windows): its counts fall into the bucket of `t`."""
+        """A router's window; its counts fall into the bucket of `t` (the window's last instant:
+        routers hand over just after each BUCKET_S boundary of the wall clock, so one window
+        fills one bucket and no bucket gets two or none)."""
         for model, w in window.items():
             b = self._bucket(model, t)
             b.requests += int(w.get("requests", 0))
@@ -117,17 +122,24 @@ class History:
         self._bucket(model, t).replicas[replica] = (kv_usage, int(in_flight or 0))
 
     def read(self, now: float) -> dict[str, list[dict[str, Any]]]:
-        """Per model, one point per bucket with anything in it, oldest first, within KEEP_S of `now`."""
-        oldest = int(now // self.bucket_s) - self.keep + 1
+        """Per model, one point per bucket with anything in it, oldest first, within KEEP_S of `now`.
+        The bucket `now` falls in is still filling (windows arrive at its end): not shown yet."""
+        current = int(now // self.bucket_s)
+        oldest = current - self.keep + 1
         out = {}
         for model, buckets in self.models.items():
-            points = [self._point(i, b) for i, b in sorted(buckets.items()) if i >= oldest]
+            seen: dict[str, tuple[int, tuple[float | None, int]]] = {}  # replica -> (bucket of its last report, it)
+            points = []
+            for i, b in sorted(buckets.items()):
+                seen.update({r: (i, v) for r, v in b.replicas.items()})
+                if oldest <= i < current:
+                    points.append(self._point(i, b, {r: v for r, (at, v) in seen.items() if i - at < CARRY_BUCKETS}))
             if points:
                 out[model] = points
         return out
 
-    def _point(self, index: int, b: _Bucket) -> dict[str, Any]:
-        kv = [u for u, _ in b.replicas.values() if u is not None]
+    def _point(self, index: int, b: _Bucket, replicas: dict[str, tuple[float | None, int]]) -> dict[str, Any]:
+        kv = [u for u, _ in replicas.values() if u is not None]
         return {
             "t": index * self.bucket_s, "requests": b.requests, "rps": round(b.requests / self.bucket_s, 3),
             "error_rate": round(b.errors / b.requests, 4) if b.requests else None,
@@ -135,7 +147,7 @@ class History:
             "ttft_p50_ms": percentile(b.ttft, 0.5),
             "tokens_per_s": round(b.tokens / self.bucket_s, 2),
             "kv_usage": round(sum(kv) / len(kv), 4) if kv else None,
-            "in_flight": sum(n for _, n in b.replicas.values()) if b.replicas else None,
+            "in_flight": sum(n for _, n in replicas.values()) if replicas else None,
         }
 
 

@@ -64,4 +64,5 @@ def _no_ray_started_by_a_unit_test(request):
     was_on = ray.is_initialized()
     yield
     if not was_on and ray.is_initialized() and "e2e" not in request.keywords:
+        ray.shutdown()  # so the next test that does it is caught too
         pytest.fail("this unit test started Ray in the test process (patch the call that reached it)")

@@ -208,6 +208,12 @@ def test_a_board_ends_itself_and_its_saved_state_once_serve_has_not_listed_its_a
         assert not loop.app_gone()
         now[0] += 1
         assert loop.app_gone()
+        answer["now"] = "busy"  # a minute without the app, but the latest period got no answer: no verdict
+        loop._world()
+        assert not loop.app_gone()
+        answer["now"] = "gone"
+        loop._world()
+        assert loop.app_gone()
     finally:
         loop.stop()
     loop.on_app_gone()

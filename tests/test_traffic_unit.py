@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 import pytest
 
@@ -62,10 +63,23 @@ def test_history_keeps_an_hour_of_buckets_and_reads_them_oldest_first():
     h = History(bucket_s=10, keep_s=3600)
     for i in range(500):  # 5,000 s of windows
         h.add_window(i * 10.0, {"m": {"requests": 1, "errors": 0, "tokens": 0, "latency": {bin_of(i + 2.0): 1}, "ttft": {}}})
-    points = h.read(now=4999.0)["m"]
-    assert len(h.models["m"]) <= 361 and len(points) == 360
-    assert [p["t"] for p in points] == sorted(p["t"] for p in points) and points[-1]["t"] == 4990.0
+    points = h.read(now=4999.0)["m"]  # the bucket 4990-5000 is still filling: not shown
+    assert len(h.models["m"]) <= 361 and len(points) == 359
+    assert [p["t"] for p in points] == sorted(p["t"] for p in points) and points[-1]["t"] == 4980.0
+    assert h.read(now=5000.0)["m"][-1]["t"] == 4990.0
     assert h.read(now=99_999.0) == {}  # an hour with nothing: no points
+
+
+def test_a_replicas_last_report_stands_for_the_buckets_it_missed_and_then_drops_out():
+    h = History(bucket_s=10, keep_s=3600)
+    h.add_replica("llm", "r1", 1001.0, 0.5, 4)
+    h.add_replica("llm", "r2", 1002.0, 0.1, 1)
+    h.add_replica("llm", "r2", 1012.0, 0.3, 2)  # r1 posts next at 1025 (its period plus a probe)
+    h.add_replica("llm", "r1", 1025.0, 0.7, 6)
+    points = {p["t"]: p for p in h.read(now=1065.0)["llm"]}
+    assert points[1000.0]["in_flight"] == 5 and points[1010.0]["in_flight"] == 6  # r1's 4 carried into 1010
+    assert points[1020.0]["in_flight"] == 8 and points[1020.0]["kv_usage"] == 0.5
+    assert set(points) == {1000.0, 1010.0, 1020.0}  # no bucket of its own once nothing was posted
 
 
 def test_percentile_edges():
@@ -85,15 +99,20 @@ def test_the_router_counts_model_answers_only_and_hands_them_to_the_board(monkey
     monkeypatch.setattr(status, "app_name", lambda: "app")
     monkeypatch.setattr(status.status_board, "call", lambda app, method, *args: posted.append((app, method, args)))
 
-    async def two_periods():
-        task = asyncio.get_running_loop().create_task(status.hand_over_traffic(metrics.window, period_s=0.01))
-        await asyncio.sleep(0.05)
+    async def periods():
+        task = asyncio.get_running_loop().create_task(status.hand_over_traffic(metrics.window, period_s=0.05))
+        for _ in range(100):  # until the first window was handed over, then two more empty periods
+            await asyncio.sleep(0.05)
+            if posted:
+                break
+        await asyncio.sleep(0.12)
         task.cancel()
 
-    asyncio.run(two_periods())
+    asyncio.run(periods())
     assert len(posted) == 1  # one window with counts; the empty ones after it are not sent
-    app, method, (counts,) = posted[0]
+    app, method, (counts, ended_at) = posted[0]
     assert (app, method) == ("app", "traffic") and set(counts) == {"llm"}
+    assert abs(ended_at + 1e-3 - round((ended_at + 1e-3) / 0.05) * 0.05) < 1e-6  # the period's boundary
     assert counts["llm"]["requests"] == 1 and counts["llm"]["tokens"] == 5 and counts["llm"]["ttft"] == {bin_of(8.0): 1}
 
 
@@ -111,6 +130,7 @@ def test_the_board_keeps_history_from_routers_and_replica_posts(n):
     for _ in range(n):
         board.traffic({"ce": {"requests": 2, "errors": 1, "tokens": 0, "latency": {bin_of(5.0): 1, bin_of(7.0): 1}, "ttft": {}}})
     board.post("ce", "r1", {"in_flight": 4, "kv_usage": None})
-    points = board.traffic_history()["ce"]  # one bucket, or two if a 10 s boundary fell between the calls
+    assert "ce" not in board.traffic_history() or all(p["t"] < time.time() - 10 for p in board.traffic_history()["ce"])
+    points = board.history.read(time.time() + 10)["ce"]  # as the board reads it once the bucket has filled  # one bucket, or two if a boundary fell between the calls
     assert sum(p["requests"] for p in points) == 2 * n and {p["error_rate"] for p in points} - {None} == {0.5}
     assert points[-1]["in_flight"] == 4 and points[-1]["kv_usage"] is None

@@ -47,7 +47,10 @@ def first_token(request_id: str, body: dict[str, Any]) -> None:
     entry = _streams.pop((request_id, id(body)), None)
     if entry is not None:
         model, handle_request_id, loop = entry
-        loop.call_soon_threadsafe(model.prefilled, handle_request_id)
+        try:
+            loop.call_soon_threadsafe(model.prefilled, handle_request_id)
+        except RuntimeError:  # the request router's loop is closed (shutting down): nothing to count
+            pass
 
 
 def routing_view(deployment: str) -> dict[str, dict[str, Any]]:

@@ -144,7 +144,7 @@ def test_replicas_killed_again_within_the_window_alert_once_inside_it(stack, ale
     first_killed = time.time()
     _kill_and_replace(FLAP, 150)
     first = wait_for(lambda: next((b for b in _about(alerting, FLAP) if b["event"] == "alert"), None), 30, "the alert")
-    assert first["at"] - first_killed < 15, first
+    assert first["at"] >= first_killed - 1, first  # how soon is the killed-replica test's property, not this one's
     wait_for(lambda: _events(alerting, FLAP)[-1:] == ["recovery"], 30, "the first incident's recovery")
     end = first["at"] + WINDOW_S
     assert time.time() < end - 10, f"one replacement took {time.time() - first_killed:.0f}s: no second kill fits the {WINDOW_S}s window"
