@@ -138,7 +138,7 @@ def vllm_router(port: int) -> dict:
         print(f"[bench] installing {VLLM_ROUTER} into {VLLM_ROUTER_VENV} (first run only) ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VLLM_ROUTER_VENV)], check=True)
         subprocess.run([str(VLLM_ROUTER_VENV / "bin" / "pip"), "install", "-q", VLLM_ROUTER], check=True)
-    engine_ports = [_free_port(), _free_port()]
+    engine_ports = [free_port(), free_port()]
     urls = [f"http://127.0.0.1:{p}" for p in engine_ports]
     procs: list[subprocess.Popen] = []
     try:
@@ -151,7 +151,7 @@ def vllm_router(port: int) -> dict:
             _wait_http(f"{url}/v1/models", proc, 600)
         log = open("bench/results/vllm-router.log", "w")
         router = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls,
-                                   "--policy", "cache_aware", "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port())],
+                                   "--policy", "cache_aware", "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(router)
         _wait_http(f"http://127.0.0.1:{port}/health", router, 120)
@@ -179,7 +179,7 @@ def _engine_counters(url: str) -> dict[str, int]:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -15,8 +15,10 @@ from serve_app.ray_env import LOCAL_ENV
 for _key, _value in LOCAL_ENV.items():
     os.environ.setdefault(_key, _value)
 
+from bench.baselines import free_port  # noqa: E402
 from bench.load import run, summarize  # noqa: E402
 from bench.rooms import Meter, descendants, process_table, title  # noqa: E402
+from bench.routing import POLICIES, routing  # noqa: E402
 from bench.workloads import (  # noqa: E402
     NULL_BODY, QUERY, RERANK_BODY, RERANK_CONCURRENCY, app_args, cross_encoder_model, llm_entry, llm_load,
 )
@@ -193,20 +195,13 @@ def haproxy_listeners() -> dict[str, str]:
     """Free ports for HAProxy's stats and metrics listeners: their fixed defaults (8404, 9101) are
     held by any other Serve on this machine (a `make up`, a test session), and HAProxy would
     refuse to start."""
-    import socket
-
-    out = {}
-    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            out[key] = str(s.getsockname()[1])
-    return out
+    return {key: str(free_port()) for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm", "batch", "routing"], required=True)
-    p.add_argument("--policy", choices=["cache_aware", "power_of_two", "ray_prefix"], default="cache_aware",
+    p.add_argument("--policy", choices=POLICIES, default="cache_aware",
                    help="routing: the LLM policy (ray_prefix: Ray Serve LLM's PrefixCacheAffinityRouter, bench/peers.py)")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--port", type=int, default=8031)
@@ -227,8 +222,6 @@ def main() -> None:
     base = f"http://127.0.0.1:{args.port}"
     try:
         if args.scenario == "routing":
-            from bench.routing import routing
-
             out = {**routing(base, args.policy), "code": serve_rooms()[1]}  # which checkout's code the replicas ran
         elif args.scenario in ("long-list", "rerank"):
             out = {"long-list": long_list, "rerank": rerank}[args.scenario](base, args.seconds, args.replicas)

@@ -35,8 +35,7 @@ class HealthMonitor:
         self.in_flight = 0
         self.completed = 0
         self.last_progress = clock()
-        self.last_success: float | None = None
-        self.last_output: float | None = None  # the engine produced something (not a failure's end)
+        self.last_served: float | None = None  # a request succeeded or the engine produced output (not a failure's end)
         self.last_error: str | None = None
         self.last_error_at: float | None = None  # wall clock, for people
         self.last_probe_at: float | None = None
@@ -57,7 +56,7 @@ class HealthMonitor:
 
     def progress(self) -> None:
         """Real output: a streamed token, a scored batch."""
-        self.last_progress = self.last_output = self.clock()
+        self.last_progress = self.last_served = self.clock()
 
     def finished(self, error: BaseException | None = None, request_id: str | None = None) -> None:
         self.in_flight = max(0, self.in_flight - 1)
@@ -68,7 +67,7 @@ class HealthMonitor:
                 del self.in_flight_ids[request_id]
         if error is None:
             self.completed += 1
-            self.last_success = self.clock()
+            self.last_served = self.clock()
         elif not isinstance(error, asyncio.CancelledError) and getattr(error, "status", 500) >= 500:
             self.last_error, self.last_error_at = f"{type(error).__name__}: {str(error)[:200]}", time.time()
             if request_id:
@@ -81,8 +80,7 @@ class HealthMonitor:
         stalled = self.stalled_for()
         if stalled > self.settings.stall_after_s:
             raise self._fail(f"stalled: {self.in_flight} request(s) in flight, no progress for {stalled:.0f}s")
-        served = max((t for t in (self.last_success, self.last_output) if t is not None), default=None)
-        if served is not None and self.clock() - served < self.settings.fresh_s:
+        if self.last_served is not None and self.clock() - self.last_served < self.settings.fresh_s:
             self._passed()
             return
         t0 = self.clock()

@@ -31,8 +31,8 @@ CONFIG_RESEND_S = 30.0  # how often each router replica hands the status board i
 async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], breakers: dict[str, Any],
                       events: dict[tuple[str, str], int]) -> dict[str, Any]:
     app = app_name()
-    serve_state, reports, alerts, history = await asyncio.gather(_serve_state(app), _board_reports(app), _board_alerts(app),
-                                                                 _board_history(app))
+    serve_state, reports, alerts, history = await asyncio.gather(_serve_state(app), _board_read(app, "read"), _board_alerts(app),
+                                                                 _board_read(app, "traffic_history"))
     now = time.time()
     restarts = alerts.pop("restarts", None)
     out: dict[str, Any] = {"app": app, "generated_at": now, "models": {}, "alerts": alerts}
@@ -118,11 +118,13 @@ async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
         return {}
 
 
-async def _board_reports(app: str | None) -> dict[str, dict[str, dict[str, Any]]]:
+async def _board_read(app: str | None, method: str) -> dict[str, Any]:
+    """`method`'s answer from the app's status board (its reports, its history), or {} when there
+    is none or it cannot answer: the view shows what it has rather than failing."""
     if app is None:
         return {}
     try:
-        return await status_board.call(app, "read")
+        return await status_board.call(app, method)
     except Exception:  # noqa: BLE001
         return {}
 
@@ -144,15 +146,6 @@ async def _board_alerts(app: str | None) -> dict[str, Any]:
         return await status_board.call(app, "alert_state")
     except Exception:  # noqa: BLE001
         return {"enabled": False, "error": "status board unreachable"}
-
-
-async def _board_history(app: str | None) -> dict[str, list[dict[str, Any]]]:
-    if app is None:
-        return {}
-    try:
-        return await status_board.call(app, "traffic_history")
-    except Exception:  # noqa: BLE001 - no charts rather than no status
-        return {}
 
 
 async def hand_over_traffic(window: Window, period_s: float = BUCKET_S) -> None:

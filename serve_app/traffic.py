@@ -78,12 +78,9 @@ class Window:
 
 
 @dataclasses.dataclass
-class _Bucket:
-    requests: int = 0
-    errors: int = 0
-    tokens: int = 0
-    latency: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    ttft: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+class _Bucket(_Counts):
+    """Every router's counts for one BUCKET_S, and the replicas' own reports in it."""
+
     replicas: dict[str, tuple[float | None, int]] = dataclasses.field(default_factory=dict)  # id -> (kv use, in flight)
 
 

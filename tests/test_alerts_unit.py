@@ -236,15 +236,14 @@ def test_the_status_view_shows_the_boards_restart_count_per_model(monkeypatch):
     async def board_alerts(app):
         return {"enabled": False, "restarts": {"ce": 2}}
 
-    async def empty(app):
+    async def empty(app, method=None):
         return {}
 
     cfg = parse_app_config({"models": [{"name": "ce", "kind": "rerank", "engine": "transformers", "source": "o/ce"},
                                        {"name": "em", "kind": "embed", "engine": "transformers", "source": "o/em"}]})
     monkeypatch.setattr(status, "app_name", lambda: "app")
     monkeypatch.setattr(status, "_board_alerts", board_alerts)
-    monkeypatch.setattr(status, "_board_reports", empty)
-    monkeypatch.setattr(status, "_board_history", empty)  # (unpatched, it would start a Ray cluster in this process)
+    monkeypatch.setattr(status, "_board_read", empty)  # reports, history (unpatched, it would start Ray in this process)
     monkeypatch.setattr(status, "_serve_state", empty)
     view = asyncio.run(status.status_view(cfg.gateway, {m.name: m for m in cfg.models}, {}, {}))
     assert view["models"]["ce"]["restarts"] == 2 and view["models"]["em"]["restarts"] == 0

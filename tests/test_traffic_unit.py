@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from serve_app.metrics import RouterMetrics
+from serve_app.metrics import RouterMetrics, _NoOp
 from serve_app.traffic import GROWTH, History, Window, bin_of, edge, percentile
 
 
@@ -90,7 +90,7 @@ def test_percentile_edges():
 def test_the_router_counts_model_answers_only_and_hands_them_to_the_board(monkeypatch):
     from serve_app import status
 
-    metrics = RouterMetrics(factory=lambda *a: _Null())
+    metrics = RouterMetrics(factory=lambda *a: _NoOp())
     metrics.response("llm", "/v1/chat/completions", 200, 12.0)
     metrics.response("-", "/v1/status", 200, 3.0)  # the status view is nobody's model
     metrics.first_token("llm", 8.0)
@@ -114,12 +114,6 @@ def test_the_router_counts_model_answers_only_and_hands_them_to_the_board(monkey
     assert (app, method) == ("app", "traffic") and set(counts) == {"llm"}
     assert abs(ended_at + 1e-3 - round((ended_at + 1e-3) / 0.05) * 0.05) < 1e-6  # the period's boundary
     assert counts["llm"]["requests"] == 1 and counts["llm"]["tokens"] == 5 and counts["llm"]["ttft"] == {bin_of(8.0): 1}
-
-
-class _Null:
-    def inc(self, *a, **k): ...
-    def observe(self, *a, **k): ...
-    def set(self, *a, **k): ...
 
 
 @pytest.mark.parametrize("n", [1, 3])
