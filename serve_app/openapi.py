@@ -53,7 +53,7 @@ ROUTES: dict[str, Doc] = {
     "/v1/status": Doc("every model → replica → node: health, circuit, autoscaling, restarts, batches, alerts (admin)",
                       errors=("401", "403")),
     "/v1/usage": Doc("requests and tokens per key name and model, by hour (admin)", None, ("since", "until", "key"),
-                     ("400", "401", "403")),
+                     ("400", "401", "403", "503")),  # 503: the usage store did not answer
     "/v1/chat/completions": Doc("OpenAI chat completions, streaming (SSE) or not", openai.ChatEnvelope, errors=MODEL_ERRORS),
     "/v1/completions": Doc("OpenAI completions, streaming (SSE) or not", openai.CompletionEnvelope, errors=MODEL_ERRORS),
     "/tokenize": Doc("vLLM's /tokenize", openai.ModelOnly, errors=MODEL_ERRORS),
