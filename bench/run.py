@@ -36,6 +36,9 @@ STEPS = [
     ("serve-ours", "full stack, trivial backend, as shipped: HAProxy + throughput profile", ["bench.stack", "--scenario", "gateway"], SERVE_ENV),
     ("serve-ours-logbuf", "as shipped, but request logs buffered (Serve's throughput default)", ["bench.stack", "--scenario", "gateway"],
      {**SERVE_ENV, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}),
+    ("serve-ours-nostories", "as shipped, but no request stories kept (gateway.stories.enabled: false)",
+     ["bench.stack", "--scenario", "gateway", "--stories", "off"], SERVE_ENV),
+    ("stories-memory", "request stories: memory of 10,000 kept (tracemalloc, no Serve)", ["bench.stories"], {}),
     ("raw-rerank", "MiniLM-size cross-encoder in-process, best batch (baseline)", ["bench.baselines", "raw-rerank"], {}),
     ("http-rerank-1", "the same model through the stack, one replica with every core, 32 docs/request, c=8",
      ["bench.stack", "--scenario", "rerank", "--replicas", "1"], SERVE_ENV),
@@ -306,6 +309,13 @@ def table(r: dict[str, dict]) -> str:
                         add(f"| {name}: CPU at {c}, {label} | {cell} | {versus[0]} | {versus[1]} |")
             if own := meter_cost(r[name]):
                 add(f"| {name}: the CPU split's own work (outside the measured latencies) | {own} | | |")
+    if (on := r.get("serve-ours")) and (off := r.get("serve-ours-nostories")):
+        for c in ("c1", "c32"):
+            add(f"| request stories kept: req/s at {c} | {on[c]['rps']:,.0f} | {off[c]['rps']:,.0f} (stories off) | {_x(on[c]['rps'], off[c]['rps'])} |")
+            add(f"| request stories kept: p50 at {c} | {on[c]['p50']:.2f} ms | {off[c]['p50']:.2f} ms | {_plus(on[c]['p50'], off[c]['p50'])} |")
+    if m := r.get("stories-memory"):
+        for shape, label in (("rerank", "a rerank"), ("llm", "an LLM stream (routing, engine timings)"), ("retried", "a retried LLM stream")):
+            add(f"| request stories: memory per 10,000 kept, {label} | {m[shape]['bytes_per_10k'] / 2**20:.1f} MiB | | |")
     raw = r.get("raw-rerank")
     for name, label in (("http-rerank-1", "stack, one replica x all cores"), ("http-rerank", "stack, one replica per core"), ("infinity", "Infinity")):
         if name in r and raw:

@@ -40,13 +40,14 @@ class NullReranker:
         return ModelCard("null", "rerank", "transformers", 512, self.replica)
 
 
-def gateway(base: str, seconds: float) -> dict:
+def gateway(base: str, seconds: float, stories: bool = True) -> dict:
     from ray import serve
 
     from serve_app.config import parse_app_config
     from serve_app.router import Ingress
 
-    cfg = parse_app_config({"models": [{"name": "null", "kind": "rerank", "engine": "transformers", "source": "org/null",
+    cfg = parse_app_config({"gateway": {"stories": {"enabled": stories}},
+                            "models": [{"name": "null", "kind": "rerank", "engine": "transformers", "source": "org/null",
                                         "deployment": {"max_ongoing_requests": 256, "max_queued_requests": -1}}]})
     null = serve.deployment(NullReranker).options(name="null", max_ongoing_requests=256).bind()
     router = serve.deployment(Ingress).options(name="router", max_ongoing_requests=256)
@@ -204,6 +205,7 @@ def main() -> None:
     p.add_argument("--policy", choices=POLICIES, default="cache_aware",
                    help="routing: the LLM policy (ray_prefix: Ray Serve LLM's PrefixCacheAffinityRouter, bench/peers.py)")
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--stories", choices=["on", "off"], default="on", help="gateway: request stories kept (serve_app/stories.py)")
     p.add_argument("--port", type=int, default=8031)
     p.add_argument("--seconds", type=float, default=8)
     args = p.parse_args()
@@ -225,8 +227,10 @@ def main() -> None:
             out = {**routing(base, args.policy), "code": serve_rooms()[1]}  # which checkout's code the replicas ran
         elif args.scenario in ("long-list", "rerank"):
             out = {"long-list": long_list, "rerank": rerank}[args.scenario](base, args.seconds, args.replicas)
+        elif args.scenario == "gateway":
+            out = gateway(base, args.seconds, stories=args.stories == "on")
         else:
-            out = {"gateway": gateway, "overload": overload, "llm": llm, "batch": batch}[args.scenario](base, args.seconds)
+            out = {"overload": overload, "llm": llm, "batch": batch}[args.scenario](base, args.seconds)
     finally:
         serve.shutdown()
         ray.shutdown()

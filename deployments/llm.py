@@ -53,7 +53,7 @@ class LLMServer(MonitoredReplica):
             result = await self.engine.create(_api(api), self._own(body, stream=False), request_id)
         if not isinstance(result, dict):
             raise EngineFailure("the engine streamed an answer that was asked for whole")
-        return OpenAIResponse(result, self.replica)
+        return OpenAIResponse(result, self.replica, self._engine_stats(request_id))
 
     async def create_stream(self, api: str, body: dict[str, Any], request_id: str) -> AsyncIterator[StreamItem]:
         """Streamed through `handle.options(stream=True)`; cancelling it aborts the engine request.
@@ -66,11 +66,20 @@ class LLMServer(MonitoredReplica):
             if isinstance(sse, dict):
                 raise EngineFailure("the engine answered whole a request asked as a stream")
             replica = self.replica  # in the first item only
+            stats: dict[str, Any] | None = None
             async for events, usage in coalesce(sse, want_usage):
                 health.progress()
+                if usage is not None:  # vLLM reports usage as the request ends: its timings are kept by now
+                    if stats is None:
+                        stats = self._engine_stats(request_id) or {}
+                    usage = {**usage, "engine": stats} if stats else usage
                 prefilled()  # the first item carries the first token (the router counts it there too)
                 yield stream_item(events, usage, replica)
                 replica = None
+
+    def _engine_stats(self, request_id: str) -> dict[str, Any] | None:
+        load = self.engine.load
+        return load.request_stats(request_id) if load is not None else None
 
     async def tokenize(self, body: dict[str, Any]) -> OpenAIResponse:
         return OpenAIResponse(await self.engine.tokenize(self._own(body)), self.replica)

@@ -27,11 +27,13 @@ class OpenAIResponse:
 
     body: dict
     replica: ReplicaInfo
+    engine: dict | None = None  # vLLM's timings of this request (EngineLoad.request_stats), for its story
 
 
 # One handle item of an LLM stream, in builtins: (events, usage), the first item also carrying
 # the replica: (events, usage, replica). Events are vLLM's SSE payloads produced since the last
-# item (JSON strings, and "[DONE]"); usage comes once vLLM reported it (the router counts it).
+# item (JSON strings, and "[DONE]"); usage comes once vLLM reported it (the router counts it),
+# with the engine's timings of the request under "engine" (for its story) where vLLM kept them.
 # Ray pickles every item, that is about every token: a tuple of builtins costs 3 µs to dump and
 # 0.4 µs to load where the dataclass it replaced cost 14 and 4 (bench: docs/benchmarks.md).
 StreamItem = tuple[list[str], "dict | None"] | tuple[list[str], "dict | None", ReplicaInfo]

@@ -20,6 +20,23 @@ def app_deployments(app: str) -> dict[str, dict[str, Any]]:
     return _get_global_client().get_serve_details()["applications"][app]["deployments"]
 
 
+def replica_of_actor(actor_id: str) -> dict[str, Any] | None:
+    """Which Serve replica an actor was, and where, from the GCS actor table (which keeps dead
+    actors too): Ray's errors for a replica that died mid-request name only its actor id (Serve's
+    gRPC path says "actor ... is unavailable"). None when the GCS does not know it."""
+    from ray._private.state import actors  # the GCS actor table; ray.util.state needs the dashboard
+
+    info = actors(actor_id=actor_id) or {}
+    name = str(info.get("Name") or "")
+    if not name.startswith(REPLICA_PREFIX):
+        return None
+    address = info.get("Address") or {}
+    return {"replica": name.rsplit("#", 1)[-1], "node_id": address.get("NodeID"), "node_ip": address.get("IPAddress")}
+
+
+REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve's replica actors: SERVE_REPLICA::app#deployment#replica_id
+
+
 def state_name(state: Any) -> str:
     """A status or replica state as Serve names it ("RUNNING"): the details hold enums or strings."""
     return str(getattr(state, "value", state))

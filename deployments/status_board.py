@@ -30,6 +30,7 @@ from ray.exceptions import ActorDiedError
 from deployments.serve_view import app_deployments, live_replicas, state_name
 from serve_app.alerts import AlertDelivery, AlertTracker, ModelView, World
 from serve_app.config import AlertsConfig
+from serve_app.stories import StoriesConfig, StoryBook
 from serve_app.traffic import History
 
 logger = logging.getLogger("ray.serve")
@@ -52,6 +53,7 @@ class StatusBoard:
         self.circuits: dict[str, dict[str, dict[str, Any]]] = {}  # model -> router replica -> breaker state
         self._lock = threading.Lock()  # reports and circuits are read by the alert thread
         self.history = History()  # the last hour per model, for /status's charts (serve_app/traffic.py)
+        self.book = StoryBook()  # every router replica's request stories (serve_app/stories.py)
         self._alerts: _AlertLoop | None = None
         self._saved = Saved(app) if app else None
         state = self._saved.load() if self._saved else None
@@ -74,6 +76,19 @@ class StatusBoard:
     def traffic_history(self) -> dict[str, list[dict[str, Any]]]:
         with self._lock:
             return self.history.read(time.time())
+
+    def add_stories(self, batch: list[tuple[dict[str, Any], bool]], limits: dict[str, Any]) -> None:
+        """A router replica's finished request stories, (story, failed) pairs; `limits` is its
+        gateway.stories (the newest router's wins)."""
+        with self._lock:
+            if limits != self.book.cfg.model_dump():
+                self.book.resize(StoriesConfig.model_validate(limits))
+            for story, failed in batch:
+                self.book.add(story, failed)
+
+    def story(self, request_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return self.book.find(request_id)
 
     def circuit(self, model: str, router_replica: str, snapshot: dict[str, Any]) -> None:
         """A router replica's circuit for `model` changed (opened, or closed again)."""

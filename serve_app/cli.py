@@ -6,6 +6,7 @@ It launches the local Ray processes, with the environment from `serve_app/ray_en
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -56,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-env", default="SERVE_APP_ADMIN_KEY", help="env var holding an admin API key, if keys are on")
     p.add_argument("--cancel", metavar="BATCH_ID", help="cancel this batch: no new line starts, finished results stay")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("trace", help="what happened to one request, by its id: attempts, replicas, nodes, timings, logs")
+    p.add_argument("request_id")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the app's base URL (with its route prefix)")
+    p.add_argument("--key-env", default="SERVE_APP_ADMIN_KEY", help="env var holding an admin API key, if keys are on")
+    p.add_argument("--dashboard", default="http://127.0.0.1:8265", help="Ray dashboard, for the log lines of every node")
+    p.add_argument("--no-logs", action="store_true", help="the story only")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("kuberay", help="print a KubeRay RayService manifest generated from a Serve config")
     p.add_argument("config")
     p.add_argument("--name", default="llm-stack")
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"check": cmd_check, "prepare-models": cmd_prepare, "up": cmd_up, "down": cmd_down,
                     "hash-key": cmd_hash_key, "kuberay": cmd_kuberay, "status": cmd_status, "usage": cmd_usage,
-                    "batches": cmd_batches,
+                    "batches": cmd_batches, "trace": cmd_trace,
                     "alert-rules": cmd_alert_rules}
         return commands[args.cmd](args)
     except ConfigError as e:
@@ -165,6 +173,21 @@ def cmd_batches(args: argparse.Namespace) -> int:
     if view is None:
         return 1
     print(json.dumps(view.get("batches"), indent=2) if args.json else render_batches(view.get("batches") or {}))
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from serve_app import trace
+
+    story = _admin_get(args, f"/v1/requests/{urllib.parse.quote(args.request_id, safe='')}")
+    if story is None:
+        return 1
+    logs, where = ([], "") if args.no_logs else trace.log_lines(args.request_id, args.dashboard)
+    if args.json:
+        story["log_lines"] = [dataclasses.asdict(line) for line in logs]
+        print(json.dumps(story, indent=2))
+    else:
+        print(trace.render(story, None if args.no_logs else logs, where))
     return 0
 
 

@@ -8,6 +8,7 @@ replicas import this module. Ray's exceptions are matched by type (`from_excepti
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,6 +95,7 @@ class ReplicaFailed(ServiceUnavailable):
     """The replica died or vanished mid-request: safe to retry on another replica."""
 
     code = "replica_failed"
+    replica: dict[str, str | None] | None = None  # which one, where Ray's error says (dead_replica)
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -147,9 +149,27 @@ def from_exception(exc: BaseException) -> ApiError:
     if isinstance(exc, (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError,
                         sx.ReplicaUnavailableError)):
         # ActorDiedError, ActorUnavailableError are RayActorErrors; OwnerDiedError an ObjectLostError.
-        return ReplicaFailed("the replica serving this request died; retry")
+        failed = ReplicaFailed("the replica serving this request died; retry")
+        failed.replica = dead_replica(str(exc), getattr(exc, "actor_id", None))
+        return failed
     cause = exc.cause if isinstance(exc, rx.RayTaskError) else exc
     return EngineFailure(f"internal error ({type(cause).__name__}); see the server logs with this request id")
+
+
+_REPLICA_NAME = re.compile(r"name: SERVE_REPLICA::[^#\s]*#[^#\s]*#(\S+)")
+_ACTOR_IP = re.compile(r"\bip: (\S+)")
+
+
+def dead_replica(message: str, actor_id: str | None = None) -> dict[str, str | None] | None:
+    """Which Serve replica died, for the request's story: as Ray's ActorDiedError names it ("name:
+    SERVE_REPLICA::app#dep#id", "ip: ..."), else its actor id alone (Serve's gRPC path raises
+    "actor ... is unavailable"; the story resolves it when read: status.find_story). None when Ray
+    said neither (a lost node)."""
+    name = _REPLICA_NAME.search(message)
+    if name is None:
+        return {"actor_id": actor_id} if isinstance(actor_id, str) and actor_id else None
+    ip = _ACTOR_IP.search(message)
+    return {"replica": name.group(1), "node_ip": ip.group(1) if ip else None}
 
 
 def _retry_after(seconds: float | None) -> int:

@@ -14,6 +14,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app import stories
 from serve_app.errors import ApiError, InvalidRequest, from_exception
 
 logger = logging.getLogger("ray.serve")
@@ -87,6 +88,7 @@ class ErrorMiddleware:
                 logger.exception("request %s failed: %s", rid, type(exc).__name__)
             if started:  # a stream already sent its status; it reports errors in-band
                 return
+            stories.note_error(err)
             await send_error(send, err, rid)
 
 

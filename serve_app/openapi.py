@@ -54,6 +54,9 @@ ROUTES: dict[str, Doc] = {
                       errors=("401", "403")),
     "/v1/usage": Doc("requests and tokens per key name and model, by hour (admin)", None, ("since", "until", "key"),
                      ("400", "401", "403", "503")),  # 503: the usage store did not answer
+    "/v1/requests/{request_id}": Doc("a recent request's story by its id: router, key, admission, attempts (replica, node, "
+                                     "outcome), retries, fallbacks, engine timings, final status (admin)",
+                                     errors=("401", "403", "404")),
     "/v1/chat/completions": Doc("OpenAI chat completions, streaming (SSE) or not", openai.ChatEnvelope, errors=MODEL_ERRORS),
     "/v1/completions": Doc("OpenAI completions, streaming (SSE) or not", openai.CompletionEnvelope, errors=MODEL_ERRORS),
     "/tokenize": Doc("vLLM's /tokenize", openai.ModelOnly, errors=MODEL_ERRORS),
@@ -93,12 +96,17 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
                    "code": {"type": ["string", "null"]}, "request_id": {"type": "string"}}}}}
 
 
+def openapi_path(path: str) -> str:
+    """A Starlette route path as OpenAPI writes it: `{name:path}` (a converter) is `{name}`."""
+    return re.sub(r"{(\w+):\w+}", r"{\1}", path)
+
+
 def schema(routes: list[Any], version: str = "0.1.0") -> dict[str, Any]:
     """routes: the Starlette app's routes (path, methods)."""
     components: dict[str, Any] = {"Error": ERROR_SCHEMA}
     paths: dict[str, Any] = {}
     for route in routes:
-        path = route.path.replace("{model:path}", "{model}")
+        path = openapi_path(route.path)
         for method in sorted(m.lower() for m in (route.methods or ()) if m != "HEAD"):
             summary, body, query, errors = ROUTES.get(f"{method.upper()} {path}") or ROUTES.get(path, Doc(""))
             op: dict[str, Any] = {"summary": summary, "operationId": f"{method}_{path.strip('/').replace('/', '_') or 'root'}",

@@ -27,6 +27,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import stories
 from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.errors import (
     ApiError, ContextLengthExceeded, EngineFailure, GatewayTimeout, InputFailed, Overloaded, ReplicaFailed,
@@ -138,6 +139,7 @@ class Dispatcher:
             ticket = breaker.acquire()
             if ticket is None:
                 self.on_event("circuit_open", candidate)
+                stories.skipped(candidate, "circuit_open")
                 last = ServiceUnavailable(f"model '{candidate}' is failing; its circuit is open", retry_after=5)
                 continue
             try:
@@ -162,8 +164,7 @@ class Dispatcher:
             if left <= 0:
                 raise GatewayTimeout(f"no model answered within {self.gateway.request_timeout_s:g}s")
             try:
-                await self.ensure_replica(candidate, left)
-                result = await call(self.handles[candidate], left)
+                result = await self._attempt(candidate, call, left)
             except ReplicaFailed:
                 # One replica died; the model's other replicas are fine and Serve replaces the
                 # dead one. Not a circuit failure: a crash with many requests in flight would
@@ -194,6 +195,18 @@ class Dispatcher:
                 breaker.note(engine_failure.message)  # one replica failed where another served: shown, not counted
             breaker.success()
             return result
+
+    async def _attempt(self, candidate: str, call: Callable[[DeploymentHandle, float], Awaitable[Any]], left: float) -> Any:
+        """One try, written into the request's story (serve_app/stories.py) however it ends."""
+        started = time.perf_counter()
+        try:
+            await self.ensure_replica(candidate, left)
+            result = await call(self.handles[candidate], left)
+        except BaseException as exc:
+            stories.attempt(candidate, started, exc=exc)
+            raise
+        stories.attempt(candidate, started, result)
+        return result
 
     async def _probe_passes(self, candidate: str, deadline: float) -> bool:
         left = min(PROBE_TIMEOUT_S, deadline - time.monotonic())

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from deployments.runtime import replica_info
 from serve_app.batches.routes import BatchApi
 from serve_app.batches.store import BatchStore
 from serve_app.batches.traffic import Traffic, TrafficMiddleware
@@ -34,10 +35,11 @@ from serve_app.handlers.context import Context
 from serve_app.handlers.llm import LLMHandlers
 from serve_app.handlers.scoring import ScoringHandlers
 from serve_app.metrics import RouterMetrics
-from serve_app.middleware import AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
+from serve_app.middleware import BATCH_SCOPE, AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve_app.resilience import Dispatcher
 from serve_app.serve_context import app_name_or_local, in_serve, replica_id
-from serve_app.status import configure_alerts, hand_over_traffic, keep_alerts_configured, report_circuit
+from serve_app.status import configure_alerts, hand_over_stories, hand_over_traffic, keep_alerts_configured, report_circuit
+from serve_app.stories import Stories, StoryMiddleware
 from serve_app.tenancy import Tenancy
 
 
@@ -58,11 +60,12 @@ class Router:
         self.batch_store = BatchStore(gateway.batch.store, gateway.data_path, app)
         self.batch_api = BatchApi(self.batch_store, gateway.batch, gateway.max_body_bytes, self._serving_model)
         self.traffic = Traffic()
+        self.stories = Stories(gateway.stories, _router_identity()) if gateway.stories.enabled else None
         self.metrics.chart_name = self._serving_model  # /status charts an adapter's answers with its base's
         self.batch_worker: BatchWorker | None = None
         self._worker_task: asyncio.Task | None = None
         ctx = Context(gateway, self.models, self.aliases, self.adapters, handles, self.metrics, self.tenancy, self.dispatch,
-                      cold_start, self.traffic, self.batch_store, self.events)
+                      cold_start, self.traffic, self.batch_store, self.events, self.stories)
         self.admin, self.llm, self.scoring = AdminHandlers(ctx), LLMHandlers(ctx), ScoringHandlers(ctx)
         configure_alerts(gateway, self.models)  # the status board pushes them (deployments/status_board.py)
 
@@ -82,6 +85,8 @@ class Router:
             self.start_batch_worker()
             self._alerts_task = asyncio.get_running_loop().create_task(keep_alerts_configured(self.gateway, self.models))
             self._traffic_task = asyncio.get_running_loop().create_task(hand_over_traffic(self.metrics.window))
+            if self.stories is not None:
+                self._stories_task = asyncio.get_running_loop().create_task(hand_over_stories(self.stories))
         return self.asgi
 
     def start_batch_worker(self) -> None:
@@ -109,6 +114,7 @@ class Router:
                 Route("/v1/models/{model:path}", admin.get_model, methods=["GET"]),
                 Route("/v1/status", admin.status, methods=["GET"]),
                 Route("/v1/usage", admin.usage_report, methods=["GET"]),
+                Route("/v1/requests/{request_id:path}", admin.request_story, methods=["GET"]),
                 Route("/v1/chat/completions", llm.chat_completions, methods=["POST"]),
                 Route("/v1/completions", llm.completions, methods=["POST"]),
                 Route("/tokenize", llm.tokenize, methods=["POST"]),
@@ -135,7 +141,8 @@ class Router:
             ],
             # Inside Starlette's ServerErrorMiddleware, so we shape errors before it answers 500.
             middleware=[
-                Middleware(RequestIdMiddleware), Middleware(MetricsMiddleware, self.metrics), Middleware(ErrorMiddleware),
+                Middleware(RequestIdMiddleware), Middleware(StoryMiddleware, self.stories, BATCH_SCOPE),
+                Middleware(MetricsMiddleware, self.metrics), Middleware(ErrorMiddleware),
                 Middleware(AuthMiddleware, self.tenancy.admission), Middleware(TrafficMiddleware, self.traffic),
             ],
             exception_handlers={HTTPException: _http_exception},
@@ -162,6 +169,12 @@ class Router:
 
 
 Ingress = serve.ingress()(Router)
+
+
+def _router_identity() -> dict[str, str]:
+    """Which router replica took a request, and on which node: the first line of its story."""
+    me = replica_info("router")
+    return {"replica_id": me.replica_id, "node_id": me.node_id, "node_ip": me.node_ip}
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:

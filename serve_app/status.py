@@ -18,14 +18,16 @@ import time
 from typing import Any
 
 from deployments import status_board
-from deployments.serve_view import app_deployments, live_replicas, state_name
+from deployments.serve_view import app_deployments, live_replicas, replica_of_actor, state_name
 from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.llm_routing.registry import routing_view
 from serve_app.serve_context import app_name, replica_context
+from serve_app.stories import Stories, merge
 from serve_app.traffic import BUCKET_S, Window
 
 logger = logging.getLogger("ray.serve")
 CONFIG_RESEND_S = 30.0  # how often each router replica hands the status board its alert config again
+STORIES_PERIOD_S = 1.0  # how often each router replica hands its finished request stories to the board
 
 
 async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], breakers: dict[str, Any],
@@ -165,6 +167,53 @@ async def hand_over_traffic(window: Window, period_s: float = BUCKET_S) -> None:
             status_board.call(app, "traffic", counts, boundary - 1e-3)
         except Exception:  # noqa: BLE001
             logger.warning("could not hand this router's traffic counts to the status board", exc_info=True)
+
+
+async def hand_over_stories(stories: Stories, period_s: float = STORIES_PERIOD_S) -> None:
+    """Every `period_s`, the stories this router replica finished to the app's status board, which
+    keeps every router replica's (serve_app/stories.py). Best effort: a lost hand-over leaves those
+    stories on this router replica only."""
+    app = app_name()
+    limits = stories.cfg.model_dump()
+    while app is not None:
+        await asyncio.sleep(period_s)
+        batch = stories.take_outbox()
+        if not batch:
+            continue
+        try:
+            status_board.call(app, "add_stories", batch, limits)
+        except Exception:  # noqa: BLE001
+            logger.warning("could not hand this router's request stories to the status board", exc_info=True)
+
+
+async def find_story(stories: Stories | None, rid: str) -> list[dict[str, Any]]:
+    """Every kept story of `rid`: this router replica's own, and every router replica's from the
+    app's status board (stories.merge keeps each once)."""
+    own = stories.find(rid) if stories is not None else []
+    board: list[dict[str, Any]] = []
+    app = app_name()
+    if app is not None:
+        try:
+            board = await status_board.call(app, "story", rid)
+        except Exception:  # noqa: BLE001 - the board is down: this router replica's own stories still answer
+            logger.warning("could not ask the status board for request %s", rid, exc_info=True)
+    found = merge(own, board)
+    if app is not None:
+        await _name_dead_replicas(found)
+    return found
+
+
+async def _name_dead_replicas(stories: list[dict[str, Any]]) -> None:
+    """Attempts on a replica that died with only its actor id known get its replica id and node
+    from the GCS (in place: the book's copy keeps the answer). Best effort: unknown stays unknown."""
+    for attempt in (a for s in stories for a in s.get("attempts", ()) if a.get("actor_id") and not a.get("replica")):
+        try:
+            where = await asyncio.to_thread(replica_of_actor, attempt["actor_id"])
+        except Exception:  # noqa: BLE001
+            logger.warning("could not look up actor %s", attempt["actor_id"], exc_info=True)
+            continue
+        if where:
+            attempt.update(where)
 
 
 async def keep_alerts_configured(gateway: GatewayConfig, models: dict[str, ModelConfig]) -> None:

@@ -13,6 +13,7 @@ import time
 
 from starlette.requests import Request
 
+from serve_app import stories
 from serve_app.admission import Admission
 from serve_app.config import ApiKeyConfig, ConfigError, GatewayConfig, check_keys
 from serve_app.http import principal_of
@@ -88,6 +89,7 @@ class Tenancy:
         key = principal.name if principal is not None else "-"
         self.metrics.served_for(key, model, prompt_tokens, completion_tokens)
         self.usage.record(key, model, prompt_tokens, completion_tokens, time.time())
+        stories.note_usage(model, prompt_tokens, completion_tokens)
 
     def close(self) -> None:
         """Write the usage not written yet (the router's graceful shutdown)."""

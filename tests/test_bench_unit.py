@@ -99,6 +99,22 @@ def test_table_prints_ratios_against_the_same_runs_baselines():
     assert "0.75x" in out and "1.50x" in out  # vs raw, and vs Infinity
 
 
+def test_table_prints_the_cost_of_request_stories_against_stories_off():
+    on, off = {"rps": 970.0, "p50": 1.1, "p99": 3.0}, {"rps": 1000.0, "p50": 1.0, "p99": 3.0}
+    mem = {shape: {"bytes_per_10k": 20 * 2**20, "bytes_per_story": 2097} for shape in ("rerank", "llm", "retried")}
+    out = table({"serve-ours": {"c1": on, "c32": on}, "serve-ours-nostories": {"c1": off, "c32": off}, "stories-memory": mem})
+    assert "| request stories kept: req/s at c32 | 970 | 1,000 (stories off) | 0.97x |" in out
+    assert "| request stories kept: p50 at c1 | 1.10 ms | 1.00 ms | +0.10 ms |" in out
+    assert "| request stories: memory per 10,000 kept, a retried LLM stream | 20.0 MiB | | |" in out
+
+
+def test_stories_memory_step_measures_the_book_the_router_keeps():
+    from bench.stories import measure
+
+    small = measure("rerank")
+    assert 200 < small["bytes_per_story"] < 20_000 and measure("retried")["bytes_per_story"] > small["bytes_per_story"]
+
+
 def _burn(cpu_s: float) -> None:
     """Spends `cpu_s` of this thread's own CPU time, however busy the machine is."""
     t0 = time.thread_time()

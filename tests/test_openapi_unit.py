@@ -12,7 +12,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from serve_app.config import hash_key, parse_app_config
-from serve_app.openapi import DOCS_ASSETS, MODEL_ERRORS, schema
+from serve_app.openapi import DOCS_ASSETS, MODEL_ERRORS, openapi_path, schema
 from serve_app.router import Router
 from tests.browser import browser_page, needs_chromium
 from tests.local_servers import ThreadedServer
@@ -41,7 +41,7 @@ def test_the_schema_is_valid_openapi_3_1_and_lists_every_route_with_its_body_and
     c = client()
     spec = c.get("/openapi.json").json()  # open, as vLLM's, even with keys on
     validate(spec)
-    table = {(r.path.replace("{model:path}", "{model}"), m.lower()) for r in c.app.routes for m in r.methods if m != "HEAD"}
+    table = {(openapi_path(r.path), m.lower()) for r in c.app.routes for m in r.methods if m != "HEAD"}
     assert {(p, m) for p, ops in spec["paths"].items() for m in ops} == table
     chat = spec["paths"]["/v1/chat/completions"]["post"]
     body = spec["components"]["schemas"][chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]]
@@ -114,6 +114,6 @@ def test_make_up_prints_every_route_of_the_route_table_with_its_method(capsys):
     _print_endpoints("http://127.0.0.1:8000", [], {"default": "/", "other": "/other"})
     out = capsys.readouterr().out
     assert "default at http://127.0.0.1:8000," in out and "other at http://127.0.0.1:8000/other" in out
-    table = {(m, r.path.replace("{model:path}", "{model}")) for r in client().app.routes for m in r.methods if m != "HEAD"}
+    table = {(m, openapi_path(r.path)) for r in client().app.routes for m in r.methods if m != "HEAD"}
     printed = set(re.findall(r"^  ([A-Z]+) +(/\S*) ", out, re.M))
     assert printed == table, printed ^ table

@@ -5,14 +5,22 @@ requests, KV-cache use, the prefix cache's queried and hit tokens of that step);
 latest and sums the prefix counters, so the replica can report them through Serve's
 `record_routing_stats` (serve_app/llm_routing/) and the status view can put vLLM's actual hit
 rate beside the router's predicted one.
+
+It also keeps vLLM's own timings of each finished request (queue wait, prefill, decode, cached
+tokens, preemptions) for a little while, so the replica can hand them to the router for the
+request's story (serve_app/stories.py) when it answers.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
+
+
+FINISHED_KEPT = 1024  # timings of finished requests nobody asked for (the probe's, aborted ones) age out
 
 
 class EngineLoad(StatLoggerBase):
@@ -24,8 +32,11 @@ class EngineLoad(StatLoggerBase):
         self.kv_usage = 0.0
         self.prefix_queries = self.prefix_hits = 0
         self._lock = threading.Lock()
+        self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+        for done in getattr(iteration_stats, "finished_requests", None) or ():
+            self._finished(done)
         if scheduler_stats is None:
             return
         with self._lock:
@@ -35,6 +46,30 @@ class EngineLoad(StatLoggerBase):
             if prefix is not None:  # per-step deltas (vLLM resets them each step): summed here
                 self.prefix_queries += prefix.queries
                 self.prefix_hits += prefix.hits
+
+    def _finished(self, done: Any) -> None:
+        """vLLM's FinishedRequestStats, under the id the serving layer gave the engine."""
+        if done.request_id is None:
+            return
+        with self._lock:
+            self.finished[done.request_id] = {
+                "queued_ms": round(done.queued_time * 1000, 1), "prefill_ms": round(done.prefill_time * 1000, 1),
+                "decode_ms": round(done.decode_time * 1000, 1), "prompt_tokens": done.num_prompt_tokens,
+                "cached_tokens": done.num_cached_tokens, "generated_tokens": done.num_generation_tokens,
+                "preemptions": done.num_preemptions, "finish_reason": str(done.finish_reason),
+            }
+            while len(self.finished) > FINISHED_KEPT:
+                self.finished.popitem(last=False)
+
+    def request_stats(self, request_id: str) -> dict[str, Any] | None:
+        """The engine's timings of a finished request, once: vLLM's serving layer names a chat
+        request `chatcmpl-ID` and a completion's first prompt `cmpl-ID-0`."""
+        with self._lock:
+            for engine_id in (f"chatcmpl-{request_id}", f"cmpl-{request_id}-0"):
+                stats = self.finished.pop(engine_id, None)
+                if stats is not None:
+                    return stats
+        return None
 
     def log_engine_initialized(self) -> None:
         pass

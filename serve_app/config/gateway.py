@@ -15,6 +15,7 @@ from serve_app.config.errors import ConfigError
 from serve_app.config.keys import ApiKeyConfig, RouterSettings, check_keys, hash_key
 from serve_app.config.models import ActorResources, DeploymentSettings
 from serve_app.config_base import REPO_ROOT, StrictConfig
+from serve_app.stories import StoriesConfig
 
 
 class GatewayConfig(StrictConfig):
@@ -66,6 +67,9 @@ class GatewayConfig(StrictConfig):
         "(docs/OPERATIONS.md)"
     )
     alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="pushed alerts (docs/OPERATIONS.md)")
+    stories: StoriesConfig = Field(
+        default_factory=StoriesConfig, description="request stories by id: GET /v1/requests/{id}, `trace` (docs/OPERATIONS.md)"
+    )
     batch: BatchApiConfig = Field(default_factory=BatchApiConfig, description="the Batch API's store and share (docs/BATCHES.md)")
     data_dir: str = Field(
         "data", description="durable router state (usage-<app>.sqlite3 with a memory limits_store, batches-<app>.sqlite3); relative "

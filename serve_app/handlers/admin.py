@@ -15,11 +15,11 @@ from starlette.responses import JSONResponse, Response
 from deployments.protocol import ModelCard
 from serve_app.api import admin, openai
 from serve_app.config import ModelKind
-from serve_app.errors import ApiError, GatewayTimeout, Overloaded
+from serve_app.errors import ApiError, GatewayTimeout, NotFound, Overloaded
 from serve_app.handlers.context import Context
 from serve_app.openapi import docs_asset_response, docs_response, schema_response
 from serve_app.resilience import call_replica
-from serve_app.status import running_replicas, status_view
+from serve_app.status import find_story, running_replicas, status_view
 from serve_app.status_page import page_response
 
 READY_TIMEOUT_S = 5.0
@@ -124,6 +124,20 @@ class AdminHandlers:
         q = admin.usage_query(request.query_params.multi_items(), time.time())
         rows = await asyncio.to_thread(self.ctx.tenancy.usage.query, q.since, q.until, q.key)
         return JSONResponse(admin.usage_response(q, rows))
+
+    async def request_story(self, request: Request) -> Response:
+        """`GET /v1/requests/{id}`: what happened to a recent request (serve_app/stories.py), from
+        whichever router replica took it (admin only with keys). A reused id: the newest story,
+        the others under `earlier`."""
+        self.ctx.tenancy.require_admin(request)
+        rid = request.path_params["request_id"]
+        found = await find_story(self.ctx.stories, rid)
+        if not found:
+            cfg = self.ctx.gateway.stories
+            kept = (f"the last {cfg.keep} requests for {cfg.max_age_s:g}s and failed ones for {cfg.failed_max_age_s:g}s"
+                    if cfg.enabled else "nothing: gateway.stories.enabled is false")
+            raise NotFound(f"no request with id '{rid[:256]}' is kept (this gateway keeps {kept})", "request_id")
+        return JSONResponse({**found[0], "earlier": found[1:]})
 
     async def status_page(self, request: Request) -> Response:
         """`GET /status`: the HTML page over `/v1/status`; it carries no data itself, so it is open

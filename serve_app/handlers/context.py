@@ -13,14 +13,16 @@ import dataclasses
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 
+from serve_app import stories
 from serve_app.batches.store import BatchStore
 from serve_app.batches.traffic import Traffic, TrafficMiddleware
 from serve_app.cold_start import ColdStart
 from serve_app.config import GatewayConfig, ModelConfig, ModelKind
-from serve_app.errors import InvalidRequest, ModelNotFound
+from serve_app.errors import ApiError, InvalidRequest, ModelNotFound
 from serve_app.metrics import RouterMetrics
 from serve_app.middleware import BATCH_SCOPE
 from serve_app.resilience import Dispatcher
+from serve_app.stories import Stories
 from serve_app.tenancy import Tenancy
 
 
@@ -38,6 +40,7 @@ class Context:
     traffic: Traffic
     batch_store: BatchStore
     events: dict[tuple[str, str], int]  # (retry | fallback | ..., model) → count, for the status view
+    stories: Stories | None = None  # this router replica's request stories (None: turned off)
 
     def visible_model(self, request: Request, name: str) -> str:
         """The canonical name of a model this request's key may use, or a 404. A model outside
@@ -67,7 +70,12 @@ class Context:
         """Admit the request (or 429); only then is it interactive traffic on its model, which
         batch lines yield to: a request refused before it reaches a model (400, 401, 404, 413,
         429) never pauses batches."""
-        await self.tenancy.admit(request, tokens)
+        try:
+            await self.tenancy.admit(request, tokens)
+        except ApiError as err:
+            stories.note(admission={"decision": "refused", "estimated_tokens": tokens, "code": err.code, "reason": err.message[:300]})
+            raise
+        stories.note(admission={"decision": "admitted", "estimated_tokens": tokens})
         state = request.scope["state"]
         if TrafficMiddleware.KEY not in state and BATCH_SCOPE not in request.scope:
             state[TrafficMiddleware.KEY] = model  # the middleware ends it with the response

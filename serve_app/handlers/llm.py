@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from deployments.protocol import ReplicaInfo, StreamItem, as_stream_item
+from serve_app import stories
 from serve_app.api import openai
 from serve_app.body import read_object, validate
 from serve_app.config import ModelKind
@@ -62,6 +63,7 @@ class LLMHandlers:
         served, result = await ctx.dispatch.run(base, lambda h, left: call_replica(h.create.remote(api, data, rid), left),
                                                 fallbacks=base == model)
         use = result.body.get("usage") or {}
+        stories.note(engine=getattr(result, "engine", None))  # an older replica (rolling update) sends none
         ctx.tenancy.served(request, _counted_as(model, base, served), use.get("prompt_tokens") or 0,
                            use.get("completion_tokens") or 0)
         return with_routing(json_response(result.body, result.replica), rid, data, ctx.metrics, base)
@@ -87,6 +89,7 @@ class LLMHandlers:
                 raise
 
         base = ctx.base_of(model)
+        stories.note(stream=True)
         # No fallback model serves an adapter: another model's answer would pass for the fine-tune's.
         served, (stream, first) = await ctx.dispatch.run(base, open_stream, fallbacks=base == model)
         registry.first_token(rid, data)  # the prefill is done: the cost-aware router stops counting the prompt
@@ -94,6 +97,7 @@ class LLMHandlers:
         started = request.scope["state"].get("started")
         if started is not None:
             ctx.metrics.first_token(served, (time.perf_counter() - started) * 1000)
+            stories.note(first_token_ms=round((time.perf_counter() - started) * 1000, 1))
 
         replica: ReplicaInfo = first[2]
 
@@ -109,11 +113,14 @@ class LLMHandlers:
                     except StopAsyncIteration:
                         break
             except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band with the request id
-                yield f"data: {json.dumps(from_exception(exc).body(rid))}\n\ndata: [DONE]\n\n".encode()
+                err = from_exception(exc)
+                stories.note_error(err, mid_stream=True)
+                yield f"data: {json.dumps(err.body(rid))}\n\ndata: [DONE]\n\n".encode()
             finally:
                 stream.cancel()  # normal end: no-op; client gone or error: frees the engine's work
                 # Settled once, however the stream ended (a client that left ends it here, by GeneratorExit).
                 if usage:
+                    stories.note(engine=usage.get("engine"))
                     ctx.tenancy.served(request, served, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
                 else:
                     ctx.tenancy.served(request, served, prompt_estimate, forwarded_tokens(events, api, choices))
@@ -147,6 +154,7 @@ def with_routing(response: Response, rid: str, data: dict[str, Any], metrics: Ro
     decision = registry.pop_decision(rid, data)
     if decision is not None:
         replica, cached, prompt_tokens = decision
+        stories.note(routing={"replica": replica, "predicted_cached_tokens": cached, "prompt_tokens": prompt_tokens})
         logger.info("routed to replica %s, predicted cached prompt tokens %d of %d", replica, cached, prompt_tokens)
         response.headers["x-predicted-cached-tokens"] = str(cached)
         if metrics is not None:

@@ -26,6 +26,7 @@ class Load:
         self.base, self.codes, self.errors, self.documents, self.model = base, [], [], documents, model
         self.failures: list[str] = []  # no HTTP response at all (connection dropped)
         self.retry_dropped, self.dropped = retry_dropped, []
+        self.sent: list[tuple[float, float, str]] = []  # (sent at, answered at, request id) of each answer
         self._stop = threading.Event()
         self._pool = cf.ThreadPoolExecutor(threads)
         self._futures = [self._pool.submit(self._run) for _ in range(threads)]
@@ -34,9 +35,11 @@ class Load:
         body = {"model": self.model, "query": "paris", "documents": [f"doc {i} paris" for i in range(self.documents)]}
         with httpx.Client(base_url=self.base, timeout=90) as c:
             while not self._stop.is_set():
+                t0 = time.time()
                 r = self._post(c, body)
                 if r is None:
                     continue
+                self.sent.append((t0, time.time(), r.headers.get("x-request-id", "")))
                 self.codes.append(r.status_code)
                 if r.status_code != 200:
                     self.errors.append(r.text[:300])
@@ -89,12 +92,14 @@ def test_killing_a_replica_under_load_loses_no_request(stack, chaos):
     load = Load(chaos, threads=6, documents=400)  # long enough that both replicas always have work in flight
     time.sleep(3)
     victim = sorted(before)[0]
+    killed_at = time.time()
     ray.kill(ray.get_actor(f"SERVE_REPLICA::chaos#{DEPLOYMENT}#{victim}", namespace="serve"), no_restart=True)
     time.sleep(6)
     load.stop()
     assert load.codes and set(load.codes) == {200}, load.errors[:3]
     view = status(stack, "chaos")
     assert view["router_events"].get("retry", 0) >= 1  # the router, not luck, saved them
+    _the_retried_request_tells_its_story(chaos, load, victim, killed_at)
     shown = wait_for(lambda: next((r for r in status(stack, "chaos")["replicas"] if r["replica_id"] == victim), None),
                      20, "the killed replica in the status view")
     assert shown["state"] == "gone" and shown["gone_at"] > time.time() - 30  # never "silent" or live
@@ -102,6 +107,59 @@ def test_killing_a_replica_under_load_loses_no_request(stack, chaos):
     wait_for(lambda: victim not in {r["replica_id"] for r in status(stack, "chaos")["replicas"]}, 30,
              "the gone replica dropped after status_gone_retention_s")
     assert all(r["state"] != "gone" for r in status(stack, "chaos")["replicas"])
+
+
+def _the_retried_request_tells_its_story(base: str, load: Load, victim: str, killed_at: float) -> None:
+    """A request in flight when its replica was killed: GET /v1/requests/{id} and `trace` show the
+    attempt on the dead replica (named, with its node) and the retry that answered elsewhere, and
+    `trace` prints the request's log lines from the replicas."""
+    import subprocess
+    import sys
+
+    in_flight = [rid for t0, t1, rid in load.sent if t0 <= killed_at <= t1]
+    assert in_flight
+    with httpx.Client(base_url=base, timeout=30) as c:
+        stories = [wait_for(lambda rid=rid: (lambda r: r.json() if r.status_code == 200 else None)(c.get(f"/v1/requests/{rid}")),
+                            10, f"the story of {rid}") for rid in in_flight]
+    retried = [s for s in stories if any(a["outcome"] == "replica_failed" for a in s["attempts"])]
+    assert retried, [s["attempts"] for s in stories][:3]
+    story = retried[0]
+    dead = [a for a in story["attempts"] if a["outcome"] == "replica_failed"]
+    assert {a["replica"] for a in dead} == {victim} and all(a["node_ip"] for a in dead), dead
+    served = [a for a in story["attempts"] if a["outcome"] == "ok"]
+    assert served and all(a["replica"] != victim and a["node_id"] and a["node_ip"] for a in served), story["attempts"]
+    assert story["status"] == 200 and story["outcome"] == "ok" and story["retries"] >= 1 and story["fallbacks"] == []
+    assert story["router"]["replica_id"] and story["router"]["node_id"] and story["path"] == "/chaos/v1/rerank"
+    out = subprocess.run([sys.executable, "-m", "serve_app", "trace", story["id"], "--url", base, "--dashboard", "http://127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"replica {victim}" in out.stdout and "-> replica_failed" in out.stdout and "-> 200 (ok)" in out.stdout, out.stdout
+    logs = out.stdout.split("log lines (", 1)[1].splitlines()[1:]
+    assert any("replica_chaos_rerank-ce_" in line for line in logs) and all(story["id"] in line for line in logs), out.stdout[-3000:]
+
+
+def test_a_request_answered_by_a_fallback_tells_the_chain(stack, chaos):
+    """ce's only replica stalls: a request times out (504) and opens ce's circuit (breaker_failures
+    1); the next is answered by its fallback. Both stories say so."""
+    app = chaos_app(stack.tiny_models.ce, {"num_replicas": 1}, names=("ce", "ce-spare"))
+    app["gateway"].update(breaker_failures=1, breaker_cooldown_s=120, request_timeout_s=3, retry_attempts=1)
+    app["models"][0]["fallbacks"] = ["ce-spare"]
+    deploy({**all_apps(stack), "chaos": chaos_app(stack.tiny_models.ce, {}), "chaosfb": app})
+    try:
+        serve.get_deployment_handle(DEPLOYMENT, app_name="chaosfb").inject_fault.remote("stall").result()
+        body = {"model": "ce", "query": "paris", "documents": ["paris", "rome"]}
+        with httpx.Client(base_url=f"{stack.base}/chaosfb", timeout=60) as c:
+            timed_out = c.post("/v1/rerank", json=body)
+            answered = c.post("/v1/rerank", json=body)
+            assert timed_out.status_code == 504 and answered.status_code == 200, (timed_out.text, answered.text)
+            first = c.get(f"/v1/requests/{timed_out.headers['x-request-id']}").json()
+            second = c.get(f"/v1/requests/{answered.headers['x-request-id']}").json()
+        assert first["outcome"] == "failed" and first["error"]["status"] == 504
+        assert [a["outcome"] for a in first["attempts"]] == ["deadline_exceeded"] and first["attempts"][0]["duration_ms"] >= 2500
+        assert [(a["model"], a["outcome"]) for a in second["attempts"]] == [("ce", "circuit_open"), ("ce-spare", "ok")]
+        assert second["fallbacks"] == ["ce-spare"] and second["model"] == "ce-spare" and second["status"] == 200
+    finally:
+        deploy({**all_apps(stack), "chaos": chaos_app(stack.tiny_models.ce, {})})
 
 
 def test_failing_health_check_gets_the_replica_replaced_while_traffic_continues(stack, chaos):

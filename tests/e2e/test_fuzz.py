@@ -290,6 +290,35 @@ def test_api_page_assets(http, name, prefix, who):
         assert r.status_code == 404, (name, r.status_code, r.text[:200])
 
 
+@FUZZ
+@given(rid=TEXT | EDGE_TEXT.filter(lambda t: len(t) < 1000) | st.sampled_from(["fuzz-known-id", "../status", "%00", "a/b"]),
+       prefix=st.sampled_from(["/tiny", "/guarded"]), who=st.sampled_from(["admin", "app", "wrong", None]))
+def test_request_story_ids(http, rid, prefix, who):
+    """GET /v1/requests/{id}: any id, any caller -> a story (admins), 404, 401 or 403 in OpenAI's
+    shape, never a 5xx. `fuzz-known-id` was a real request: admins get its story."""
+    from urllib.parse import quote
+
+    from tests.e2e.conftest import ADMIN_KEY, APP_KEY
+
+    if "known" not in SEEN:  # one real request with that id on each app, first
+        SEEN["known"] = set()
+        for app, model in (("/tiny", "tiny-ce"), ("/guarded", "guarded-ce")):
+            r = http.post(f"{app}/v1/rerank", json={"model": model, "query": "q", "documents": ["a"]},
+                          headers={"x-request-id": "fuzz-known-id", "authorization": f"Bearer {ADMIN_KEY}"})
+            assert r.status_code == 200, r.text[:300]
+    secret = {"admin": ADMIN_KEY, "app": APP_KEY, "wrong": "sk-wrong", None: None}[who]
+    headers = {"authorization": f"Bearer {secret}"} if secret else {}
+    r = http.get(f"{prefix}/v1/requests/{quote(rid, safe='')}", headers=headers)
+    check(r, (prefix, rid, who))
+    guarded = prefix == "/guarded"
+    allowed = {200, 404} if not guarded else ({200, 404} if who == "admin" else {403} if who == "app" else {401})
+    assert r.status_code in allowed, (rid, who, r.status_code, r.text[:300])
+    if r.status_code == 200:
+        assert r.json()["id"] == rid and r.json()["object"] == "request.story"
+    if rid == "fuzz-known-id" and (who == "admin" or not guarded):
+        assert r.status_code == 200, r.text[:300]
+
+
 # --- the Batch API (on the tiny app: its lines rerank with tiny-ce) ---
 UPLOADED, BATCH_ID = "<uploaded-file>", "<a-batch>"
 FILES: list[str] = []

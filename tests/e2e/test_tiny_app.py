@@ -31,8 +31,24 @@ def test_tp2_replica_holds_two_gpus_on_one_node_and_serves(stack, http):
     })
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] > 0
+    _story_has_the_engines_timings(http, r, card, stream=False)
     r = http.post("/v1/completions", json={"model": "tiny-llm-tp2", "prompt": "paris is", "max_tokens": 4, "stream": True})
     assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    _story_has_the_engines_timings(http, r, card, stream=True)
+
+
+def _story_has_the_engines_timings(http, r, card, stream: bool) -> None:
+    """GET /v1/requests/{id} of an LLM request: the replica that served it and vLLM's own timings
+    of it (queue wait, prefill, decode, tokens), which match what the client was charged."""
+    story = http.get(f"/v1/requests/{r.headers['x-request-id']}").json()
+    assert story["stream"] is stream and story["status"] == 200 and story["outcome"] == "ok", story
+    (attempt,) = story["attempts"]
+    assert attempt["replica"] == card.replica.replica_id and attempt["node_id"] == card.replica.node_id
+    engine, usage = story["engine"], story["usage"]
+    assert engine is not None, story
+    assert engine["queued_ms"] >= 0 and engine["prefill_ms"] > 0 and engine["finish_reason"] in ("length", "stop")
+    assert engine["prompt_tokens"] == usage["prompt_tokens"] and engine["generated_tokens"] == usage["completion_tokens"]
+    assert (story["first_token_ms"] is not None) is stream
 
 
 def test_cross_encoder_scores_agree_across_engines(http):
