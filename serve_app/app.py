@@ -40,13 +40,14 @@ def build_from_config(cfg: AppConfig) -> Application:
         raise ConfigError("this config cannot be served:\n  " + "\n  ".join(problems))
     models_dir = str(cfg.gateway.models_path)
     handles = {}
+    env = cfg.gateway.tracing.env()  # the OTLP endpoint, on every deployment of the app (serve_app/tracing.py)
     for model in cfg.models:
-        deployment = model_deployment(model)
+        deployment = model_deployment(model, env)
         if model.kind is ModelKind.llm:
             handles[model.name] = deployment.bind(model, models_dir, cfg.gateway.default_max_tokens)
         else:
             handles[model.name] = deployment.bind(model, models_dir)
-    return router_deployment(cfg.gateway).bind(cfg.gateway, cfg.models, handles)
+    return router_deployment(cfg.gateway, env).bind(cfg.gateway, cfg.models, handles)
 
 
 def resolve(cfg: AppConfig) -> AppConfig:
@@ -54,7 +55,7 @@ def resolve(cfg: AppConfig) -> AppConfig:
     return cfg.model_copy(update={"models": [apply_preset(m) for m in cfg.models]})
 
 
-def model_deployment(model: ModelConfig) -> Deployment:
+def model_deployment(model: ModelConfig, env: dict[str, str] | None = None) -> Deployment:
     opts = _serve_options(model.deployment, model.batch_capacity)
     actor = opts["ray_actor_options"]
     per_worker = actor.get("num_gpus", 0)
@@ -70,8 +71,8 @@ def model_deployment(model: ModelConfig) -> Deployment:
         # vLLM's mp workers inherit CUDA_VISIBLE_DEVICES from it (a placement group would leave
         # the replica itself without GPUs, and Serve cannot combine one with max_replicas_per_node).
         actor["num_gpus"] = per_worker * model.tensor_parallel_size
-    if model.engine_env:
-        actor["runtime_env"] = {"env_vars": dict(model.engine_env)}
+    if model.engine_env or env:
+        actor["runtime_env"] = {"env_vars": {**(env or {}), **model.engine_env}}
     if model.kind is not ModelKind.llm:
         opts["user_config"] = model.batch.model_dump()
     elif model.routing_policy == "cache_aware":
@@ -92,12 +93,14 @@ def llm_request_router(model: ModelConfig) -> dict[str, Any]:
             "request_routing_stats_timeout_s": max(1.0, model.routing.stats_period_s)}
 
 
-def router_deployment(gateway: GatewayConfig) -> Deployment:
+def router_deployment(gateway: GatewayConfig, env: dict[str, str] | None = None) -> Deployment:
     """Keys travel as the router's user_config, not in its init args: an operator overrides it
     under `deployments: [{name: router, user_config: ...}]` and Serve applies it in place."""
+    opts = _serve_options(gateway.deployment, ROUTER_BATCH_CAPACITY)
+    if env:
+        opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env)}
     return serve.deployment(Ingress).options(
-        name=ROUTER_NAME, user_config=gateway.router_settings().model_dump(mode="json", exclude_none=True),
-        **_serve_options(gateway.deployment, ROUTER_BATCH_CAPACITY),
+        name=ROUTER_NAME, user_config=gateway.router_settings().model_dump(mode="json", exclude_none=True), **opts,
     )
 
 

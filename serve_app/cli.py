@@ -20,6 +20,7 @@ import urllib.request
 
 from serve_app.config import PREPARED_PREFIX, AppConfig, ConfigError, hash_key, load_serve_config
 from serve_app.ray_env import RAY_ENV
+from serve_app.tracing import EXPORTER
 
 DASHBOARD = "http://127.0.0.1:8265"
 
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _serve_traces(raw: dict) -> bool:
+    """Serve's cluster-wide tracing is on, through our OTLP exporter (serve_app/tracing.py)."""
+    tc = raw.get("tracing_config") or {}
+    return bool(tc.get("enabled")) and tc.get("exporter_import_path") == EXPORTER
+
+
 def _apps(path: str) -> list[tuple[str, AppConfig]]:
     _, apps = load_serve_config(path)
     if not apps:
@@ -118,6 +125,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems += check_fit(cfg.models, node_gpus)
         found, warned = check_router(cfg, overrides.get(name, []))
         problems, warnings = problems + found, warnings + [f"application '{name}': {w}" for w in warned]
+        if cfg.gateway.tracing.otlp_endpoint and not _serve_traces(raw):
+            warnings.append(f"application '{name}': gateway.tracing.otlp_endpoint is set but Serve's tracing is off: add "
+                            f"`tracing_config: {{enabled: true, exporter_import_path: {EXPORTER}}}` at the top of "
+                            f"{args.config} (nothing is exported without it)")
     for n in notes:
         print(f"note: {n}")
     for w in warnings:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import stories
+from serve_app import stories, tracing
 from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.errors import (
     ApiError, ContextLengthExceeded, EngineFailure, GatewayTimeout, InputFailed, Overloaded, ReplicaFailed,
@@ -199,13 +199,15 @@ class Dispatcher:
     async def _attempt(self, candidate: str, call: Callable[[DeploymentHandle, float], Awaitable[Any]], left: float) -> Any:
         """One try, written into the request's story (serve_app/stories.py) however it ends."""
         started = time.perf_counter()
-        try:
-            await self.ensure_replica(candidate, left)
-            result = await call(self.handles[candidate], left)
-        except BaseException as exc:
-            stories.attempt(candidate, started, exc=exc)
-            raise
-        stories.attempt(candidate, started, result)
+        # With Serve's tracing on, a span current during the call: the replica's span is its child.
+        with tracing.span(f"serve_app attempt {candidate}", {"serve_app.model": candidate}) as span:
+            try:
+                await self.ensure_replica(candidate, left)
+                result = await call(self.handles[candidate], left)
+            except BaseException as exc:
+                tracing.describe_attempt(span, stories.attempt(candidate, started, exc=exc))
+                raise
+            tracing.describe_attempt(span, stories.attempt(candidate, started, result))
         return result
 
     async def _probe_passes(self, candidate: str, deadline: float) -> bool:

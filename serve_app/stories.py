@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app import tracing
 from serve_app.config_base import StrictConfig
 from serve_app.errors import ApiError, from_exception
 
@@ -110,12 +111,13 @@ def current() -> Story | None:
     return _STORY.get()
 
 
-def attempt(model: str, started: float, result: Any = None, exc: BaseException | None = None) -> None:
+def attempt(model: str, started: float, result: Any = None, exc: BaseException | None = None) -> dict[str, Any] | None:
     """One try of one model: `started` is its perf_counter start; `result` what it returned (the
-    replica is read from it), or `exc` what it raised (a dead replica is read from Ray's error)."""
+    replica is read from it), or `exc` what it raised (a dead replica is read from Ray's error).
+    Returns the story's entry for it (None: no story)."""
     story = _STORY.get()
     if story is None:
-        return
+        return None
     now = time.perf_counter()
     entry: dict[str, Any] = {"model": model, "at_ms": story.since_start_ms(started),
                              "duration_ms": round((now - started) * 1000, 1)}
@@ -135,6 +137,7 @@ def attempt(model: str, started: float, result: Any = None, exc: BaseException |
     elif replica is not None:
         entry.update(replica=replica.replica_id, node_id=replica.node_id, node_ip=replica.node_ip)
     story.attempts.append(entry)
+    return entry
 
 
 def skipped(model: str, why: str) -> None:
@@ -235,13 +238,14 @@ class Stories:
         self.running[id(story)] = story
         return story
 
-    def finish(self, story: Story) -> None:
+    def finish(self, story: Story) -> dict[str, Any]:
         self.running.pop(id(story), None)
         story.duration_ms = story.since_start_ms()
         kept, failed = story.to_dict(), story.failed()
         self.book.add(kept, failed)
         if len(self.outbox) < self.cfg.keep + self.cfg.keep_failed:  # a board that never answers cannot grow it without bound
             self.outbox.append((kept, failed))
+        return kept
 
     def take_outbox(self) -> list[tuple[dict[str, Any], bool]]:
         out, self.outbox = self.outbox, []
@@ -255,12 +259,12 @@ class Stories:
 
 def merge(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Stories from several places (this router's book, the board's) as one list, newest first:
-    the same story (one router replica, one arrival) once, the most complete copy kept."""
+    the same story (one router replica, one arrival) once, a finished copy over a running one."""
     seen: dict[tuple[Any, ...], dict[str, Any]] = {}
     for group in groups:
         for s in group:
             k = (s["id"], s["arrived_at"], (s.get("router") or {}).get("replica_id"))
-            if k not in seen or (seen[k]["status"] is None and s["status"] is not None):
+            if k not in seen or (seen[k].get("duration_ms") is None and s.get("duration_ms") is not None):
                 seen[k] = s
     return sorted(seen.values(), key=lambda s: s["arrived_at"], reverse=True)
 
@@ -290,17 +294,19 @@ class StoryMiddleware:
                 story.completed = True
             await send(message)
 
-        try:
-            await self.app(scope, receive, recording_send)
-        except BaseException:
-            if story.status is None:
-                story.status = 499  # cancelled before answering: the client left (ErrorMiddleware shapes the rest)
-            raise
-        finally:
-            _STORY.reset(token)
-            principal = state.get("principal")
-            story.key = getattr(principal, "name", None)
-            story.model = story.model or state.get("model")
-            if story.status is None:
-                story.status = 499
-            stories.finish(story)
+        # With Serve's tracing on, the story is a span too (serve_app/tracing.py).
+        with tracing.span(f"serve_app {story.method} {story.path}", {"serve_app.request_id": story.id}) as span:
+            try:
+                await self.app(scope, receive, recording_send)
+            except BaseException:
+                if story.status is None:
+                    story.status = 499  # cancelled before answering: the client left (ErrorMiddleware shapes the rest)
+                raise
+            finally:
+                _STORY.reset(token)
+                principal = state.get("principal")
+                story.key = getattr(principal, "name", None)
+                story.model = story.model or state.get("model")
+                if story.status is None:
+                    story.status = 499
+                tracing.describe_request(span, stories.finish(story))

@@ -80,6 +80,19 @@ def test_check_command(tmp_path, capsys):
     assert "models.0.tensor_parallel_size" in capsys.readouterr().err
 
 
+def test_check_warns_when_an_otlp_endpoint_is_set_but_serves_tracing_is_off(tmp_path, capsys):
+    app = ("applications:\n- name: x\n  import_path: serve_app.app:build_app\n  args:\n"
+           "    gateway: {tracing: {otlp_endpoint: 'http://127.0.0.1:4318/v1/traces'}}\n"
+           "    models:\n    - {name: m, kind: rerank, engine: transformers, source: org/m}\n")
+    off, on = tmp_path / "off.yaml", tmp_path / "on.yaml"
+    off.write_text(app)
+    on.write_text("tracing_config: {enabled: true, exporter_import_path: serve_app.tracing:otlp_exporter}\n" + app)
+    cli(["check", str(off)])
+    assert "Serve's tracing is off" in capsys.readouterr().err
+    cli(["check", str(on)])
+    assert "tracing" not in capsys.readouterr().err
+
+
 def test_hash_key_reads_stdin(monkeypatch, capsys):
     import io
     import hashlib

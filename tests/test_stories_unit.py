@@ -138,9 +138,9 @@ def test_the_book_is_bounded_by_count_and_age_and_keeps_failures_apart():
 
 
 def test_merge_keeps_each_story_once_preferring_a_finished_copy():
-    a = {"id": "x", "arrived_at": 1.0, "router": {"replica_id": "r1"}, "status": None}
-    b = {**a, "status": 200}
-    c = {"id": "x", "arrived_at": 2.0, "router": {"replica_id": "r2"}, "status": 200}
+    a = {"id": "x", "arrived_at": 1.0, "router": {"replica_id": "r1"}, "status": 200, "duration_ms": None}  # still streaming
+    b = {**a, "duration_ms": 900.0}
+    c = {"id": "x", "arrived_at": 2.0, "router": {"replica_id": "r2"}, "status": 200, "duration_ms": 5.0}
     assert merge([a], [b, c]) == [c, b]
 
 

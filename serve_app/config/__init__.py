@@ -7,7 +7,8 @@ environment variables. Validation errors name the offending field (pydantic's `l
 One module per concern: `models` (one served model), `lora` (its LoRA adapters), `keys` (client
 keys, the router's live settings and the names clients may use), `gateway` (the router and what
 models share), `loading` (`AppConfig` and reading it), `errors`. A feature's own section lives
-beside the feature (`serve_app/alerts/config.py`, `serve_app/batches/config.py`); every public
+beside the feature (`serve_app/alerts/config.py`, `serve_app/batches/config.py`, `gateway.stories`
+in `serve_app/stories.py`, `gateway.tracing` in `serve_app/tracing.py`); every public
 name is re-exported here, so callers import from `serve_app.config` alone.
 """
 
@@ -33,6 +34,8 @@ from serve_app.config.models import (
     ServingSettings,
 )
 from serve_app.config_base import REPO_ROOT
+from serve_app.stories import StoriesConfig
+from serve_app.tracing import TracingSettings
 
 BatchConfig = BatchApiConfig  # the name before the rename; kept so existing imports keep working
 
@@ -41,6 +44,6 @@ __all__ = [
     "ActorResources", "AlertTarget", "AlertsConfig", "ApiKeyConfig", "AppConfig", "AutoscalingSettings",
     "BatchApiConfig", "BatchConfig", "BatchSettings", "ConfigError", "DeploymentSettings", "EngineKind",
     "GatewayConfig", "HealthSettings", "LoraAdapter", "LoraSettings", "ModelConfig", "ModelKind", "RerankMode",
-    "RouterSettings", "ServingSettings", "adapter_bases", "check_keys", "describe_validation_error", "hash_key",
+    "RouterSettings", "ServingSettings", "StoriesConfig", "TracingSettings", "adapter_bases", "check_keys", "describe_validation_error", "hash_key",
     "load_serve_config", "parse_app_config", "served_names",
 ]

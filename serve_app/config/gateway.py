@@ -16,6 +16,7 @@ from serve_app.config.keys import ApiKeyConfig, RouterSettings, check_keys, hash
 from serve_app.config.models import ActorResources, DeploymentSettings
 from serve_app.config_base import REPO_ROOT, StrictConfig
 from serve_app.stories import StoriesConfig
+from serve_app.tracing import TracingSettings
 
 
 class GatewayConfig(StrictConfig):
@@ -69,6 +70,9 @@ class GatewayConfig(StrictConfig):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="pushed alerts (docs/OPERATIONS.md)")
     stories: StoriesConfig = Field(
         default_factory=StoriesConfig, description="request stories by id: GET /v1/requests/{id}, `trace` (docs/OPERATIONS.md)"
+    )
+    tracing: TracingSettings = Field(
+        default_factory=TracingSettings, description="OpenTelemetry export of request spans (docs/OPERATIONS.md)"
     )
     batch: BatchApiConfig = Field(default_factory=BatchApiConfig, description="the Batch API's store and share (docs/BATCHES.md)")
     data_dir: str = Field(

@@ -204,13 +204,15 @@ def all_apps(stack: SimpleNamespace) -> dict[str, dict]:
     }
 
 
-def deploy(apps: dict[str, dict], overrides: dict[str, list[dict]] | None = None, wait: bool = True) -> None:
+def deploy(apps: dict[str, dict], overrides: dict[str, list[dict]] | None = None, wait: bool = True,
+           tracing: dict | None = None) -> None:
     """Deploy as `serve deploy serve_config.yaml` does (declaratively, by import path), with
-    optional per-app `deployments:` overrides, which Serve applies to running replicas in place."""
+    optional per-app `deployments:` overrides, which Serve applies to running replicas in place,
+    and Serve's cluster-wide `tracing_config` (read by replicas that start afterwards)."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.parse_obj({"applications": [
+    schema = ServeDeploySchema.parse_obj({**({"tracing_config": tracing} if tracing else {}), "applications": [
         {"name": name, "route_prefix": "/" if name == "default" else f"/{name}",
          "import_path": "serve_app.app:build_app", "args": args,
          "logging_config": {"encoding": "JSON"},
