@@ -30,7 +30,7 @@ from ray.exceptions import ActorDiedError
 from deployments.serve_view import app_deployments, live_replicas, state_name
 from serve_app.alerts import AlertDelivery, AlertTracker, ModelView, World
 from serve_app.config import AlertsConfig
-from serve_app.stories import StoriesConfig, StoryBook
+from serve_app.stories import Entry, StoriesConfig, StoryBook
 from serve_app.traffic import History
 
 logger = logging.getLogger("ray.serve")
@@ -77,9 +77,9 @@ class StatusBoard:
         with self._lock:
             return self.history.read(time.time())
 
-    def add_stories(self, batch: list[tuple[dict[str, Any], bool]], limits: dict[str, Any]) -> None:
-        """A router replica's finished request stories, (story, failed) pairs; `limits` is its
-        gateway.stories (the newest router's wins)."""
+    def add_stories(self, batch: list[tuple[Entry, bool]], limits: dict[str, Any]) -> None:
+        """A router replica's finished request stories, (stories.encode(story), failed) pairs;
+        `limits` is its gateway.stories (the newest router's wins)."""
         with self._lock:
             if limits != self.book.cfg.model_dump():
                 self.book.resize(StoriesConfig.model_validate(limits))

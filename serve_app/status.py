@@ -28,6 +28,7 @@ from serve_app.traffic import BUCKET_S, Window
 logger = logging.getLogger("ray.serve")
 CONFIG_RESEND_S = 30.0  # how often each router replica hands the status board its alert config again
 STORIES_PERIOD_S = 1.0  # how often each router replica hands its finished request stories to the board
+_DEAD_ACTORS: dict[str, dict[str, Any] | None] = {}  # actor id -> the replica it was (deployments/serve_view.py)
 
 
 async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], breakers: dict[str, Any],
@@ -205,15 +206,19 @@ async def find_story(stories: Stories | None, rid: str) -> list[dict[str, Any]]:
 
 async def _name_dead_replicas(stories: list[dict[str, Any]]) -> None:
     """Attempts on a replica that died with only its actor id known get its replica id and node
-    from the GCS (in place: the book's copy keeps the answer). Best effort: unknown stays unknown."""
+    from the GCS (kept in `_DEAD_ACTORS`: a dead actor's answer does not change). Best effort:
+    unknown stays unknown."""
     for attempt in (a for s in stories for a in s.get("attempts", ()) if a.get("actor_id") and not a.get("replica")):
-        try:
-            where = await asyncio.to_thread(replica_of_actor, attempt["actor_id"])
-        except Exception:  # noqa: BLE001
-            logger.warning("could not look up actor %s", attempt["actor_id"], exc_info=True)
-            continue
-        if where:
-            attempt.update(where)
+        actor = attempt["actor_id"]
+        if actor not in _DEAD_ACTORS:
+            try:
+                _DEAD_ACTORS[actor] = await asyncio.to_thread(replica_of_actor, actor)
+            except Exception:  # noqa: BLE001
+                logger.warning("could not look up actor %s", actor, exc_info=True)
+                continue
+            while len(_DEAD_ACTORS) > 1000:
+                _DEAD_ACTORS.pop(next(iter(_DEAD_ACTORS)))
+        attempt.update(_DEAD_ACTORS[actor] or {})
 
 
 async def keep_alerts_configured(gateway: GatewayConfig, models: dict[str, ModelConfig]) -> None:

