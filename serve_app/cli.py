@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("request_id")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the app's base URL (with its route prefix)")
     p.add_argument("--key-env", default="SERVE_APP_ADMIN_KEY", help="env var holding an admin API key, if keys are on")
-    p.add_argument("--dashboard", default="http://127.0.0.1:8265", help="Ray dashboard, for the log lines of every node")
+    p.add_argument("--ray-address", default="auto", help="the Ray cluster (auto, or the GCS host:port), for the log lines of "
+                   "every node through Ray's log API (needs its dashboard)")
+    p.add_argument("--local-logs", action="store_true", help="log lines from this machine's Ray session files only")
     p.add_argument("--no-logs", action="store_true", help="the story only")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("kuberay", help="print a KubeRay RayService manifest generated from a Serve config")
@@ -193,7 +195,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     story = _admin_get(args, f"/v1/requests/{urllib.parse.quote(args.request_id, safe='')}")
     if story is None:
         return 1
-    logs, where = ([], "") if args.no_logs else trace.log_lines(args.request_id, args.dashboard)
+    logs, where = ([], "") if args.no_logs else trace.log_lines(args.request_id, args.ray_address, args.local_logs)
     if args.json:
         story["log_lines"] = [dataclasses.asdict(line) for line in logs]
         print(json.dumps(story, indent=2))

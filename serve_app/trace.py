@@ -2,9 +2,10 @@
 log lines from every node in time order.
 
 The log lines come through Ray's log API (`ray.util.state`: the dashboard asks each node's agent
-for its Serve log files), so an operator on any machine that reaches the dashboard sees lines of
-every node. Where no dashboard answers (a cluster started without one, as the test cluster is),
-the files of this machine's Ray session are read instead, and the output says so.
+for its Serve log files), so an operator on a machine of the cluster sees lines of every node. Its
+log calls take the cluster's address (`auto`, or the GCS's host:port; RAY_ADDRESS wins), not the
+dashboard's URL. Where no dashboard answers (a cluster started without one, as the test cluster
+is), the files of this machine's Ray session are read instead, and the output says so.
 """
 
 from __future__ import annotations
@@ -29,26 +30,30 @@ class LogLine:
     text: str
 
 
-def log_lines(request_id: str, dashboard: str) -> tuple[list[LogLine], str]:
-    """Every Serve log line naming `request_id`, oldest first, and where they were read from."""
+def log_lines(request_id: str, address: str = "auto", local_only: bool = False) -> tuple[list[LogLine], str]:
+    """Every Serve log line naming `request_id`, oldest first, and where they were read from.
+    `local_only`: this machine's files, without asking Ray (whose client retries an address that
+    does not answer for about 40 s)."""
+    if local_only:
+        return sorted(_from_files(request_id, LOCAL_SESSION), key=lambda line: line.at), f"this machine's Ray session logs ({LOCAL_SESSION})"
     try:
-        found = list(_from_log_api(request_id, dashboard))
-        where = f"Ray's log API at {dashboard}, every node"
+        found = list(_from_log_api(request_id, address))
+        where = f"Ray's log API (cluster {address}), every node"
     except Exception as err:  # noqa: BLE001 - no dashboard: this machine's files still tell most of it
         found = list(_from_files(request_id, LOCAL_SESSION))
-        where = f"this machine's Ray session logs ({LOCAL_SESSION}); the log API at {dashboard} did not answer: " \
-                f"{type(err).__name__}"
+        where = f"this machine's Ray session logs ({LOCAL_SESSION}); Ray's log API (cluster {address}) did not answer: " \
+                f"{type(err).__name__}: {str(err)[:160]}"
     return sorted(found, key=lambda line: line.at), where
 
 
-def _from_log_api(request_id: str, dashboard: str) -> Iterator[LogLine]:
+def _from_log_api(request_id: str, address: str) -> Iterator[LogLine]:
     from ray.util.state import get_log, list_logs, list_nodes
 
-    for node in list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
-        files = list_logs(address=dashboard, node_id=node.node_id, glob_filter="serve/*.log")
+    for node in list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
+        files = list_logs(address=address, node_id=node.node_id, glob_filter="serve/*.log")
         for name in (f for group in files.values() for f in group):
             path = name if name.startswith("serve/") else f"serve/{name}"
-            chunks = get_log(address=dashboard, node_id=node.node_id, filename=path, tail=-1)
+            chunks = get_log(address=address, node_id=node.node_id, filename=path, tail=-1)
             yield from matching(request_id, _lines(chunks), node.node_ip or node.node_id, path)
 
 

@@ -177,8 +177,14 @@ def test_trace_renders_the_story_and_finds_log_lines_in_order(tmp_path, monkeypa
         + json.dumps({"asctime": "2026-12-03 10:00:03,000", "request_id": "req-t-2", "message": "a longer id"}) + "\n")
     (serve / "replica_default_router_a.log").write_text("INFO 2026-12-03 10:00:00,100 router a req-t -- POST /v1/chat 200\n")
     monkeypatch.setattr(trace, "LOCAL_SESSION", tmp_path)
-    lines, where = trace.log_lines("req-t", "http://127.0.0.1:1")  # no dashboard there: this machine's files
+    lines, where = trace.log_lines("req-t", local_only=True)
     assert "this machine" in where
+
+    def no_dashboard(request_id, address):
+        raise ConnectionError("no dashboard")
+
+    monkeypatch.setattr(trace, "_from_log_api", no_dashboard)  # the log API failing falls back to the same files
+    assert trace.log_lines("req-t", "auto")[0] == lines
     assert [line.file for line in lines] == ["serve/replica_default_router_a.log", "serve/replica_default_chat_b.log",
                                             "serve/replica_default_chat_b.log"]
     assert [line.at for line in lines] == sorted(line.at for line in lines)
@@ -203,7 +209,7 @@ def test_trace_reads_every_node_through_rays_log_api(monkeypatch):
     monkeypatch.setattr(state, "list_nodes", lambda **kw: nodes)
     monkeypatch.setattr(state, "list_logs", lambda address, node_id, glob_filter: files[node_id])
     monkeypatch.setattr(state, "get_log", lambda address, node_id, filename, tail: iter(content[(node_id, filename)]))
-    lines, where = trace.log_lines("id-9", "http://dash:8265")
+    lines, where = trace.log_lines("id-9", "10.0.0.1:6379")
     assert "log API" in where
     assert [(line.node, line.file) for line in lines] == [("10.0.0.2", "serve/proxy_y.log"), ("10.0.0.1", "serve/replica_x.log")]
     assert lines[1].text == "INFO 2026-12-03 10:00:02,000 a rid-9 done"  # joined across get_log's chunks
