@@ -13,6 +13,8 @@ from typing import Any
 
 from ray.serve.context import _get_global_client
 
+from serve_app.errors import replica_of_actor_name
+
 
 def app_deployments(app: str) -> dict[str, dict[str, Any]]:
     """The app's deployments by name, each as the controller's dict of DeploymentDetails (what
@@ -27,14 +29,11 @@ def replica_of_actor(actor_id: str) -> dict[str, Any] | None:
     from ray._private.state import actors  # the GCS actor table; ray.util.state needs the dashboard
 
     info = actors(actor_id=actor_id) or {}
-    name = str(info.get("Name") or "")
-    if not name.startswith(REPLICA_PREFIX):
+    replica = replica_of_actor_name(str(info.get("Name") or ""))
+    if replica is None:
         return None
     address = info.get("Address") or {}
-    return {"replica": name.rsplit("#", 1)[-1], "node_id": address.get("NodeID"), "node_ip": address.get("IPAddress")}
-
-
-REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve's replica actors: SERVE_REPLICA::app#deployment#replica_id
+    return {"replica": replica, "node_id": address.get("NodeID"), "node_ip": address.get("IPAddress")}
 
 
 def state_name(state: Any) -> str:

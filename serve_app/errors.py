@@ -156,8 +156,16 @@ def from_exception(exc: BaseException) -> ApiError:
     return EngineFailure(f"internal error ({type(cause).__name__}); see the server logs with this request id")
 
 
-_REPLICA_NAME = re.compile(r"name: SERVE_REPLICA::[^#\s]*#[^#\s]*#(\S+)")
+_ACTOR_NAME = re.compile(r"\bname: (\S+)")
 _ACTOR_IP = re.compile(r"\bip: (\S+)")
+REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"  # Serve's replica actors: SERVE_REPLICA::app#deployment#replica_id
+
+
+def replica_of_actor_name(name: str) -> str | None:
+    """The Serve replica id in a replica actor's name, or None for any other actor."""
+    if not name.startswith(REPLICA_ACTOR_PREFIX) or name.count("#") < 2:
+        return None
+    return name.rsplit("#", 1)[-1]
 
 
 def dead_replica(message: str, actor_id: str | None = None) -> dict[str, str | None] | None:
@@ -165,11 +173,12 @@ def dead_replica(message: str, actor_id: str | None = None) -> dict[str, str | N
     SERVE_REPLICA::app#dep#id", "ip: ..."), else its actor id alone (Serve's gRPC path raises
     "actor ... is unavailable"; the story resolves it when read: status.find_story). None when Ray
     said neither (a lost node)."""
-    name = _REPLICA_NAME.search(message)
-    if name is None:
+    name = _ACTOR_NAME.search(message)
+    replica = replica_of_actor_name(name.group(1)) if name else None
+    if replica is None:
         return {"actor_id": actor_id} if isinstance(actor_id, str) and actor_id else None
     ip = _ACTOR_IP.search(message)
-    return {"replica": name.group(1), "node_ip": ip.group(1) if ip else None}
+    return {"replica": replica, "node_ip": ip.group(1) if ip else None}
 
 
 def _retry_after(seconds: float | None) -> int:

@@ -121,13 +121,14 @@ async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
         return {}
 
 
-async def _board_read(app: str | None, method: str) -> dict[str, Any]:
-    """`method`'s answer from the app's status board (its reports, its history), or {} when there
-    is none or it cannot answer: the view shows what it has rather than failing."""
+async def _board_read(app: str | None, method: str, *args: Any) -> Any:
+    """`method`'s answer from the app's status board (its reports, its history, a request's
+    stories), or {} when there is none or it cannot answer: the view shows what it has rather
+    than failing."""
     if app is None:
         return {}
     try:
-        return await status_board.call(app, method)
+        return await status_board.call(app, method, *args)
     except Exception:  # noqa: BLE001
         return {}
 
@@ -191,14 +192,8 @@ async def find_story(stories: Stories | None, rid: str) -> list[dict[str, Any]]:
     """Every kept story of `rid`: this router replica's own, and every router replica's from the
     app's status board (stories.merge keeps each once)."""
     own = stories.find(rid) if stories is not None else []
-    board: list[dict[str, Any]] = []
     app = app_name()
-    if app is not None:
-        try:
-            board = await status_board.call(app, "story", rid)
-        except Exception:  # noqa: BLE001 - the board is down: this router replica's own stories still answer
-            logger.warning("could not ask the status board for request %s", rid, exc_info=True)
-    found = merge(own, board)
+    found = merge(own, await _board_read(app, "story", rid) or [])  # the board down: this router's own still answer
     if app is not None:
         await _name_dead_replicas(found)
     return found

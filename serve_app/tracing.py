@@ -114,7 +114,7 @@ def describe_request(s: Any, story: dict[str, Any]) -> None:
         return
     router = story.get("router") or {}
     s.set_attributes(_clean({
-        "serve_app.request_id": story["id"], "serve_app.key": story.get("key"), "serve_app.model": story.get("model"),
+        "serve_app.key": story.get("key"), "serve_app.model": story.get("model"),
         "serve_app.status": story.get("status"), "serve_app.outcome": story.get("outcome"),
         "serve_app.retries": story.get("retries"), "serve_app.fallbacks": ",".join(story.get("fallbacks") or ()),
         "serve_app.router_replica": router.get("replica_id"), "serve_app.router_node": router.get("node_id"),

@@ -96,8 +96,9 @@ class LLMHandlers:
         served = _counted_as(model, base, served)
         started = request.scope["state"].get("started")
         if started is not None:
-            ctx.metrics.first_token(served, (time.perf_counter() - started) * 1000)
-            stories.note(first_token_ms=round((time.perf_counter() - started) * 1000, 1))
+            first_token_ms = (time.perf_counter() - started) * 1000
+            ctx.metrics.first_token(served, first_token_ms)
+            stories.note(first_token_ms=round(first_token_ms, 1))
 
         replica: ReplicaInfo = first[2]
 
