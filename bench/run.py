@@ -52,6 +52,10 @@ STEPS = [
      ["bench.stack", "--scenario", "batch"], SERVE_ENV),
     ("vllm-serve", "bare `vllm serve`, SmolLM2 (baseline)", ["bench.baselines", "vllm-serve"], {}),
     ("llm-stack", "SmolLM2 through the stack", ["bench.stack", "--scenario", "llm"], SERVE_ENV),
+    ("llm-stack-nomigration", "the same, streams not tracked for continuation (migration.enabled: false)",
+     ["bench.stack", "--scenario", "llm", "--migration", "off"], SERVE_ENV),
+    ("migration-kills", "two SmolLM2 replicas; the serving one SIGKILLed 20 tokens into a stream, 10 times",
+     ["bench.stack", "--scenario", "migration"], SERVE_ENV),
     ("routing-default", "two SmolLM2 replicas, shared-prefix conversations, Serve's default router (baseline)",
      ["bench.stack", "--scenario", "routing", "--policy", "power_of_two"], SERVE_ENV),
     ("routing-ours", "the same, our cost-aware router", ["bench.stack", "--scenario", "routing", "--policy", "cache_aware"], SERVE_ENV),
@@ -361,6 +365,14 @@ def table(r: dict[str, dict]) -> str:
             add(f"| {tag} ready after start | {s['ready_s']:.0f} s | {v['ready_s']:.0f} s | {_x(s['ready_s'], v['ready_s'])} |")
             if own := meter_cost(s):
                 add(f"| {tag} the CPU split's own work (outside the measured latencies) | {own} | | |")
+    if (on := r.get("llm-stack")) and (off := r.get("llm-stack-nomigration")):
+        for c in ("c1", "c8"):
+            add(f"| LLM streams tracked for continuation: tokens/s at {c} | {on[c]['tokens_per_s']:.1f} | "
+                f"{off[c]['tokens_per_s']:.1f} (migration off) | {_x(on[c]['tokens_per_s'], off[c]['tokens_per_s'])} |")
+    if k := r.get("migration-kills"):
+        add(f"| replica SIGKILLed mid-stream: kill to the next token on the client, p50 of {k['kills']} | "
+            f"{k['kill_to_next_token_p50_ms']:.0f} ms | {k['inter_token_p50_ms']:.0f} ms (between tokens before the kill) | |")
+        add(f"| streams continued after the kill | {k['continued']} of {k['kills']} | | |")
     if d := r.get("routing-default"):
         rows.extend(routing_rows(r, d))
     for name in sorted(k for k in r if "@" in k):

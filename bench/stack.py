@@ -136,10 +136,11 @@ def batch(base: str, seconds: float) -> dict:
     return out
 
 
-def llm(base: str, seconds: float) -> dict:
-    """serve_config.yaml's LLM alone, the same engine settings bare `vllm serve` gets."""
+def llm(base: str, seconds: float, migration: bool = True) -> dict:
+    """serve_config.yaml's LLM alone, the same engine settings bare `vllm serve` gets.
+    `migration=False`: streams untracked (docs/MIGRATION.md), the cost of tracking them."""
     t0 = time.time()
-    _deploy([llm_entry()])
+    _deploy([{**llm_entry(), **({} if migration else {"migration": {"enabled": False}})}])
     ready_s = time.time() - t0
     meter, code = serve_rooms()
     return {"ready_s": ready_s, "code": code, **llm_load(f"{base}/v1/chat/completions", seconds, meter)}
@@ -201,7 +202,10 @@ def haproxy_listeners() -> dict[str, str]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm", "batch", "routing"], required=True)
+    p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm", "batch", "routing", "migration"],
+                   required=True)
+    p.add_argument("--migration", choices=["on", "off"], default="on", help="llm: streams tracked for continuation")
+    p.add_argument("--kills", type=int, default=10, help="migration: replicas SIGKILLed mid-stream")
     p.add_argument("--policy", choices=POLICIES, default="cache_aware",
                    help="routing: the LLM policy (ray_prefix: Ray Serve LLM's PrefixCacheAffinityRouter, bench/peers.py)")
     p.add_argument("--replicas", type=int, default=1)
@@ -229,8 +233,14 @@ def main() -> None:
             out = {"long-list": long_list, "rerank": rerank}[args.scenario](base, args.seconds, args.replicas)
         elif args.scenario == "gateway":
             out = gateway(base, args.seconds, stories=args.stories == "on")
+        elif args.scenario == "llm":
+            out = llm(base, args.seconds, migration=args.migration == "on")
+        elif args.scenario == "migration":
+            from bench.migration import migration_kills
+
+            out = migration_kills(base, args.kills, _deploy)
         else:
-            out = {"overload": overload, "llm": llm, "batch": batch}[args.scenario](base, args.seconds)
+            out = {"overload": overload, "batch": batch}[args.scenario](base, args.seconds)
     finally:
         serve.shutdown()
         ray.shutdown()

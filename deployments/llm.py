@@ -9,15 +9,17 @@ client unchanged; the router adds request ids, served-by headers, failover and q
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import pathlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from deployments.engines.continuation import Continuation, Splice, TokenTracker, completion_body, rewound
 from deployments.engines.vllm_openai import VLLMOpenAI, coalesce
 from deployments.health import MonitoredReplica
-from deployments.protocol import ModelCard, OpenAIResponse, StreamItem, stream_item
+from deployments.protocol import ModelCard, OpenAIResponse, Resume, StreamItem, stream_item
 from deployments.runtime import replica_info
 from serve_app.config import ModelConfig
 from serve_app.errors import EngineFailure, InvalidRequest
@@ -30,6 +32,7 @@ logger = logging.getLogger("ray.serve")
 class LLMServer(MonitoredReplica):
     async def __init__(self, model: ModelConfig, models_dir: str, default_max_tokens: int) -> None:
         self.cfg = model
+        self.default_max_tokens = default_max_tokens
         self.adapter_names = model.adapter_names()  # `sql`, `base:sql` -> `sql`, as vLLM knows it
         self.engine = VLLMOpenAI(model, model.resolved_source(pathlib.Path(models_dir)), default_max_tokens,
                                  model.resolved_adapters(pathlib.Path(models_dir)))
@@ -55,26 +58,64 @@ class LLMServer(MonitoredReplica):
             raise EngineFailure("the engine streamed an answer that was asked for whole")
         return OpenAIResponse(result, self.replica, self._engine_stats(request_id))
 
-    async def create_stream(self, api: str, body: dict[str, Any], request_id: str) -> AsyncIterator[StreamItem]:
+    async def create_stream(self, api: str, body: dict[str, Any], request_id: str,
+                            track: bool = False) -> AsyncIterator[StreamItem]:
         """Streamed through `handle.options(stream=True)`; cancelling it aborts the engine request.
-        The first item carries the first token (errors before it are raised, not streamed)."""
-        want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        The first item carries the first token (errors before it are raised, not streamed).
+        `track`: each item also carries the token ids its events held (serve_app/migration/), so
+        the router can continue the stream on another replica if this one fails."""
         own = self._own(body, stream=True)
-        own["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        tracker = None
+        if track:
+            own["return_token_ids"] = True
+            tracker = TokenTracker(api, keep_ids=bool(body.get("return_token_ids")))
+        async for item in self._streamed(api, api, body, own, request_id, tracker):
+            yield item
+
+    async def resume_stream(self, api: str, body: dict[str, Any], request_id: str, resume: Resume) -> AsyncIterator[StreamItem]:
+        """The rest of a stream another replica started (its replica failed after `resume.token_ids`):
+        a completion over prompt + generated ids with the same sampling, in the original's shape."""
+        tokenizer = self.engine.engine.get_tokenizer()
+        skip = body.get("skip_special_tokens", True)
+        ids, text = rewound(tokenizer, resume, skip)
+        held = text[len(resume.text):] if text.startswith(resume.text) else ""
+        if not text.startswith(resume.text):
+            logger.warning("continuation: the text sent (%d chars) is not a prefix of the ids' text (%d chars); "
+                           "held-back text not resent", len(resume.text), len(text))
+        resume = Resume(resume.prompt_ids, ids, resume.text, resume.head)
+        stops = body.get("stop") or []
+        splice = Splice(resume.text, held, [stops] if isinstance(stops, str) else list(stops),
+                        bool(body.get("include_stop_str_in_output")))
+        writer = Continuation(api, resume, splice, len(resume.prompt_ids), len(ids), bool(body.get("return_token_ids")))
+        own = completion_body(api, body, resume, self._own(body)["model"], self.default_max_tokens)
+        if own is None:  # the budget was spent when the replica failed: only the stream's end was lost
+            want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            yield stream_item(writer.ending("length", want_usage), writer.usage(), self.replica, writer.tracker.take())
+            return
+        async for item in self._streamed("completion", api, body, own, request_id, writer, writer.tracker):
+            yield item
+
+    async def _streamed(self, engine_api: str, api: str, body: dict[str, Any], own: dict[str, Any], request_id: str,
+                        payloads: Any, tracker: TokenTracker | None = None) -> AsyncIterator[StreamItem]:
+        """The engine's SSE as handle items; `api`/`body` are the client's (what the load counts),
+        `engine_api`/`own` what the engine runs (a continuation is a completion over token ids)."""
+        want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        own["stream_options"] = {**(own.get("stream_options") or {}), "include_usage": True}
+        tracker = tracker if tracker is not None else payloads
         with self.tracked(request_id) as health, self._counted(api, body) as prefilled:
-            sse = await self.engine.create(_api(api), own, request_id)
+            sse = await self.engine.create(_api(engine_api), own, request_id)
             if isinstance(sse, dict):
                 raise EngineFailure("the engine answered whole a request asked as a stream")
             replica = self.replica  # in the first item only
             stats: dict[str, Any] | None = None
-            async for events, usage in coalesce(sse, want_usage):
+            async for events, usage in coalesce(sse, want_usage, payloads):
                 health.progress()
                 if usage is not None:  # vLLM reports usage as the request ends: its timings are kept by now
                     if stats is None:
                         stats = self._engine_stats(request_id) or {}
                     usage = {**usage, "engine": stats} if stats else usage
                 prefilled()  # the first item carries the first token (the router counts it there too)
-                yield stream_item(events, usage, replica)
+                yield stream_item(events, usage, replica, tracker.take() if tracker is not None else None)
                 replica = None
 
     def _engine_stats(self, request_id: str) -> dict[str, Any] | None:

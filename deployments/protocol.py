@@ -31,16 +31,30 @@ class OpenAIResponse:
 
 
 # One handle item of an LLM stream, in builtins: (events, usage), the first item also carrying
-# the replica: (events, usage, replica). Events are vLLM's SSE payloads produced since the last
+# the replica: (events, usage, replica); a stream tracked for continuation (serve_app/migration/)
+# carries a fourth element, what its events held: (events, usage, replica or None, (token ids,
+# text, finish_reason, (prompt token ids, the chunks' id/created/model) in the first item only)). Events are vLLM's SSE payloads produced since the last
 # item (JSON strings, and "[DONE]"); usage comes once vLLM reported it (the router counts it),
 # with the engine's timings of the request under "engine" (for its story) where vLLM kept them.
 # Ray pickles every item, that is about every token: a tuple of builtins costs 3 µs to dump and
 # 0.4 µs to load where the dataclass it replaced cost 14 and 4 (bench: docs/benchmarks.md).
-StreamItem = tuple[list[str], "dict | None"] | tuple[list[str], "dict | None", ReplicaInfo]
+StreamItem = tuple[list[str], "dict | None"] | tuple[list[str], "dict | None", ReplicaInfo] | tuple[Any, ...]
 
 
-def stream_item(events: list[str], usage: dict | None, replica: ReplicaInfo | None = None) -> StreamItem:
+def stream_item(events: list[str], usage: dict | None, replica: ReplicaInfo | None = None, track: Any = None) -> StreamItem:
+    if track is not None:
+        return (events, usage, replica, track)
     return (events, usage) if replica is None else (events, usage, replica)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """What a stream sent before its replica failed: its continuation starts from here."""
+
+    prompt_ids: list[int]  # the rendered prompt, as vLLM tokenized it (the chat template ran once)
+    token_ids: list[int]  # generated and sent (their text may be partly held back: continuation.py)
+    text: str  # the text the client received for them
+    head: dict  # the chunks' id, created, model: the continuation writes under the same
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,8 @@ from serve_app.traffic import History
 
 logger = logging.getLogger("ray.serve")
 RECENT_ALERTS = 50  # kept for /v1/status
+MIGRATED_IDS_KEPT = 20  # request ids named per lost replica (its alert names them)
+MIGRATED_REPLICAS_KEPT = 100  # lost replicas remembered, oldest forgotten first
 # A board whose app Serve has not listed for this long ends itself and its saved state: a deleted
 # app's board would otherwise ask the controller for every app's details each check period until
 # the cluster stops. (Long enough for a `serve deploy` that removes and re-adds the app.)
@@ -51,6 +53,8 @@ class StatusBoard:
         (`Saved`), so it alerts at once, counts on, and still sees a node that left meanwhile."""
         self.reports: dict[str, dict[str, dict[str, Any]]] = {}
         self.circuits: dict[str, dict[str, dict[str, Any]]] = {}  # model -> router replica -> breaker state
+        # lost replica id -> request ids of the streams continued elsewhere (serve_app/migration/)
+        self.migrations: dict[str, list[str]] = {}
         self._lock = threading.Lock()  # reports and circuits are read by the alert thread
         self.history = History()  # the last hour per model, for /status's charts (serve_app/traffic.py)
         self.book = StoryBook()  # every router replica's request stories (serve_app/stories.py)
@@ -95,6 +99,19 @@ class StatusBoard:
         with self._lock:
             self.circuits.setdefault(model, {})[router_replica] = dict(snapshot)
 
+    def migrated(self, model: str, lost_replica: str, request_id: str) -> None:
+        """A router continued a stream of `model` elsewhere after `lost_replica` was lost."""
+        with self._lock:
+            ids = self.migrations.setdefault(lost_replica, [])
+            if request_id not in ids and len(ids) < MIGRATED_IDS_KEPT:
+                ids.append(request_id)
+            while len(self.migrations) > MIGRATED_REPLICAS_KEPT:
+                self.migrations.pop(next(iter(self.migrations)))
+
+    def _migrations_copy(self) -> dict[str, list[str]]:
+        with self._lock:
+            return {r: list(ids) for r, ids in self.migrations.items()}
+
     def _circuits_copy(self) -> dict[str, dict[str, dict[str, Any]]]:
         with self._lock:
             return {m: dict(rs) for m, rs in self.circuits.items()}
@@ -115,7 +132,7 @@ class StatusBoard:
             restarts, nodes_alive = self._alerts.restarts, dict(self._alerts.tracker.nodes_alive)  # a new config keeps them
         cfg = AlertsConfig.model_validate(alerts)
         self._alerts = _AlertLoop(wanted, app, cfg, models, self._read_copy, self._circuits_copy, restarts, nodes_alive,
-                                  self._saved, on_app_gone=self._retire)
+                                  self._saved, on_app_gone=self._retire, migrations=self._migrations_copy)
         if self._saved is not None:
             self._saved.store(config=[app, alerts, models])
 
@@ -166,8 +183,9 @@ class _AlertLoop:
 
     def __init__(self, wanted: tuple, app: str, cfg, models: dict[str, dict[str, Any]], reports, circuits,
                  restarts: dict[str, int] | None = None, nodes_alive: dict[str, str] | None = None,
-                 saved: "Saved | None" = None, on_app_gone=None, clock=time.monotonic) -> None:
+                 saved: "Saved | None" = None, on_app_gone=None, clock=time.monotonic, migrations=dict) -> None:
         self.wanted, self.app, self.cfg, self.models, self.reports = wanted, app, cfg, models, reports
+        self.migrations = migrations
         self.circuits, self.saved, self.on_app_gone, self.clock = circuits, saved, on_app_gone, clock
         self.app_missing_since: float | None = None  # when the controller first answered without the app
         self.app_listed: bool | None = None  # the latest answer: listed, not listed, or none (unreachable)
@@ -224,7 +242,7 @@ class _AlertLoop:
         except Exception:  # noqa: BLE001 - controller busy or restarting: no claim, and no verdict on the app
             deps, self.app_listed = None, None  # no claim about replicas or circuits this period
         return World(models=_models(deps, self.models), reports=self.reports(), nodes=_nodes(),
-                     circuits=_live_router_circuits(deps, self.circuits()))
+                     circuits=_live_router_circuits(deps, self.circuits()), migrated=self.migrations())
 
 
 class Saved:

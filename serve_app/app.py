@@ -19,6 +19,7 @@ from serve_app.compat import check_model
 from serve_app.config import (
     AppConfig, ConfigError, DeploymentSettings, GatewayConfig, ModelConfig, ModelKind, RouterSettings, parse_app_config,
 )
+from serve_app.config.models import MODEL_GRACE_S, ROUTER_GRACE_S
 from serve_app.presets import apply_preset, find_preset
 from serve_app.router import Ingress
 
@@ -96,7 +97,7 @@ def llm_request_router(model: ModelConfig) -> dict[str, Any]:
 def router_deployment(gateway: GatewayConfig, env: dict[str, str] | None = None) -> Deployment:
     """Keys travel as the router's user_config, not in its init args: an operator overrides it
     under `deployments: [{name: router, user_config: ...}]` and Serve applies it in place."""
-    opts = _serve_options(gateway.deployment, ROUTER_BATCH_CAPACITY)
+    opts = _serve_options(gateway.deployment, ROUTER_BATCH_CAPACITY, ROUTER_GRACE_S)
     if env:
         opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env)}
     return serve.deployment(Ingress).options(
@@ -104,7 +105,7 @@ def router_deployment(gateway: GatewayConfig, env: dict[str, str] | None = None)
     )
 
 
-def _serve_options(d: DeploymentSettings, batch_capacity: int) -> dict[str, Any]:
+def _serve_options(d: DeploymentSettings, batch_capacity: int, grace_s: float = MODEL_GRACE_S) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": d.ray_actor_options.num_cpus}
     if d.ray_actor_options.num_gpus:
         actor["num_gpus"] = d.ray_actor_options.num_gpus
@@ -117,7 +118,7 @@ def _serve_options(d: DeploymentSettings, batch_capacity: int) -> dict[str, Any]
         "max_queued_requests": d.max_queued_requests,
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,
-        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s if d.graceful_shutdown_timeout_s is not None else grace_s,
         "ray_actor_options": actor,
     }
     if d.autoscaling_config is not None:
@@ -156,7 +157,7 @@ def check_router(cfg: AppConfig, overrides: list[dict[str, Any]]) -> tuple[list[
 def describe(cfg: AppConfig) -> list[dict[str, Any]]:
     """What `build_from_config` would deploy, for `python -m serve_app check`."""
     cfg = resolve(cfg)
-    rows = [{"deployment": ROUTER_NAME, "serves": "HTTP ingress", **_brief(_serve_options(cfg.gateway.deployment, ROUTER_BATCH_CAPACITY))}]
+    rows = [{"deployment": ROUTER_NAME, "serves": "HTTP ingress", **_brief(_serve_options(cfg.gateway.deployment, ROUTER_BATCH_CAPACITY, ROUTER_GRACE_S))}]
     for m in cfg.models:
         d = model_deployment(m)
         rows.append({

@@ -72,6 +72,8 @@ class RouterMetrics:
                                       "each LLM replica (its estimate)", ("model", "replica"))
         self.routed_cached_tokens = c("serve_app_routed_predicted_cached_tokens", "of the prompt tokens sent to each "
                                       "LLM replica, those the router predicted cached there", ("model", "replica"))
+        self.migrations = c("serve_app_stream_migrations", "LLM streams whose replica was lost after the first token, "
+                            "by outcome (continued on another replica, failed, refused) and reason", ("model", "outcome", "reason"))
         self.store_errors = c("serve_app_quota_store_errors",
                               "quota/usage store calls that failed, or were decided on this router's memory while the "
                               "store was unreachable, by operation", ("op",))
@@ -112,6 +114,9 @@ class RouterMetrics:
         for model in self._pending_models | set(pending):
             self.batch_lines_pending.set(pending.get(model, 0), {"model": model or "?"})
         self._pending_models |= set(pending)
+
+    def migration(self, model: str, outcome: str, reason: str) -> None:
+        self.migrations.inc(1, {"model": model, "outcome": outcome, "reason": reason})
 
     def event(self, event: str, model: str) -> None:
         {"retry": self.retries, "fallback": self.fallbacks, "circuit_open": self.circuit_open,

@@ -239,6 +239,18 @@ def configure_alerts(gateway: GatewayConfig, models: dict[str, ModelConfig], unl
         logger.warning("could not configure alerts on the status board", exc_info=True)
 
 
+def report_migration(model: str, lost_replica: str, request_id: str) -> None:
+    """Tell the status board a stream left `lost_replica` for another (its replica-gone alert
+    names the requests moved off it); best effort, at once, and nothing outside Serve."""
+    ctx = replica_context()
+    if ctx is None:
+        return
+    try:
+        status_board.call(ctx.app_name, "migrated", model, lost_replica, request_id)
+    except Exception:  # noqa: BLE001 - alerting never fails a request
+        logger.warning("could not report a continued stream of %s to the status board", model, exc_info=True)
+
+
 def report_circuit(model: str, snapshot: dict[str, Any]) -> None:
     """Tell the status board a circuit opened or closed (it pushes the alert, one for all router
     replicas); best effort, and nothing outside Serve (unit tests: no board)."""

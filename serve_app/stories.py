@@ -54,7 +54,7 @@ class Story:
 
     __slots__ = ("id", "arrived_at", "t0", "method", "path", "router", "key", "model", "admission", "attempts",
                  "routing", "engine", "usage", "first_token_ms", "status", "error", "duration_ms", "stream", "batch",
-                 "ended_mid_stream", "completed")
+                 "ended_mid_stream", "completed", "migrations")
 
     def __init__(self, rid: str, method: str, path: str, router: dict[str, Any], batch: bool = False) -> None:
         self.id, self.method, self.path, self.router, self.batch = rid, method, path, router, batch
@@ -73,6 +73,7 @@ class Story:
         self.stream = False
         self.ended_mid_stream = False
         self.completed = False  # the response's last byte was sent
+        self.migrations: list[dict[str, Any]] = []  # a stream's replica lost mid-way: continued or not (serve_app/migration/)
 
     def since_start_ms(self, t: float | None = None) -> float:
         return round(((t if t is not None else time.perf_counter()) - self.t0) * 1000, 1)
@@ -80,7 +81,8 @@ class Story:
     def failed(self) -> bool:
         """Kept apart, for longer: a server-side failure, a stream cut, or any failed attempt
         (a retry that then succeeded is still the story of a sick replica)."""
-        return (self.status or 0) >= 500 or self.ended_mid_stream or any(a["outcome"] != "ok" for a in self.attempts)
+        return ((self.status or 0) >= 500 or self.ended_mid_stream or bool(self.migrations)
+                or any(a["outcome"] != "ok" for a in self.attempts))
 
     def to_dict(self) -> dict[str, Any]:
         first_model = self.attempts[0]["model"] if self.attempts else None
@@ -102,7 +104,7 @@ class Story:
             "retries": sum(n - 1 for n in tried.values()),
             "fallbacks": [m for m in tried if m != first_model],
             "routing": self.routing, "engine": self.engine, "usage": self.usage, "first_token_ms": self.first_token_ms,
-            "status": self.status, "outcome": outcome, "error": self.error, "duration_ms": self.duration_ms,
+            "migrations": list(self.migrations), "status": self.status, "outcome": outcome, "error": self.error, "duration_ms": self.duration_ms,
         }
 
 
@@ -165,6 +167,13 @@ def note(**fields: Any) -> None:
     if story is not None:
         for name, value in fields.items():
             setattr(story, name, value)
+
+
+def migrated(entry: dict[str, Any]) -> None:
+    """A stream's replica was lost mid-way: what the router did (continued elsewhere, or not, why)."""
+    story = _STORY.get()
+    if story is not None:
+        story.migrations.append(entry)
 
 
 def note_usage(model: str, prompt_tokens: int, completion_tokens: int) -> None:

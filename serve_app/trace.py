@@ -118,6 +118,10 @@ def render(story: dict[str, Any], logs: list[LogLine] | None = None, where: str 
         where_ = f"replica {a.get('replica') or '?'} on {a.get('node_ip') or a.get('node_id') or '?'}"
         tail = f": {a['error']}" if a.get("error") else ""
         out.append(f"  attempt {i} {a['model']} {where_} at +{a['at_ms']} ms for {a['duration_ms']} ms -> {a['outcome']}{tail}")
+    for m in story.get("migrations") or []:
+        to = f" on replica {m['to_replica']}" if m.get("to_replica") else ""
+        out.append(f"  migration replica {m.get('lost_replica')} lost at completion token {m.get('at_token')}: "
+                   f"{m['outcome']}{to} ({m.get('reason')})")
     if story.get("retries") or story.get("fallbacks"):
         out.append(f"  retries   {story.get('retries', 0)}; fallbacks: {', '.join(story.get('fallbacks') or []) or '-'}")
     if story.get("first_token_ms") is not None:

@@ -12,6 +12,7 @@ from typing import Any
 import json
 
 from deployments.protocol import EmbedResult, ModelCard, OpenAIResponse, RerankResult, ReplicaInfo, stream_item
+from serve_app.errors import ReplicaFailed
 
 
 class _Response:
@@ -46,8 +47,10 @@ class FakeModel:
     """Echo model: answers with words of the prompt, scores by word overlap."""
 
     def __init__(self, name: str, kind: str, *, fail: Exception | None = None, delay: float = 0.0,
-                 fail_times: int | None = None) -> None:
+                 fail_times: int | None = None, die_after: int | None = None) -> None:
         self.name, self.kind, self.fail, self.delay = name, kind, fail, delay
+        # streams: the replica is lost after this many items, once (shared with the options() clones)
+        self.dying = {"after": die_after}
         self.fail_times = fail_times  # None: `fail` every time; N: only the first N calls
         self.replica = ReplicaInfo(name, "fake-replica", "fake-node", "127.0.0.1")
         self.calls: list[tuple[str, Any]] = []
@@ -68,13 +71,13 @@ class FakeModel:
         model = self
 
         class _Method:
-            def remote(self_inner, *args):
-                model.calls.append((method, args))
+            def remote(self_inner, *args, **kwargs):
+                model.calls.append((method, args + tuple(kwargs.items())))
                 if model._stream:
-                    s = _Stream(impl(*args))
+                    s = _Stream(impl(*args, **kwargs))
                     model.streams.append(s)
                     return s
-                r = _Response(impl(*args))
+                r = _Response(impl(*args, **kwargs))
                 model.responses.append(r)
                 return r
 
@@ -108,31 +111,49 @@ class FakeModel:
         obj = "chat.completion" if api == "chat" else "text_completion"
         return OpenAIResponse({"id": f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{rid}", "object": obj, "model": self.name, "choices": choices, "usage": usage}, self.replica)
 
-    async def _do_create_stream(self, api: str, body: dict, rid: str):
-        """vLLM's SSE payloads, one word per item (a role chunk first for chat)."""
+    async def _do_create_stream(self, api: str, body: dict, rid: str, track: bool = False):
+        """vLLM's SSE payloads, one word per item (a role chunk first for chat). `track`: each item
+        carries its token ids as deployments/engines/continuation.py's TokenTracker reports them
+        (word i of the answer is token 1000 + i; the prompt's words are tokens 0..n-1)."""
         await self._check()
+        async for item in self._words_stream(api, body, rid, 0, track, {"id": f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{rid}"}):
+            yield item
+
+    async def _do_resume_stream(self, api: str, body: dict, rid: str, resume):
+        """The rest of the same words, from the token the lost replica stopped at, in its chunks' id."""
+        await self._check()
+        async for item in self._words_stream(api, body, rid, len(resume.token_ids), True, resume.head, role=False):
+            yield item
+
+    async def _words_stream(self, api: str, body: dict, rid: str, start: int, track: bool, head: dict, role: bool = True):
         words = _words(body)
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         obj = "chat.completion.chunk" if api == "chat" else "text_completion"
 
         def chunk(choice: dict) -> str:
-            return json.dumps({"id": f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{rid}", "object": obj, "model": self.name, "choices": [choice]})
+            return json.dumps({"id": head["id"], "object": obj, "model": self.name, "choices": [choice]})
 
-        for i, w in enumerate(words):
+        for i in range(start, len(words)):
+            if self.dying["after"] is not None and i - start >= self.dying["after"]:
+                self.dying["after"] = None
+                raise ReplicaFailed("the replica serving this request died; retry")
+            w = words[i]
             last = i == len(words) - 1
             piece = w + ("" if last else " ")
             reason = "stop" if last else None
             if api == "chat":
-                events = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})] if i == 0 else []
+                events = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})] if i == start and role else []
                 events.append(chunk({"index": 0, "delta": {"content": piece}, "finish_reason": reason}))
             else:
                 events = [chunk({"index": 0, "text": piece, "finish_reason": reason})]
             usage = {"prompt_tokens": 3, "completion_tokens": i + 1, "total_tokens": 4 + i} if last else None
             if last:
                 if want_usage:
-                    events.append(json.dumps({"id": f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{rid}", "object": obj, "model": self.name, "choices": [], "usage": usage}))
+                    events.append(json.dumps({"id": head["id"], "object": obj, "model": self.name, "choices": [], "usage": usage}))
                 events.append("[DONE]")
-            yield stream_item(events, usage, self.replica if i == 0 else None)
+            first = (list(range(3)), head) if i == start and role else None
+            extra = ([1000 + i], piece, reason, first) if track else None
+            yield stream_item(events, usage, self.replica if i == start else None, extra)
 
     async def _do_tokenize(self, body: dict) -> OpenAIResponse:
         await self._check()

@@ -375,3 +375,24 @@ def test_one_name_with_two_limits_is_refused_and_env_keys_get_the_same_checks(mo
         gateway("ops=sk-1", [key("team", "sk-1")]).env_api_keys()
     with pytest.raises(ConfigError, match="E2E_KEYS.*key name 'team'"):
         gateway("team=sk-3", [key("team", "sk-1", requests_per_minute=5)]).env_api_keys()
+
+
+def test_a_retried_answer_and_a_continued_stream_are_each_counted_once():
+    """A replica lost mid-generation: the non-streaming request is retried whole and the stream
+    continues elsewhere (serve_app/migration/); usage holds each request once, with the tokens the
+    client got, not the lost attempt's as well."""
+    from serve_app.errors import ReplicaFailed
+
+    keys = [key("team", "sk-t"), ADMIN]
+    body = {"model": "chat", "messages": [{"role": "user", "content": "a b c d e f"}], "max_tokens": 8}
+    chat = FakeModel("chat", "llm", fail=ReplicaFailed("died"), fail_times=1, die_after=2)
+    c = client(make_router(keys, chat=chat))
+    whole = c.post("/v1/chat/completions", json=body, headers=bearer("sk-t"))
+    streamed = c.post("/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                      headers=bearer("sk-t"))
+    assert whole.status_code == 200 and streamed.status_code == 200 and '"error"' not in streamed.text
+    assert [m for m, _ in chat.calls].count("resume_stream") == 1  # the stream was continued
+    (row,) = c.get("/v1/usage", headers=bearer("sk-ops")).json()["data"]
+    stream_usage = json.loads(streamed.text.split("data: ")[-2])["usage"]
+    assert row["requests"] == 2
+    assert row["completion_tokens"] == whole.json()["usage"]["completion_tokens"] + stream_usage["completion_tokens"] == 12

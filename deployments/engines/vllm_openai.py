@@ -207,13 +207,18 @@ def to_api_error(message: str, code: int, param: str | None) -> ApiError:
     return EngineFailure(f"the engine failed: {message[:300]}")
 
 
-async def coalesce(sse: AsyncIterator[str], want_usage: bool) -> AsyncIterator[tuple[list[str], dict[str, int] | None]]:
+async def coalesce(sse: AsyncIterator[str], want_usage: bool,
+                   payloads: Any = None) -> AsyncIterator[tuple[list[str], dict[str, int] | None]]:
     """Read vLLM's SSE strings in a task; hand the reader everything produced since its last read.
 
     The first item is held back until it carries a token (or the end), so an error vLLM reports
     in-band before any token becomes a raised error: the router can still retry, fall back, or
     answer with a real status code. Usage is always requested from vLLM (the router counts it);
     the usage-only chunk is passed on only when the client asked for it.
+
+    `payloads` (deployments/engines/continuation.py) sees each payload first and returns those to
+    send instead: it reads token ids out, or rewrites a continuation; once its `done` is set the
+    engine's stream is closed (a stop string found across a continuation's cut).
     """
     buffer: list[str] = []
     usage: dict[str, int] | None = None
@@ -229,14 +234,17 @@ async def coalesce(sse: AsyncIterator[str], want_usage: bool) -> AsyncIterator[t
                     if not line.startswith("data: "):
                         continue
                     payload = line[len("data: "):]
-                    if payload != "[DONE]" and '"usage"' in payload:
-                        chunk = json.loads(payload)
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                            if not chunk.get("choices") and not want_usage:
-                                continue
-                    buffer.append(payload)
+                    for payload in (payloads.see(payload) if payloads is not None else (payload,)):
+                        if payload != "[DONE]" and '"usage"' in payload:
+                            chunk = json.loads(payload)
+                            if chunk.get("usage"):
+                                usage = chunk["usage"]
+                                if not chunk.get("choices") and not want_usage:
+                                    continue
+                        buffer.append(payload)
                 ready.set()
+                if payloads is not None and payloads.done:
+                    break
         except BaseException as exc:  # noqa: BLE001 - handed to the reader
             failure = exc
         finally:

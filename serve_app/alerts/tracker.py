@@ -64,6 +64,8 @@ class World:
     nodes: dict[str, dict[str, Any]] | None  # node id -> {"alive": bool, "ip": str}
     # model -> router replica id -> {"state", "since", "last_error"}, live router replicas only
     circuits: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    # lost replica id -> request ids of its streams that routers continued elsewhere
+    migrated: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -79,6 +81,7 @@ class Incident:
     last_error_at: float | None = None
     request_ids: list[str] = dataclasses.field(default_factory=list)
     detail: str = ""
+    migrated: list[str] = dataclasses.field(default_factory=list)  # streams continued on another replica
 
     def public(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "description": _WHAT[self.what]}
@@ -107,7 +110,7 @@ class AlertTracker:
         now = self.clock()
         if world.models is not None:
             for model, view in world.models.items():
-                self._replicas(model, view, world.reports.get(model, {}), now)
+                self._replicas(model, view, world.reports.get(model, {}), now, world.migrated)
                 self._at_max(model, view, world.reports.get(model, {}), now)
         if world.nodes is not None:
             self._nodes(world, now)
@@ -115,7 +118,8 @@ class AlertTracker:
         return self._messages(now)
 
     # --- incidents ---
-    def _replicas(self, model: str, view: ModelView, reports: dict[str, dict[str, Any]], now: float) -> None:
+    def _replicas(self, model: str, view: ModelView, reports: dict[str, dict[str, Any]], now: float,
+                  migrated: dict[str, list[str]] | None = None) -> None:
         seen = self.seen.setdefault(model, {})
         running = sum(1 for r in view.replicas.values() if r.get("state") == "RUNNING")
         # Serve stops a dead replica as it stops one on purpose (STOPPING, then unlisted); a stop is
@@ -149,6 +153,7 @@ class AlertTracker:
                 node_ip=where["node_ip"] or report.get("node_ip"), what=problem,
                 since=report.get("failing_since") or now, last_error=report.get("last_error"),
                 last_error_at=report.get("last_error_at"), request_ids=_request_ids(problem, report),
+                migrated=list((migrated or {}).get(rid, ())),
             ), iid)
         if len(healthy) >= view.target:  # every gone replica replaced: those incidents are over
             for rid in [r for r in seen if r not in view.replicas]:
@@ -288,6 +293,8 @@ class AlertTracker:
                 text += f"; last error: {first.last_error}"
             if first.detail:
                 text += f"; {first.detail}"
+            if first.migrated:
+                text += f"; streams continued on another replica: {', '.join(first.migrated)}"
             if len(incidents) > 1:
                 text += f" (+{len(incidents) - 1} more open)"
         else:
@@ -300,7 +307,8 @@ class AlertTracker:
             "replica": first.replica if first else None, "node_id": first.node_id if first else None,
             "node_ip": first.node_ip if first else None, "what": first.what if first else None,
             "since": first.since if first else None, "last_error": first.last_error if first else None,
-            "request_ids": first.request_ids if first else [], "incidents": [i.public() for i in incidents],
+            "request_ids": first.request_ids if first else [],
+            "migrated_request_ids": first.migrated if first else [], "incidents": [i.public() for i in incidents],
             "resolution": resolution or None,
         }
 

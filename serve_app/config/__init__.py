@@ -34,6 +34,7 @@ from serve_app.config.models import (
     ServingSettings,
 )
 from serve_app.config_base import REPO_ROOT
+from serve_app.migration.config import MigrationSettings
 from serve_app.stories import StoriesConfig
 from serve_app.tracing import TracingSettings
 
@@ -43,7 +44,7 @@ __all__ = [
     "PREPARED_MODELS", "PREPARED_PREFIX", "REPO_ROOT",
     "ActorResources", "AlertTarget", "AlertsConfig", "ApiKeyConfig", "AppConfig", "AutoscalingSettings",
     "BatchApiConfig", "BatchConfig", "BatchSettings", "ConfigError", "DeploymentSettings", "EngineKind",
-    "GatewayConfig", "HealthSettings", "LoraAdapter", "LoraSettings", "ModelConfig", "ModelKind", "RerankMode",
+    "GatewayConfig", "HealthSettings", "LoraAdapter", "LoraSettings", "MigrationSettings", "ModelConfig", "ModelKind", "RerankMode",
     "RouterSettings", "ServingSettings", "StoriesConfig", "TracingSettings", "adapter_bases", "check_keys", "describe_validation_error", "hash_key",
     "load_serve_config", "parse_app_config", "served_names",
 ]

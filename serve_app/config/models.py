@@ -15,6 +15,7 @@ from serve_app.config.lora import OWNED_ENGINE_KWARGS as LORA_KWARGS
 from serve_app.config.lora import LoraSettings, adapter_forms
 from serve_app.config_base import REPO_ROOT, StrictConfig
 from serve_app.llm_routing.config import RoutingConfig
+from serve_app.migration.config import MigrationSettings
 
 # Models that `make up` / `python -m serve_app prepare-models` build from PyPI packages into
 # the models folder, so a fresh machine serves real models without a hub download.
@@ -65,6 +66,10 @@ class ActorResources(StrictConfig):
     resources: dict[str, float] = Field(default_factory=dict)
 
 
+ROUTER_GRACE_S = 300.0
+MODEL_GRACE_S = 20.0
+
+
 class DeploymentSettings(StrictConfig):
     """Serve deployment options for one model (or the router)."""
 
@@ -75,7 +80,10 @@ class DeploymentSettings(StrictConfig):
     ray_actor_options: ActorResources = Field(default_factory=ActorResources)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, ge=0, description="how long a stopping replica finishes what it holds; unset: "
+        f"{ROUTER_GRACE_S:g} s for the router (its streams end in a redeploy, not cut), {MODEL_GRACE_S:g} s for models "
+        "(an LLM stream still running then continues on another replica: docs/MIGRATION.md)")
     max_replicas_per_node: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -165,6 +173,8 @@ class ModelConfig(StrictConfig):
     health: HealthSettings = Field(default_factory=HealthSettings)
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="llm: how its replicas are chosen (docs/ROUTING.md)")
     lora: LoraSettings | None = Field(None, description="llm: LoRA adapters served by this model's replicas (docs/LORA.md)")
+    migration: MigrationSettings = Field(
+        default_factory=MigrationSettings, description="llm: streams continued on another replica when theirs is lost (docs/MIGRATION.md)")
     allow_fault_injection: bool = Field(False, description="chaos tests and failover drills only")
     fallbacks: list[str] = Field(
         default_factory=list, description="models (same kind) tried in order when this one is unavailable or full"
@@ -195,6 +205,8 @@ class ModelConfig(StrictConfig):
             raise ValueError("serving (tool/reasoning parsers, chat template, aliases) applies to llm models only")
         if self.kind is not ModelKind.llm and self.routing != RoutingConfig():
             raise ValueError("routing applies to llm models only; encoders are batched, not routed by prefix")
+        if self.kind is not ModelKind.llm and self.migration != MigrationSettings():
+            raise ValueError("migration applies to llm models only; encoder requests are retried whole")
         if self.lora is not None and self.kind is not ModelKind.llm:
             raise ValueError("lora applies to llm models only")
         if self.kind is ModelKind.llm and self.batching is not None:

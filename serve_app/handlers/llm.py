@@ -21,13 +21,16 @@ from serve_app import stories
 from serve_app.api import openai
 from serve_app.body import read_object, validate
 from serve_app.config import ModelKind
-from serve_app.errors import from_exception
+from serve_app.errors import ReplicaFailed, from_exception
 from serve_app.handlers.context import Context
 from serve_app.http import json_response, request_id, sse_response
 from serve_app.llm_routing import registry
 from serve_app.metrics import RouterMetrics
+from serve_app.migration.eligibility import migration_refusal
+from serve_app.migration.track import Track
 from serve_app.replica_calls import with_deadline
 from serve_app.resilience import call_replica
+from serve_app.status import report_migration
 
 logger = logging.getLogger("ray.serve")
 
@@ -71,29 +74,39 @@ class LLMHandlers:
     async def _stream(self, request: Request, model: str, api: str, data: dict[str, Any], rid: str,
                       prompt_estimate: int, choices: int) -> Response:
         """SSE stream. The first item (it carries the first token) is awaited before answering,
-        with retries and fallbacks, so failures before any token get a real status code; later
-        ones end the stream in-band. Each item holds every event the engine produced since the
-        last one, written as one block.
+        with retries and fallbacks, so failures before any token get a real status code. A replica
+        lost after that is replaced mid-stream where the stream can continue exactly (`_continue`);
+        other failures end the stream in-band. Each item holds every event the engine produced
+        since the last one, written as one block.
 
         A stream that ends before vLLM's usage (the client left, or the replica failed) is charged
         and recorded with what was forwarded: the prompt's estimate and one token per event sent
         (`forwarded_tokens`), so leaving early is no way around a quota or /v1/usage."""
         ctx = self.ctx
+        base = ctx.base_of(model)
+        refusal = migration_refusal(api, data, ctx.models[base])
+        track = Track() if refusal is None else None
+        extra = {"track": True} if track is not None else {}  # a replica of an older release takes no `track`
 
         async def open_stream(handle: DeploymentHandle, left: float) -> tuple[Any, StreamItem]:
-            stream = handle.options(stream=True).create_stream.remote(api, data, rid)
             try:
-                return stream, as_stream_item(await with_deadline(stream.__anext__(), left))
-            except BaseException:
-                stream.cancel()
-                raise
+                stream = handle.options(stream=True).create_stream.remote(api, data, rid, **extra)
+                return stream, await _first_item(stream, left)
+            except Exception as exc:
+                if not extra or not _takes_no_track(exc):
+                    raise
+            # A replica of the release before migration (a rolling update): the stream, untracked.
+            stream = handle.options(stream=True).create_stream.remote(api, data, rid)
+            return stream, await _first_item(stream, left)
 
-        base = ctx.base_of(model)
         stories.note(stream=True)
         # No fallback model serves an adapter: another model's answer would pass for the fine-tune's.
-        served, (stream, first) = await ctx.dispatch.run(base, open_stream, fallbacks=base == model)
+        answered, (stream, first) = await ctx.dispatch.run(base, open_stream, fallbacks=base == model)
         registry.first_token(rid, data)  # the prefill is done: the cost-aware router stops counting the prompt
-        served = _counted_as(model, base, served)
+        served = _counted_as(model, base, answered)
+        if answered != base:  # a fallback's stream continues only on the fallback (its tokenizer, its rules)
+            refusal = migration_refusal(api, data, ctx.models[answered])
+            track = Track() if refusal is None else None
         started = request.scope["state"].get("started")
         if started is not None:
             first_token_ms = (time.perf_counter() - started) * 1000
@@ -101,18 +114,33 @@ class LLMHandlers:
             stories.note(first_token_ms=round(first_token_ms, 1))
 
         replica: ReplicaInfo = first[2]
+        serving = [replica]  # the replica streaming now (a continuation's replaces it)
+        want_usage = bool((data.get("stream_options") or {}).get("include_usage"))
 
         async def blocks() -> AsyncIterator[bytes]:
+            nonlocal stream
             usage, chunk, events = None, first, 0
             try:
                 while True:
                     usage = chunk[1] or usage
                     events += len(chunk[0])
+                    if track is not None:
+                        track.add(chunk)
                     yield "".join(f"data: {e}\n\n" for e in chunk[0]).encode()
                     try:
                         chunk = as_stream_item(await stream.__anext__())
                     except StopAsyncIteration:
                         break
+                    except Exception as exc:  # noqa: BLE001 - a lost replica: continue elsewhere, or end in-band
+                        err = from_exception(exc)
+                        if not isinstance(err, ReplicaFailed):
+                            raise err from exc  # an engine error in a live replica may be the input's doing
+                        if track is not None and track.finish is not None:  # only the usage chunk and [DONE] were lost
+                            tail, usage = track.ending(api, want_usage)
+                            yield "".join(f"data: {e}\n\n" for e in tail).encode()
+                            break
+                        stream.cancel()
+                        stream, chunk = await self._continue(answered, api, data, rid, track, refusal, err, serving, events)
             except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band with the request id
                 err = from_exception(exc)
                 stories.note_error(err, mid_stream=True)
@@ -128,6 +156,61 @@ class LLMHandlers:
 
         return with_routing(sse_response(blocks(), replica), rid, data, ctx.metrics, base)
 
+    async def _continue(self, base: str, api: str, data: dict[str, Any], rid: str, track: Track | None,
+                        refusal: tuple[str, str] | None, err: ReplicaFailed,
+                        serving: list[ReplicaInfo], events: int) -> tuple[Any, StreamItem]:
+        """The rest of a stream whose replica was lost after its first token, from another replica
+        of the same model (`base`: the one whose replicas streamed it; docs/MIGRATION.md); raises the
+        error to send in-band when it cannot. `serving[0]`: the replica that was streaming; replaced
+        by the one that continues. `events`: forwarded so far (an untracked stream's measure)."""
+        ctx = self.ctx
+        lost = serving[0].replica_id
+        if track is None or not track.ready:
+            reason, words = refusal or ("untracked", "the replica sent no token ids")
+            self._migration(base, "refused", reason, rid, lost, events)
+            err.message = f"{err.message}; this stream cannot continue on another replica: {words} (docs/MIGRATION.md)"
+            raise err
+        if track.continued >= ctx.models[base].migration.attempts:
+            self._migration(base, "refused", "attempts", rid, lost, len(track.ids))
+            err.message = f"{err.message}; this stream was continued {track.continued} time(s) already, the most allowed"
+            raise err
+        track.continued += 1
+        resume = track.resume()
+
+        async def open_resume(handle: DeploymentHandle, left: float) -> tuple[Any, StreamItem]:
+            stream = handle.options(stream=True).resume_stream.remote(api, data, rid, resume)
+            return stream, await _first_item(stream, left)
+
+        try:
+            _, (stream, first) = await ctx.dispatch.run(base, open_resume, fallbacks=False)
+        except Exception as exc:  # noqa: BLE001 - no replica took it: the original failure, with why
+            failed = from_exception(exc)
+            self._migration(base, "failed", "no_replica", rid, lost, len(track.ids))
+            err.message = f"{err.message}; continuing the stream on another replica failed: {failed.message}"
+            raise err from exc
+        to = first[2] if len(first) > 2 else None
+        self._migration(base, "continued", "replica_lost", rid, lost, len(track.ids), to)
+        if to is not None:
+            serving[0] = to
+        return stream, first
+
+    def _migration(self, model: str, outcome: str, reason: str, rid: str, lost: str, tokens: int,
+                   to: ReplicaInfo | None = None) -> None:
+        """One continuation decision: metric, /v1/status count, log line, the request's story, and
+        (continued) the status board, whose replica-gone alert names the requests moved off it.
+        `tokens`: sent before the loss (an untracked stream: events forwarded, an upper bound)."""
+        ctx = self.ctx
+        ctx.metrics.migration(model, outcome, reason)
+        key = (f"stream_{outcome}", model)
+        ctx.events[key] = ctx.events.get(key, 0) + 1
+        where = f" on replica {to.replica_id}" if to is not None else ""
+        logger.warning("stream %s%s after replica %s was lost at completion token %d (%s)",
+                       outcome, where, lost, tokens, reason)
+        stories.migrated({"outcome": outcome, "reason": reason, "lost_replica": lost, "at_token": tokens,
+                          "to_replica": to.replica_id if to is not None else None})
+        if outcome == "continued":
+            report_migration(model, lost, rid)
+
     async def _tokenization(self, request: Request, method: str) -> Response:
         """vLLM's /tokenize and /detokenize, by the model named in the body."""
         ctx = self.ctx
@@ -139,6 +222,21 @@ class LLMHandlers:
         served, result = await ctx.dispatch.run(
             base, lambda h, left: call_replica(getattr(h, method).remote(data), left), fallbacks=False)
         return json_response(result.body, result.replica)
+
+
+async def _first_item(stream: Any, left: float) -> StreamItem:
+    """A stream's first item within the deadline; the stream is cancelled if it does not come."""
+    try:
+        return as_stream_item(await with_deadline(stream.__anext__(), left))
+    except BaseException:
+        stream.cancel()
+        raise
+
+
+def _takes_no_track(exc: BaseException) -> bool:
+    """The replica's create_stream predates `track` (Ray wraps its TypeError; a local call raises it)."""
+    words = "unexpected keyword argument 'track'"
+    return words in str(exc) or words in str(exc.__cause__ or "")
 
 
 def _counted_as(model: str, base: str, served: str) -> str:
