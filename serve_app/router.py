@@ -38,7 +38,9 @@ from serve_app.metrics import RouterMetrics
 from serve_app.middleware import BATCH_SCOPE, AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve_app.resilience import Dispatcher
 from serve_app.serve_context import app_name_or_local, in_serve, replica_id
-from serve_app.status import configure_alerts, hand_over_stories, hand_over_traffic, keep_alerts_configured, report_circuit
+from serve_app.status import (
+    configure_alerts, hand_over_last_stories, hand_over_stories, hand_over_traffic, keep_alerts_configured, report_circuit,
+)
 from serve_app.stories import Stories, StoryMiddleware
 from serve_app.tenancy import Tenancy
 
@@ -159,7 +161,11 @@ class Router:
         self.tenancy.set_keys(RouterSettings.for_app(user_config, list(self.models.values())).api_keys)
 
     def __del__(self) -> None:
-        """Serve calls this on a graceful shutdown: write the usage not written yet."""
+        """Serve calls this on a graceful shutdown: write the usage not written yet, hand the last
+        request stories to the board."""
+        stories = getattr(self, "stories", None)
+        if stories is not None:
+            hand_over_last_stories(stories)
         tenancy = getattr(self, "tenancy", None)
         if tenancy is not None:
             tenancy.close()

@@ -17,6 +17,8 @@ import logging
 import time
 from typing import Any
 
+import ray
+
 from deployments import status_board
 from deployments.serve_view import app_deployments, live_replicas, replica_of_actor, state_name
 from serve_app.config import GatewayConfig, ModelConfig
@@ -186,6 +188,20 @@ async def hand_over_stories(stories: Stories, period_s: float = STORIES_PERIOD_S
             status_board.call(app, "add_stories", batch, limits)
         except Exception:  # noqa: BLE001
             logger.warning("could not hand this router's request stories to the status board", exc_info=True)
+
+
+def hand_over_last_stories(stories: Stories, timeout_s: float = 2.0) -> None:
+    """The router replica is stopping (a redeploy, a scale-down): its last stories to the board now,
+    and waited for, so the streams it drained last (those a replica change continued) can still be
+    read from the replicas that stay."""
+    app = app_name()
+    batch = stories.take_outbox()
+    if app is None or not batch:
+        return
+    try:
+        ray.get(status_board.call(app, "add_stories", batch, stories.cfg.model_dump()), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        logger.warning("could not hand this router's last request stories to the status board", exc_info=True)
 
 
 async def find_story(stories: Stories | None, rid: str) -> list[dict[str, Any]]:

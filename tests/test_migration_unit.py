@@ -345,3 +345,24 @@ def test_a_fallbacks_stream_continues_on_the_fallback_not_on_the_model_asked_for
     assert content(evs) == "one two three four five six seven eight" and evs[-1] == "[DONE]"
     assert [m for m, _ in backup.calls].count("resume_stream") == 1
     assert not [m for m, _ in primary.calls if m == "resume_stream"]
+
+
+def test_a_stopping_router_hands_its_last_stories_to_the_board(monkeypatch):
+    """A redeploy stops the router replica that drained the streams it moved: their stories (and
+    `migrations`) must outlive it, read from the router replicas that stay."""
+    import ray
+
+    from serve_app import status
+    from serve_app.stories import Stories, StoriesConfig
+
+    posted = []
+    monkeypatch.setattr(status, "app_name", lambda: "app")
+    monkeypatch.setattr(status.status_board, "call", lambda app, method, *args: posted.append((app, method, args)) or "ref")
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: None)
+    stories = Stories(StoriesConfig(), {"replica_id": "r"})
+    stories.finish(stories.begin("rid-last", "POST", "/v1/chat/completions", False))
+    status.hand_over_last_stories(stories)
+    ((app, method, (batch, _)),) = posted
+    assert (app, method) == ("app", "add_stories") and len(batch) == 1
+    status.hand_over_last_stories(stories)  # nothing left: nothing sent
+    assert len(posted) == 1

@@ -169,16 +169,17 @@ def test_a_structured_stream_cut_mid_object_ends_with_the_documented_error_event
     assert story[0]["outcome"] == "refused" and story[0]["reason"] == "structured_output"
 
 
-def test_a_redeploy_of_the_llm_while_eight_streams_run_loses_none(stack, http):
-    _both_up(http)
+def _streams(stack, run: str, change, n: int = 8, max_tokens: int = 120) -> list[tuple[str, str | None, int, list[str]]]:
+    """n greedy streams at once; `change()` once each has its first tokens; (text, finish_reason,
+    completion tokens, error messages) of each."""
 
     def stream(i: int) -> tuple[str, str | None, int, list[str]]:
-        body = {"model": MODEL, "max_tokens": 120, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": f"Write a poem about the number {i}."}]}
+        body = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": f"Write a poem about the number {i} ({run})."}]}
         text, finish, tokens, errors = "", None, 0, []
-        headers = {"x-request-id": f"{run}-{i}"}
         with httpx.Client(base_url=f"{stack.base}/{APP}", timeout=600) as c, \
-                c.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+                c.stream("POST", "/v1/chat/completions", json=body, headers={"x-request-id": f"{run}-{i}"}) as r:
             assert r.status_code == 200, r.read()
             for line in r.iter_lines():
                 if not line.startswith("data: {"):
@@ -192,21 +193,49 @@ def test_a_redeploy_of_the_llm_while_eight_streams_run_loses_none(stack, http):
                 tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
         return text, finish, tokens, errors
 
-    run = f"redeploy-{uuid.uuid4().hex[:8]}"
-    with cf.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(stream, i) for i in range(8)]
+    with cf.ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(stream, i) for i in range(n)]
         time.sleep(3)  # every stream has its first tokens
-        old = {r["replica_id"] for r in http.get("/v1/status").json()["models"][MODEL]["replicas"]}
-        deploy({**all_apps(stack), APP: streams_app(max_num_seqs=15)}, wait=False)  # a changed LLM config
+        change()
         results = [f.result(timeout=600) for f in futures]
     for text, finish, tokens, errors in results:
         assert not errors and finish in ("length", "stop") and text, (errors, finish)
-        assert tokens == 120 or finish == "stop"
+        assert tokens == max_tokens or finish == "stop"
+    return results
+
+
+def _moved(http: httpx.Client, run: str, n: int = 8) -> list[dict]:
+    """The migrations the streams' stories recorded (any router replica's: the board has them)."""
+    return [m for i in range(n) for m in http.get(f"/v1/requests/{run}-{i}").json().get("migrations") or []]
+
+
+def test_a_redeploy_to_one_replica_while_eight_streams_run_moves_the_stopped_replicas_streams(stack, http):
+    """num_replicas 2 -> 1 while both may stream (the model's config changed, so Serve replaces its
+    replicas too): streams still running past a stopped replica's 2 s grace continue elsewhere."""
+    _both_up(http)
+    run = f"down-{uuid.uuid4().hex[:8]}"
+    one = streams_app()
+    one["models"][0]["deployment"]["num_replicas"] = 1
+    _streams(stack, run, lambda: deploy({**all_apps(stack), APP: one}, wait=False))
+    # The stories (from the router replica that drained them: it hands them over as it stops).
+    moved = wait_for(lambda: _moved(http, run) or None, 30, "the moved streams' stories")
+    assert all(m["outcome"] == "continued" for m in moved), moved
+    print(f"redeploy to one replica: {len(moved)} of 8 streams continued on another replica")
+
+
+def test_a_redeploy_of_the_llm_while_eight_streams_run_loses_none(stack, http):
+    deploy({**all_apps(stack), APP: streams_app()})  # two replicas again
+    _both_up(http)
+    run = f"redeploy-{uuid.uuid4().hex[:8]}"
+    old = {r["replica_id"] for r in http.get("/v1/status").json()["models"][MODEL]["replicas"]}
+    # A changed LLM config: Serve replaces every replica (and the router, whose args hold it).
+    _streams(stack, run, lambda: deploy({**all_apps(stack), APP: streams_app(max_num_seqs=15)}, wait=False))
     wait_for(lambda: serve.status().applications[APP].status == "RUNNING", 600, "the redeploy to finish")
     now = {r["replica_id"] for r in http.get("/v1/status").json()["models"][MODEL]["replicas"] if r.get("serve_state") == "RUNNING"}
     assert not (old & now)  # every replica that held the streams was replaced
     # A stream its replica still held past the 2 s grace continued elsewhere; none was refused.
-    # (Which replica Serve stops first decides how many: the stories say, from any router replica.)
-    moved = [m for i in range(8) for m in http.get(f"/v1/requests/{run}-{i}").json().get("migrations") or []]
+    # (How many depends on when Serve stops each old replica: 0 and 4 of 8 in runs here. The test
+    # above, which stops replicas while they stream, always moves some.)
+    moved = _moved(http, run)
     assert all(m["outcome"] == "continued" for m in moved), moved
     print(f"redeploy: {len(moved)} of 8 streams continued on another replica")
