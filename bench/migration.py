@@ -23,10 +23,10 @@ def migration_kills(base: str, kills: int, deploy) -> dict:
     dep = {k: v for k, v in entry["deployment"].items() if k not in ("num_replicas", "autoscaling_config")}
     deploy([{**entry, "deployment": {**dep, "num_replicas": 2}}])
     model = entry["name"]
-    gaps, steps, continued = [], [], 0
+    gaps, steps, continued, killed = [], [], 0, set()
     with httpx.Client(base_url=base, timeout=600) as http:
         for k in range(kills):
-            _wait_two(http, model)
+            _wait_two(http, model, killed)
             body = {"model": model, "max_tokens": 120, "temperature": 0, "stream": True,
                     "messages": [{"role": "user", "content": f"Tell me a long story about a lighthouse keeper, part {k}."}]}
             times, killed_at, victim = [], None, None
@@ -42,6 +42,7 @@ def migration_kills(base: str, kills: int, deploy) -> dict:
                     if killed_at is None and len(times) == KILL_AFTER_TOKENS:
                         steps.append(statistics.median(b - a for a, b in zip(times, times[1:])) * 1000)
                         _sigkill(model, victim)
+                        killed.add(victim)
                         killed_at = time.perf_counter()
             story = http.get(f"/v1/requests/bench-kill-{k}").json()
             continued += any(m.get("outcome") == "continued" for m in story.get("migrations") or [])
@@ -53,11 +54,15 @@ def migration_kills(base: str, kills: int, deploy) -> dict:
             "inter_token_p50_ms": statistics.median(steps) if steps else None}
 
 
-def _wait_two(http: httpx.Client, model: str, timeout_s: float = 300) -> None:
+def _wait_two(http: httpx.Client, model: str, killed: set[str], timeout_s: float = 300) -> None:
+    """Two running replicas, neither one killed before: a killed replica stays listed (and its last
+    report fresh) for a moment after it died, and a stream sent to it then would measure a
+    continuation with no other replica to go to."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         rows = http.get("/v1/status").json()["models"][model]["replicas"]
-        if sum(1 for r in rows if r.get("serve_state") == "RUNNING" and r.get("state") == "reporting") == 2:
+        live = [r for r in rows if r.get("serve_state") == "RUNNING" and r.get("state") == "reporting"]
+        if len(live) == 2 and not {r["replica_id"] for r in live} & killed:
             return
         time.sleep(1)
     raise RuntimeError("two replicas were not running again in time")

@@ -369,10 +369,12 @@ def table(r: dict[str, dict]) -> str:
         for c in ("c1", "c8"):
             add(f"| LLM streams tracked for continuation: tokens/s at {c} | {on[c]['tokens_per_s']:.1f} | "
                 f"{off[c]['tokens_per_s']:.1f} (migration off) | {_x(on[c]['tokens_per_s'], off[c]['tokens_per_s'])} |")
+            add(f"| LLM streams tracked for continuation: TTFT p50 at {c} | {on[c]['ttft_p50']:.0f} ms | "
+                f"{off[c]['ttft_p50']:.0f} ms (migration off) | {_plus(on[c]['ttft_p50'], off[c]['ttft_p50'], digits=0)} |")
     if k := r.get("migration-kills"):
-        add(f"| replica SIGKILLed mid-stream: kill to the next token on the client, p50 of {k['kills']} | "
+        add(f"| replica SIGKILLed mid-stream: kill to the next token on the client, p50 of {k['kills']:.0f} | "
             f"{k['kill_to_next_token_p50_ms']:.0f} ms | {k['inter_token_p50_ms']:.0f} ms (between tokens before the kill) | |")
-        add(f"| streams continued after the kill | {k['continued']} of {k['kills']} | | |")
+        add(f"| streams continued after the kill | {k['continued']:.0f} of {k['kills']:.0f} | | |")
     if d := r.get("routing-default"):
         rows.extend(routing_rows(r, d))
     for name in sorted(k for k in r if "@" in k):

@@ -53,9 +53,13 @@ def http(stack):
         deploy(all_apps(stack))
 
 
+KILLED: set[str] = set()  # a killed replica stays listed, its last report fresh, for a moment after
+
+
 def _running(http: httpx.Client) -> int:
     rows = http.get("/v1/status").json()["models"][MODEL]["replicas"]
-    return sum(1 for r in rows if r.get("serve_state") == "RUNNING" and r.get("state") == "reporting")
+    return sum(1 for r in rows if r.get("serve_state") == "RUNNING" and r.get("state") == "reporting"
+               and r["replica_id"] not in KILLED)
 
 
 def _both_up(http: httpx.Client) -> None:
@@ -69,6 +73,7 @@ def _sigkill(replica_id: str) -> None:
     name = f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#{replica_id}"
     pid = next(a["Pid"] for a in actors(actor_state_name="ALIVE").values() if a["Name"] == name)
     os.kill(pid, signal.SIGKILL)
+    KILLED.add(replica_id)
 
 
 def _completion(http: httpx.Client, prompt_ids: list[int], **extra) -> dict:
