@@ -152,11 +152,11 @@ def skipped(model: str, why: str) -> None:
 
 def replica_of(result: Any) -> Any:
     """The ReplicaInfo a replica's answer carries (deployments/protocol.py), if any: a typed result's
-    `.replica`, or an opened stream's first item (stream, (events, usage, replica))."""
+    `.replica`, or an opened stream's first item (stream, (events, usage, replica[, track]))."""
     replica = getattr(result, "replica", None)
     if replica is None and isinstance(result, tuple) and len(result) == 2:
         first = result[1]
-        if isinstance(first, tuple) and len(first) == 3:
+        if isinstance(first, tuple) and len(first) >= 3:
             replica = first[2]
     return replica
 

@@ -64,6 +64,11 @@ def test_a_stream_whose_replica_is_lost_mid_way_continues_on_another_with_nothin
     assert router.events[("stream_continued", "chat")] == 1
     usage = [json.loads(e)["usage"] for e in evs if '"usage"' in e][-1]
     assert usage["completion_tokens"] == 8
+    # The story: both attempts name their replica (a tracked first item has four parts), and the move.
+    story = c.get("/v1/requests/rid-cont").json()
+    assert [a["replica"] for a in story["attempts"]] == ["fake-replica", "fake-replica"]
+    assert story["migrations"] == [{"outcome": "continued", "reason": "replica_lost", "lost_replica": "fake-replica",
+                                    "at_token": 3, "to_replica": "fake-replica"}]
 
 
 def test_a_stream_that_cannot_continue_exactly_ends_with_an_error_event_naming_why():

@@ -214,22 +214,7 @@ def _moved(http: httpx.Client, run: str, n: int = 8) -> list[dict]:
     return [m for i in range(n) for m in http.get(f"/v1/requests/{run}-{i}").json().get("migrations") or []]
 
 
-def test_a_redeploy_to_one_replica_while_eight_streams_run_moves_the_stopped_replicas_streams(stack, http):
-    """num_replicas 2 -> 1 while both may stream (the model's config changed, so Serve replaces its
-    replicas too): streams still running past a stopped replica's 2 s grace continue elsewhere."""
-    _both_up(http)
-    run = f"down-{uuid.uuid4().hex[:8]}"
-    one = streams_app()
-    one["models"][0]["deployment"]["num_replicas"] = 1
-    _streams(stack, run, lambda: deploy({**all_apps(stack), APP: one}, wait=False))
-    # The stories (from the router replica that drained them: it hands them over as it stops).
-    moved = wait_for(lambda: _moved(http, run) or None, 30, "the moved streams' stories")
-    assert all(m["outcome"] == "continued" for m in moved), moved
-    print(f"redeploy to one replica: {len(moved)} of 8 streams continued on another replica")
-
-
 def test_a_redeploy_of_the_llm_while_eight_streams_run_loses_none(stack, http):
-    deploy({**all_apps(stack), APP: streams_app()})  # two replicas again
     _both_up(http)
     run = f"redeploy-{uuid.uuid4().hex[:8]}"
     old = {r["replica_id"] for r in http.get("/v1/status").json()["models"][MODEL]["replicas"]}
@@ -240,7 +225,22 @@ def test_a_redeploy_of_the_llm_while_eight_streams_run_loses_none(stack, http):
     assert not (old & now)  # every replica that held the streams was replaced
     # A stream its replica still held past the 2 s grace continued elsewhere; none was refused.
     # (How many depends on when Serve stops each old replica: 0 and 4 of 8 in runs here. The test
-    # above, which stops replicas while they stream, always moves some.)
+    # below, which stops replicas while they stream, always moves some.)
     moved = _moved(http, run)
     assert all(m["outcome"] == "continued" for m in moved), moved
     print(f"redeploy: {len(moved)} of 8 streams continued on another replica")
+
+
+def test_a_redeploy_to_one_replica_while_eight_streams_run_moves_the_stopped_replicas_streams(stack, http):
+    """num_replicas 2 -> 1 while both may stream (the model's config changed, so Serve replaces its
+    replicas too): streams still running past a stopped replica's 2 s grace continue elsewhere.
+    Last in the module: it leaves the app at one replica."""
+    _both_up(http)
+    run = f"down-{uuid.uuid4().hex[:8]}"
+    one = streams_app()
+    one["models"][0]["deployment"]["num_replicas"] = 1
+    _streams(stack, run, lambda: deploy({**all_apps(stack), APP: one}, wait=False))
+    # The stories (from the router replica that drained them: it hands them over as it stops).
+    moved = wait_for(lambda: _moved(http, run) or None, 30, "the moved streams' stories")
+    assert all(m["outcome"] == "continued" for m in moved), moved
+    print(f"redeploy to one replica: {len(moved)} of 8 streams continued on another replica")
