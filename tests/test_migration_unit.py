@@ -260,6 +260,9 @@ def test_the_continuation_writes_the_original_streams_shape_and_usage():
     assert json.loads(usage[0])["usage"] == {"prompt_tokens": 3, "total_tokens": 7, "completion_tokens": 4}
     assert w.tracker.take()[:3] == ([12, 13], "cd", "length")
 
+    err = json.dumps({"error": {"message": "engine dead", "code": 500}})
+    assert w.see(err) == [err]  # an in-band error passes through, never swallowed
+
     stopped = Continuation("completion", resume, Splice("ab", "", ["bcd"], False), 3, 2, keep_ids=True)
     out = stopped.see(_chunk("completion", "cd", [12, 13]))
     assert stopped.done and out[-1] == "[DONE]"

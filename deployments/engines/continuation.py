@@ -189,6 +189,8 @@ class Continuation:
         if payload == "[DONE]":
             return [payload]
         chunk = json.loads(payload)
+        if chunk.get("error") and not chunk.get("choices"):
+            return [payload]  # vLLM's in-band error: the client gets it as vLLM wrote it
         out: list[str] = []
         for choice in chunk.get("choices") or ():
             ids = choice.get("token_ids") or []

@@ -243,4 +243,4 @@ def test_a_redeploy_to_one_replica_while_eight_streams_run_moves_the_stopped_rep
     # The stories (from the router replica that drained them: it hands them over as it stops).
     moved = wait_for(lambda: _moved(http, run) or None, 30, "the moved streams' stories")
     assert all(m["outcome"] == "continued" for m in moved), moved
-    print(f"redeploy to one replica: {len(moved)} of 8 streams continued on another replica")
+    print(f"redeploy to one replica: {len(moved)} continuations over {len({m['lost_replica'] for m in moved})} stopped replica(s), 8 streams")

@@ -88,12 +88,14 @@ CHAT = st.fixed_dictionaries(
     {"model": st.just("tiny-llm-tp2"), "messages": st.lists(MESSAGE, min_size=1, max_size=3)},
     optional={"max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
               "n": st.integers(1, 3), "seed": st.integers(0, 2**31), "stop": st.lists(TEXT.filter(bool), max_size=2),
-              "stream": st.booleans(), "user": TEXT},
+              "stream": st.booleans(), "user": TEXT,
+              # read by the stream tracking (docs/MIGRATION.md): the client's ids kept, or taken out
+              "return_token_ids": st.booleans()},
 )
 COMPLETION = st.fixed_dictionaries(
     {"model": st.just("tiny-llm-tp2"), "prompt": TEXT | st.lists(TEXT, min_size=1, max_size=1)},
     optional={"max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "stream": st.booleans(),
-              "presence_penalty": st.floats(-2, 2)},
+              "presence_penalty": st.floats(-2, 2), "return_token_ids": st.booleans()},
 )
 EMBEDDING = st.fixed_dictionaries(
     {"model": st.just("all-minilm-l6-v2"), "input": TEXT | st.lists(TEXT, min_size=1, max_size=4)},
