@@ -78,15 +78,17 @@ class LLMServer(MonitoredReplica):
         tokenizer = self.engine.engine.get_tokenizer()
         skip = body.get("skip_special_tokens", True)
         ids, text = rewound(tokenizer, resume, skip)
-        held = text[len(resume.text):] if text.startswith(resume.text) else ""
-        if not text.startswith(resume.text):
+        held = ""
+        if text.startswith(resume.text):
+            held = text[len(resume.text):]
+        else:
             logger.warning("continuation: the text sent (%d chars) is not a prefix of the ids' text (%d chars); "
                            "held-back text not resent", len(resume.text), len(text))
         resume = Resume(resume.prompt_ids, ids, resume.text, resume.head)
         stops = body.get("stop") or []
         splice = Splice(resume.text, held, [stops] if isinstance(stops, str) else list(stops),
                         bool(body.get("include_stop_str_in_output")))
-        writer = Continuation(api, resume, splice, len(resume.prompt_ids), len(ids), bool(body.get("return_token_ids")))
+        writer = Continuation(api, resume, splice, bool(body.get("return_token_ids")))
         own = completion_body(api, body, resume, self._own(body)["model"], self.default_max_tokens)
         if own is None:  # the budget was spent when the replica failed: only the stream's end was lost
             want_usage = bool((body.get("stream_options") or {}).get("include_usage"))

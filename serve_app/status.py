@@ -178,16 +178,18 @@ async def hand_over_stories(stories: Stories, period_s: float = STORIES_PERIOD_S
     keeps every router replica's (serve_app/stories.py). Best effort: a lost hand-over leaves those
     stories on this router replica only."""
     app = app_name()
-    limits = stories.cfg.model_dump()
     while app is not None:
         await asyncio.sleep(period_s)
-        batch = stories.take_outbox()
-        if not batch:
-            continue
         try:
-            status_board.call(app, "add_stories", batch, limits)
+            _send_stories(app, stories)
         except Exception:  # noqa: BLE001
             logger.warning("could not hand this router's request stories to the status board", exc_info=True)
+
+
+def _send_stories(app: str, stories: Stories) -> ray.ObjectRef | None:
+    """The stories finished since the last hand-over to the board (None: there were none)."""
+    batch = stories.take_outbox()
+    return status_board.call(app, "add_stories", batch, stories.cfg.model_dump()) if batch else None
 
 
 def hand_over_last_stories(stories: Stories, timeout_s: float = 2.0) -> None:
@@ -195,11 +197,12 @@ def hand_over_last_stories(stories: Stories, timeout_s: float = 2.0) -> None:
     and waited for, so the streams it drained last (those a replica change continued) can still be
     read from the replicas that stay."""
     app = app_name()
-    batch = stories.take_outbox()
-    if app is None or not batch:
+    if app is None:
         return
     try:
-        ray.get(status_board.call(app, "add_stories", batch, stories.cfg.model_dump()), timeout=timeout_s)
+        sent = _send_stories(app, stories)
+        if sent is not None:
+            ray.get(sent, timeout=timeout_s)
     except Exception:  # noqa: BLE001 - best effort at shutdown
         logger.warning("could not hand this router's last request stories to the status board", exc_info=True)
 

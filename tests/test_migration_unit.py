@@ -248,7 +248,7 @@ def test_text_held_back_is_sent_and_a_stop_string_across_the_cut_still_stops():
 
 def test_the_continuation_writes_the_original_streams_shape_and_usage():
     resume = Resume([1, 2, 3], [10, 11], "ab", {"id": "chatcmpl-orig", "created": 42, "model": "m"})
-    w = Continuation("chat", resume, Splice("ab", "", [], False), 3, 2, keep_ids=False)
+    w = Continuation("chat", resume, Splice("ab", "", [], False), keep_ids=False)
     out = w.see(_chunk("completion", "c", [12]))
     ch = json.loads(out[0])
     assert ch["id"] == "chatcmpl-orig" and ch["created"] == 42 and ch["object"] == "chat.completion.chunk"
@@ -263,7 +263,7 @@ def test_the_continuation_writes_the_original_streams_shape_and_usage():
     err = json.dumps({"error": {"message": "engine dead", "code": 500}})
     assert w.see(err) == [err]  # an in-band error passes through, never swallowed
 
-    stopped = Continuation("completion", resume, Splice("ab", "", ["bcd"], False), 3, 2, keep_ids=True)
+    stopped = Continuation("completion", resume, Splice("ab", "", ["bcd"], False), keep_ids=True)
     out = stopped.see(_chunk("completion", "cd", [12, 13]))
     assert stopped.done and out[-1] == "[DONE]"
     final = json.loads(out[0])["choices"][0]

@@ -102,8 +102,8 @@ def completion_body(api: str, body: dict[str, Any], resume: Resume, model: str, 
 _CHAT_ONLY = frozenset({
     "tools", "tool_choice", "parallel_tool_calls", "chat_template", "chat_template_kwargs", "add_generation_prompt",
     "continue_final_message", "documents", "top_logprobs", "include_reasoning", "reasoning_effort", "mm_processor_kwargs",
-    "media_io_kwargs", "echo", "return_prompt_text", "modalities", "audio", "metadata", "store", "service_tier",
-    "web_search_options", "prediction", "function_call", "functions", "thinking_token_budget", "max_completion_tokens",
+    "media_io_kwargs", "return_prompt_text", "modalities", "audio", "metadata", "store", "service_tier",
+    "web_search_options", "prediction", "function_call", "functions", "thinking_token_budget",
 })
 
 
@@ -173,11 +173,12 @@ class Splice:
 
 
 class Continuation:
-    """Rewrites the completion stream of a continuation into the original stream's events."""
+    """Rewrites the completion stream of a continuation into the original stream's events.
+    `resume`: what the lost replica sent, its ids as the continuation starts from (`rewound`)."""
 
-    def __init__(self, api: str, resume: Resume, splice: Splice, prompt_tokens: int, generated: int, keep_ids: bool) -> None:
+    def __init__(self, api: str, resume: Resume, splice: Splice, keep_ids: bool) -> None:
         self.api, self.head, self.splice = api, resume.head, splice
-        self.prompt_tokens, self.generated = prompt_tokens, generated
+        self.prompt_tokens, self.generated = len(resume.prompt_ids), len(resume.token_ids)
         self.keep_ids = keep_ids
         self.tracker = TokenTracker("completion", keep_ids=True)
         self.new_tokens = 0
@@ -196,32 +197,28 @@ class Continuation:
             ids = choice.get("token_ids") or []
             self.tracker.ids.extend(ids)
             self.new_tokens += len(ids)
-            finish = choice.get("finish_reason")
+            finish, stop_reason = choice.get("finish_reason"), choice.get("stop_reason")
             text = self.splice.feed(choice.get("text") or "", final=finish is not None)
-            if self.splice.stopped is not None:
-                finish, self.done = "stop", True
-                out.append(self._choice_chunk(text, ids, "stop", self.splice.stopped))
-                out.append(self._usage_chunk(None))
-                out.append("[DONE]")
-                if text:
-                    self.tracker.text.append(text)
-                self.tracker.finish = "stop"
-                return out
+            if self.splice.stopped is not None:  # a stop string across the cut: the stream ends here
+                finish, stop_reason, self.done = "stop", self.splice.stopped, True
             if text:
                 self.tracker.text.append(text)
             if finish:
                 self.tracker.finish = finish
             if text or finish or ids:
-                out.append(self._choice_chunk(text, ids, finish, choice.get("stop_reason")))
+                out.append(self._choice_chunk(text, ids, finish, stop_reason))
+            if self.done:
+                return [*out, usage_event(self.api, self.head, self.usage()), "[DONE]"]
         if chunk.get("usage"):
-            out.append(self._usage_chunk(chunk))
+            out.append(usage_event(self.api, self.head, self.usage(), chunk.get("system_fingerprint")))
         return out
 
     def ending(self, finish: str, want_usage: bool) -> list[str]:
         """The events of a stream whose budget was spent before the cut: its final chunk, usage, [DONE]."""
         self.tracker.finish = finish
         text = self.splice.held  # held-back text (no straddle check: nothing follows it)
-        return [self._choice_chunk(text, [], finish, None), *([self._usage_chunk(None)] if want_usage else []), "[DONE]"]
+        usage = [usage_event(self.api, self.head, self.usage())] if want_usage else []
+        return [self._choice_chunk(text, [], finish, None), *usage, "[DONE]"]
 
     def usage(self) -> dict[str, int]:
         completion = self.generated + self.new_tokens
@@ -235,19 +232,25 @@ class Continuation:
             if finish is not None:
                 choice["stop_reason"] = stop_reason
             choice["token_ids"] = ids_out
-            obj = "chat.completion.chunk"
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason,
                       "prompt_token_ids": None, "token_ids": ids_out}
-            obj = "text_completion"
-        return json.dumps({**self._head(obj), "choices": [choice]}, ensure_ascii=False, separators=(",", ":"))
+        return _dump({**event_head(self.api, self.head), "choices": [choice]})
 
-    def _usage_chunk(self, chunk: dict[str, Any] | None) -> str:
-        obj = "chat.completion.chunk" if self.api == "chat" else "text_completion"
-        out = {**self._head(obj), "choices": [], "usage": self.usage()}
-        if chunk is not None and chunk.get("system_fingerprint"):
-            out["system_fingerprint"] = chunk["system_fingerprint"]
-        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
 
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.head.get("id"), "object": obj, "created": self.head.get("created"), "model": self.head.get("model")}
+def event_head(api: str, head: dict[str, Any]) -> dict[str, Any]:
+    """The fields every chunk of the original stream starts with: its id, object, created, model."""
+    return {"id": head.get("id"), "object": "chat.completion.chunk" if api == "chat" else "text_completion",
+            "created": head.get("created"), "model": head.get("model")}
+
+
+def usage_event(api: str, head: dict[str, Any], usage: dict[str, int], fingerprint: str | None = None) -> str:
+    """The original stream's usage-only chunk, as vLLM writes it (the router writes one too: track.py)."""
+    out: dict[str, Any] = {**event_head(api, head), "choices": [], "usage": usage}
+    if fingerprint:
+        out["system_fingerprint"] = fingerprint
+    return _dump(out)
+
+
+def _dump(chunk: dict[str, Any]) -> str:
+    return json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))  # compact, as vLLM's pydantic dump

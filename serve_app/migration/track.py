@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from deployments.engines.continuation import usage_event
 from deployments.protocol import Resume
 
 
@@ -46,10 +46,4 @@ class Track:
         usage chunk and [DONE]: written here, with the usage the ids tell."""
         prompt = len(self.prompt_ids or ())
         usage = {"prompt_tokens": prompt, "total_tokens": prompt + len(self.ids), "completion_tokens": len(self.ids)}
-        events = ["[DONE]"]
-        if want_usage:
-            obj = "chat.completion.chunk" if api == "chat" else "text_completion"
-            chunk = {"id": self.head.get("id"), "object": obj, "created": self.head.get("created"),
-                     "model": self.head.get("model"), "choices": [], "usage": usage}
-            events.insert(0, json.dumps(chunk, ensure_ascii=False, separators=(",", ":")))
-        return events, usage
+        return [*([usage_event(api, self.head, usage)] if want_usage else []), "[DONE]"], usage
