@@ -56,6 +56,10 @@ STEPS = [
      ["bench.stack", "--scenario", "llm", "--migration", "off"], SERVE_ENV),
     ("migration-kills", "two SmolLM2 replicas; the serving one SIGKILLed 20 tokens into a stream, 10 times",
      ["bench.stack", "--scenario", "migration"], SERVE_ENV),
+    ("autoscale-requests", "SmolLM2 min 1 max 2, bursts of short chats and of long prompts, Serve's default policy (baseline)",
+     ["bench.stack", "--scenario", "autoscale", "--scaling", "requests"], SERVE_ENV),
+    ("autoscale-tokens", "the same, our token policy (docs/AUTOSCALING.md)",
+     ["bench.stack", "--scenario", "autoscale", "--scaling", "tokens"], SERVE_ENV),
     ("routing-default", "two SmolLM2 replicas, shared-prefix conversations, Serve's default router (baseline)",
      ["bench.stack", "--scenario", "routing", "--policy", "power_of_two"], SERVE_ENV),
     ("routing-ours", "the same, our cost-aware router", ["bench.stack", "--scenario", "routing", "--policy", "cache_aware"], SERVE_ENV),
@@ -375,6 +379,14 @@ def table(r: dict[str, dict]) -> str:
         add(f"| replica SIGKILLed mid-stream: kill to the next token on the client, p50 of {k['kills']:.0f} | "
             f"{k['kill_to_next_token_p50_ms']:.0f} ms | {k['inter_token_p50_ms']:.0f} ms (between tokens before the kill) | |")
         add(f"| streams continued after the kill | {k['continued']:.0f} of {k['kills']:.0f} | | |")
+    if (ours := r.get("autoscale-tokens")) and (serve_default := r.get("autoscale-requests")):
+        for key, label in (("ttft_p99_ms", "TTFT p99, every request"), ("ttft_p50_ms", "TTFT p50, every request"),
+                           ("long_ttft_p99_ms", "TTFT p99, the long prompts"), ("chat_ttft_p99_ms", "TTFT p99, the short chats")):
+            if ours.get(key) and serve_default.get(key):
+                add(f"| autoscaling, bursts of chats and long prompts: {label} | {ours[key]:.0f} ms (token policy) | "
+                    f"{serve_default[key]:.0f} ms (Serve's default) | {_x(ours[key], serve_default[key])} |")
+        add(f"| autoscaling, the same run: replica-seconds held | {ours['replica_seconds']:.0f} | "
+            f"{serve_default['replica_seconds']:.0f} | {_x(ours['replica_seconds'], serve_default['replica_seconds'])} |")
     if d := r.get("routing-default"):
         rows.extend(routing_rows(r, d))
     for name in sorted(k for k in r if "@" in k):

@@ -202,8 +202,10 @@ def haproxy_listeners() -> dict[str, str]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm", "batch", "routing", "migration"],
-                   required=True)
+    p.add_argument("--scenario", choices=["gateway", "rerank", "long-list", "overload", "llm", "batch", "routing", "migration",
+                                          "autoscale"], required=True)
+    p.add_argument("--scaling", choices=["tokens", "requests"], default="tokens",
+                   help="autoscale: the LLM's autoscaling policy (requests: Serve's default)")
     p.add_argument("--migration", choices=["on", "off"], default="on", help="llm: streams tracked for continuation")
     p.add_argument("--kills", type=int, default=10, help="migration: replicas SIGKILLed mid-stream")
     p.add_argument("--policy", choices=POLICIES, default="cache_aware",
@@ -239,6 +241,10 @@ def main() -> None:
             from bench.migration import migration_kills
 
             out = migration_kills(base, args.kills, _deploy)
+        elif args.scenario == "autoscale":
+            from bench.autoscale import autoscale_bursts
+
+            out = autoscale_bursts(base, args.scaling, _deploy)
         else:
             out = {"overload": overload, "batch": batch}[args.scenario](base, args.seconds)
     finally:

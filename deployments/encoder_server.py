@@ -28,6 +28,7 @@ from serve_app.errors import InputFailed
 
 class EncoderServer(MonitoredReplica):
     def __init__(self, model: ModelConfig, models_dir: str) -> None:
+        born = time.monotonic()
         self.cfg = model
         self.replica = replica_info(model.name)
         # The GPUs Ray assigned decide the device: a replica without any still sees the node's GPUs.
@@ -38,6 +39,7 @@ class EncoderServer(MonitoredReplica):
         self.recent_batches: collections.deque[int] = collections.deque(maxlen=1024)
         self._init_health()
         self.reconfigure(model.batch.model_dump())
+        self.load_s = round(time.monotonic() - born, 1)  # what a cold start of this model waits for
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this on start and on every `user_config` change."""

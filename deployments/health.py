@@ -151,7 +151,8 @@ class MonitoredReplica:
     def _snapshot(self) -> dict[str, Any]:
         engine = getattr(self, "engine", None)
         where = {"device": getattr(engine, "device", None), "dtype": getattr(engine, "dtype", None)}
-        return {**dataclasses.asdict(self.replica), **where, **self.health.snapshot(), "fault": self.fault}
+        return {**dataclasses.asdict(self.replica), **where, **self.health.snapshot(), "fault": self.fault,
+                "load_s": getattr(self, "load_s", None)}
 
     async def inject_fault(self, kind: str | None) -> str:
         """kind: "stall" (work stops progressing), "unhealthy" (health check fails), "poison" (inputs

@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from ray.serve.metrics import Gauge
+
 from deployments.engines.continuation import Continuation, Splice, TokenTracker, completion_body, rewound
 from deployments.engines.vllm_openai import VLLMOpenAI, coalesce
 from deployments.health import MonitoredReplica
@@ -24,6 +26,7 @@ from deployments.runtime import replica_info
 from serve_app.config import ModelConfig
 from serve_app.errors import EngineFailure, InvalidRequest
 from serve_app.llm_routing.cost import outstanding_work
+from serve_app.metrics import LLM_PROMPT_TOKENS_WAITING
 
 APIS = ("chat", "completion")
 logger = logging.getLogger("ray.serve")
@@ -31,6 +34,7 @@ logger = logging.getLogger("ray.serve")
 
 class LLMServer(MonitoredReplica):
     async def __init__(self, model: ModelConfig, models_dir: str, default_max_tokens: int) -> None:
+        born = time.monotonic()
         self.cfg = model
         self.default_max_tokens = default_max_tokens
         self.adapter_names = model.adapter_names()  # `sql`, `base:sql` -> `sql`, as vLLM knows it
@@ -39,12 +43,14 @@ class LLMServer(MonitoredReplica):
         await self.engine.start()
         self.replica = replica_info(model.name)
         self.outstanding_tokens = 0  # tokens of the requests it holds still to compute (routing stats; _counted)
+        self.prompt_tokens_waiting = 0  # their prompts not yet prefilled (autoscaling stats; _counted)
         self._init_health()
         # One real token before Serve's first health check: the first request through the serving
         # layer pays lazy start-up costs that a loaded node can stretch past probe_timeout_s.
         # Counted as a served request, so the first check finds a fresh success (health.fresh_s).
         with self.tracked():
             await self._probe()
+        self.load_s = round(time.monotonic() - born, 1)  # weights, engine, first token: what a cold start waits
 
     async def card(self) -> ModelCard:
         return ModelCard(self.cfg.name, "llm", "vllm", self.engine.max_model_len, self.replica,
@@ -141,18 +147,21 @@ class LLMServer(MonitoredReplica):
         """The request's work in `outstanding_tokens` (reported to the routers): its prompt until
         `prefilled()` (a stream's first token; a whole answer never says), its output until it ends."""
         prompt, output = outstanding_work(api, body, self.cfg.routing.chars_per_token)
-        held = [prompt + output]
+        held = [prompt + output, prompt]  # outstanding, waiting to prefill
         self.outstanding_tokens += held[0]
+        self.prompt_tokens_waiting += prompt
 
         def prefilled() -> None:
             if held[0] > output:
                 self.outstanding_tokens -= held[0] - output
-                held[0] = output
+                self.prompt_tokens_waiting -= held[1]
+                held[0], held[1] = output, 0
 
         try:
             yield prefilled
         finally:
             self.outstanding_tokens -= held[0]
+            self.prompt_tokens_waiting -= held[1]
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Serve polls this every `routing.stats_period_s` and hands it to each router replica's
@@ -169,16 +178,38 @@ class LLMServer(MonitoredReplica):
                 logger.warning("could not list the engine's loaded LoRA adapters", exc_info=True)
         return stats
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics, polled by the replica and averaged over the look-back
+        window for the token policy in the controller (serve_app/autoscaling/): vLLM's KV-cache use
+        and scheduler queue, the prompt tokens this replica holds not yet prefilled, the prefill
+        rate it measured, and its recent engine-side time to first token."""
+        stats = self._autoscaling()
+        if stats:
+            _waiting_gauge().set(stats["prompt_tokens_waiting"], tags={"model": self.cfg.name})
+        return stats
+
+    def _autoscaling(self) -> dict[str, float]:
+        engine = getattr(self, "engine", None)
+        load = engine.load if engine is not None else None
+        if load is None:
+            return {}
+        snap = load.snapshot()
+        return {"kv_usage": float(snap["kv_usage"]), "waiting": float(snap["waiting"]), "running": float(snap["running"]),
+                "prompt_tokens_waiting": float(max(0, getattr(self, "prompt_tokens_waiting", 0))),
+                **load.rates(time.time())}
+
     def _load(self) -> dict[str, Any]:
         engine = getattr(self, "engine", None)  # a status report may come before the engine exists
         load = engine.load.snapshot() if engine is not None and engine.load is not None else {}
-        return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0), "reported_at": time.time()}
+        return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0),
+                "prompt_tokens_waiting": max(0, getattr(self, "prompt_tokens_waiting", 0)), "reported_at": time.time()}
 
     def _snapshot(self) -> dict[str, Any]:
         """The status board's row for this replica, with vLLM's actual prefix-cache hit rate."""
         stats = self._load()
         queries, hits = stats.get("prefix_queries", 0), stats.get("prefix_hits", 0)
         return {**super()._snapshot(), "kv_usage": stats.get("kv_usage"),
+                "autoscaling": self._autoscaling(),
                 "prefix_cache": {"queried_tokens": queries, "hit_tokens": hits,
                                  "hit_rate": round(hits / queries, 4) if queries else None}}
 
@@ -196,6 +227,17 @@ class LLMServer(MonitoredReplica):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+_GAUGE: list[Gauge] = []
+
+
+def _waiting_gauge() -> Gauge:
+    """Made on first use, in the replica (Serve's own Gauge adds the deployment, replica and app tags)."""
+    if not _GAUGE:
+        _GAUGE.append(Gauge(LLM_PROMPT_TOKENS_WAITING, tag_keys=("model",),
+                            description="prompt tokens an LLM replica holds not yet prefilled (the autoscaler's drain time)"))
+    return _GAUGE[0]
 
 
 def _api(api: str) -> str:

@@ -37,6 +37,7 @@ logger = logging.getLogger("ray.serve")
 RECENT_ALERTS = 50  # kept for /v1/status
 MIGRATED_IDS_KEPT = 20  # request ids named per lost replica (its alert names them)
 MIGRATED_REPLICAS_KEPT = 100  # lost replicas remembered, oldest forgotten first
+SCALING_KEPT = 20  # per model, the autoscaler's last decisions that changed something
 # A board whose app Serve has not listed for this long ends itself and its saved state: a deleted
 # app's board would otherwise ask the controller for every app's details each check period until
 # the cluster stops. (Long enough for a `serve deploy` that removes and re-adds the app.)
@@ -55,6 +56,9 @@ class StatusBoard:
         self.circuits: dict[str, dict[str, dict[str, Any]]] = {}  # model -> router replica -> breaker state
         # lost replica id -> request ids of the streams continued elsewhere (serve_app/migration/)
         self.migrations: dict[str, list[str]] = {}
+        # model -> the LLM token policy's last decision and its last changes (serve_app/autoscaling/)
+        self.scaling: dict[str, dict[str, Any]] = {}
+        self.load_s: dict[str, float] = {}  # model -> the load time its replicas last reported (cold starts)
         self._lock = threading.Lock()  # reports and circuits are read by the alert thread
         self.history = History()  # the last hour per model, for /status's charts (serve_app/traffic.py)
         self.book = StoryBook()  # every router replica's request stories (serve_app/stories.py)
@@ -68,7 +72,10 @@ class StatusBoard:
         now = time.time()
         with self._lock:
             self.reports.setdefault(model, {})[replica_id] = {**snapshot, "reported_at": now}
-            self.history.add_replica(model, replica_id, now, snapshot.get("kv_usage"), snapshot.get("in_flight"))
+            if snapshot.get("load_s"):  # kept after the replica is gone: a model at zero still knows it
+                self.load_s[model] = float(snapshot["load_s"])
+            self.history.add_replica(model, replica_id, now, snapshot.get("kv_usage"), snapshot.get("in_flight"),
+                                     (snapshot.get("autoscaling") or {}).get("prompt_tokens_waiting"))
 
     def traffic(self, window: dict[str, dict[str, Any]], ended_at: float | None = None) -> None:
         """A router replica's counts for the period that ended at `ended_at` (serve_app/status.py);
@@ -107,6 +114,25 @@ class StatusBoard:
                 ids.append(request_id)
             while len(self.migrations) > MIGRATED_REPLICAS_KEPT:
                 self.migrations.pop(next(iter(self.migrations)))
+
+    def autoscaled(self, model: str, decision: dict[str, Any]) -> None:
+        """The LLM token policy's decision for `model` (from the Serve controller, each change and
+        every few seconds): the last one, and the last SCALING_KEPT that were not a hold."""
+        with self._lock:
+            entry = self.scaling.setdefault(model, {"last": None, "changes": []})
+            entry["last"] = dict(decision)
+            last_change = entry["changes"][-1] if entry["changes"] else {}
+            same = (last_change.get("replicas"), last_change.get("action")) == (decision.get("replicas"), decision.get("action"))
+            if decision.get("action") != "hold" and not (same and decision.get("at", 0) - last_change.get("at", 0) < 60):
+                entry["changes"] = [*entry["changes"], dict(decision)][-SCALING_KEPT:]
+
+    def scaling_state(self) -> dict[str, dict[str, Any]]:
+        """Per model: the token policy's last decision, its last changes, the replicas' load time."""
+        with self._lock:
+            out: dict[str, dict[str, Any]] = {m: {"last": e["last"], "changes": list(e["changes"])} for m, e in self.scaling.items()}
+            for m, seconds in self.load_s.items():
+                out.setdefault(m, {"last": None, "changes": []})["load_s"] = seconds
+            return out
 
     def _migrations_copy(self) -> dict[str, list[str]]:
         with self._lock:

@@ -57,7 +57,7 @@ def resolve(cfg: AppConfig) -> AppConfig:
 
 
 def model_deployment(model: ModelConfig, env: dict[str, str] | None = None) -> Deployment:
-    opts = _serve_options(model.deployment, model.batch_capacity)
+    opts = _serve_options(model.deployment, model.batch_capacity, model=model.name, llm=model.kind is ModelKind.llm)
     actor = opts["ray_actor_options"]
     per_worker = actor.get("num_gpus", 0)
     if model.pipeline_parallel_size > 1:
@@ -105,7 +105,8 @@ def router_deployment(gateway: GatewayConfig, env: dict[str, str] | None = None)
     )
 
 
-def _serve_options(d: DeploymentSettings, batch_capacity: int, grace_s: float = MODEL_GRACE_S) -> dict[str, Any]:
+def _serve_options(d: DeploymentSettings, batch_capacity: int, grace_s: float = MODEL_GRACE_S,
+                   model: str | None = None, llm: bool = False) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": d.ray_actor_options.num_cpus}
     if d.ray_actor_options.num_gpus:
         actor["num_gpus"] = d.ray_actor_options.num_gpus
@@ -122,11 +123,10 @@ def _serve_options(d: DeploymentSettings, batch_capacity: int, grace_s: float = 
         "ray_actor_options": actor,
     }
     if d.autoscaling_config is not None:
-        auto = d.autoscaling_config.model_dump(exclude_none=True)
-        # Scale out when replicas average half of what one batches at once: room for bursts
-        # without queueing behind a full batch.
-        auto.setdefault("target_ongoing_requests", max(1, min(batch_capacity, d.max_ongoing_requests) // 2))
-        opts["autoscaling_config"] = auto
+        # Serve's default target: half of what one replica batches at once (room for bursts
+        # without queueing behind a full batch); an LLM scales on tokens unless policy says requests.
+        opts["autoscaling_config"] = d.autoscaling_config.serve_config(
+            model, llm, max(1, min(batch_capacity, d.max_ongoing_requests) // 2))
     else:
         opts["num_replicas"] = d.num_replicas
     if d.max_replicas_per_node is not None:
@@ -165,6 +165,7 @@ def describe(cfg: AppConfig) -> list[dict[str, Any]]:
             "source": m.resolved_source(cfg.gateway.models_path), "tp": m.tensor_parallel_size,
             "pp": m.pipeline_parallel_size, "gpus_per_replica": m.gpus_per_replica,
             "preset": (p := find_preset(m)) and f"{p.name} ({p.why})", "routing": m.routing_policy,
+            "scaling": m.deployment.autoscaling_config and m.deployment.autoscaling_config.resolved_policy(m.kind is ModelKind.llm),
             "adapters": sorted(m.adapters),
             **_brief({"ray_actor_options": {**d.ray_actor_options, "num_gpus": m.gpus_per_replica},
                       "num_replicas": d.num_replicas,

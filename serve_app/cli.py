@@ -115,6 +115,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         for row in describe(cfg):
             extra = f"  source={row['source']}  tp={row['tp']}" if "source" in row else ""
             extra += f"  routing={row['routing']}" if row.get("routing") else ""
+            extra += f"  scaling={row['scaling']}" if row.get("scaling") else ""
             extra += f"  adapters={','.join(row['adapters'])}" if row.get("adapters") else ""
             print(f"  {row['deployment']:<36} {row['serves']:<48} replicas={row['replicas']} "
                   f"cpus={row['cpus']} gpus={row['gpus']}{extra}")
@@ -261,6 +262,12 @@ def render_status(view: dict) -> str:
             lines.append(f"  circuit last error: {circuit['last_error']} at {_ts(circuit.get('last_error_at'))}")
         if m.get("serve_message"):
             lines.append(f"  serve: {m['serve_message'][:200]}")
+        sc = m.get("scaling") or {}
+        if sc.get("policy") == "tokens":
+            d = sc.get("last_decision") or {}
+            kv = "-" if sc.get("kv_usage") is None else f"{sc['kv_usage']:.0%}"
+            lines.append(f"  autoscaler (tokens): KV {kv}, prompt tokens waiting {sc.get('prompt_tokens_waiting', '-')}; "
+                         + (f"{d.get('action')} -> {d.get('replicas')}: {d.get('reason')} ({_ts(d.get('at'))})" if d else "no decision yet"))
         lines.append(f"  {'replica':<10} {'state':<10} {'node':<14} {'ip':<15} {'device':<14} {'inflight':>8} {'probe':>12}  last error")
         for r in m.get("replicas", []):
             probe = "-" if r.get("last_probe_ms") is None else f"{r['last_probe_ms']:.0f}ms {'ok' if r.get('last_probe_ok') else 'FAIL'}"

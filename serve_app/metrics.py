@@ -12,6 +12,13 @@ from typing import Any
 
 from serve_app.traffic import Window
 
+# Metrics exported outside the router: by the LLM token policy in the Serve controller
+# (serve_app/autoscaling/serve_policy.py) and by each LLM replica (deployments/llm.py).
+AUTOSCALER_DESIRED = "serve_app_autoscaler_desired_replicas"
+AUTOSCALER_PRESSURE = "serve_app_autoscaler_pressure"
+LLM_PROMPT_TOKENS_WAITING = "serve_app_llm_prompt_tokens_waiting"
+EXPORTED_ELSEWHERE = (AUTOSCALER_DESIRED, AUTOSCALER_PRESSURE, LLM_PROMPT_TOKENS_WAITING)
+
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
 
 

@@ -21,6 +21,7 @@ A circuit's half-open trial is released whatever happens to the request that hol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import stories, tracing
+from serve_app.autoscaling.queue import TokenQueue
 from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.errors import (
     ApiError, ContextLengthExceeded, EngineFailure, GatewayTimeout, InputFailed, Overloaded, ReplicaFailed,
@@ -111,8 +113,10 @@ class Dispatcher:
         self, gateway: GatewayConfig, models: dict[str, ModelConfig], handles: dict[str, DeploymentHandle],
         ensure_replica: Callable[[str, float], Awaitable[None]], on_event: Callable[[str, str], None] = lambda e, m: None,
         on_circuit: Callable[[str, dict[str, Any]], None] = lambda m, snapshot: None,
+        queue: TokenQueue | None = None,
     ) -> None:
         self.gateway, self.models, self.handles = gateway, models, handles
+        self.queue = queue  # LLMs' admission by prompt tokens (serve_app/autoscaling/queue.py)
         self.ensure_replica = ensure_replica
         # ("retry" | "fallback" | "circuit_open" | "input_failed", model): metrics hook
         self.on_event = on_event
@@ -123,9 +127,10 @@ class Dispatcher:
         }
 
     async def run(self, name: str, call: Callable[[DeploymentHandle, float], Awaitable[Any]],
-                  fallbacks: bool = True) -> tuple[str, Any]:
+                  fallbacks: bool = True, prompt_tokens: int = 0) -> tuple[str, Any]:
         """`call(handle, seconds_left)` makes one attempt; returns (model that answered, result).
-        `fallbacks=False` pins the request to `name` (retries only)."""
+        `fallbacks=False` pins the request to `name` (retries only). `prompt_tokens`: an LLM
+        request's estimate, waiting in each model's token queue until its attempts return."""
         deadline = time.monotonic() + self.gateway.request_timeout_s
         model = self.models[name]
         chain = [name, *model.fallbacks] if fallbacks else [name]
@@ -143,7 +148,8 @@ class Dispatcher:
                 last = ServiceUnavailable(f"model '{candidate}' is failing; its circuit is open", retry_after=5)
                 continue
             try:
-                return candidate, await self._attempts(candidate, call, deadline, breaker, ticket)
+                with self._queued(candidate, prompt_tokens):
+                    return candidate, await self._attempts(candidate, call, deadline, breaker, ticket)
             except ContextLengthExceeded as err:
                 if not context_chain:
                     raise
@@ -153,6 +159,11 @@ class Dispatcher:
             finally:
                 breaker.release(ticket)  # cancelled, client error, ...: the trial never stays taken
         raise last
+
+    def _queued(self, model: str, prompt_tokens: int) -> contextlib.AbstractContextManager[None]:
+        if self.queue is None or not prompt_tokens:
+            return contextlib.nullcontext()
+        return self.queue.held(model, prompt_tokens)
 
     async def _attempts(self, candidate: str, call: Callable[[DeploymentHandle, float], Awaitable[Any]],
                         deadline: float, breaker: CircuitBreaker, ticket: Ticket) -> Any:

@@ -23,23 +23,26 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from deployments.runtime import replica_info
+from serve_app.autoscaling.queue import TokenQueue
 from serve_app.batches.routes import BatchApi
 from serve_app.batches.store import BatchStore
 from serve_app.batches.traffic import Traffic, TrafficMiddleware
 from serve_app.batches.worker import Answer, BatchWorker, answer_of, call_app
 from serve_app.cold_start import ColdStart
-from serve_app.config import GatewayConfig, ModelConfig, RouterSettings, adapter_bases, served_names
+from serve_app.config import GatewayConfig, ModelConfig, ModelKind, RouterSettings, adapter_bases, served_names
 from serve_app.errors import ApiError, InvalidRequest, MethodNotAllowed, NotFound
 from serve_app.handlers.admin import AdminHandlers
 from serve_app.handlers.context import Context
 from serve_app.handlers.llm import LLMHandlers
 from serve_app.handlers.scoring import ScoringHandlers
+from serve_app.llm_routing import registry
 from serve_app.metrics import RouterMetrics
 from serve_app.middleware import BATCH_SCOPE, AuthMiddleware, ErrorMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve_app.resilience import Dispatcher
 from serve_app.serve_context import app_name_or_local, in_serve, replica_id
 from serve_app.status import (
     configure_alerts, hand_over_last_stories, hand_over_stories, hand_over_traffic, keep_alerts_configured, report_circuit,
+    reported_load_s,
 )
 from serve_app.stories import Stories, StoryMiddleware
 from serve_app.tenancy import Tenancy
@@ -56,8 +59,10 @@ class Router:
         app = app_name_or_local()
         self.tenancy = Tenancy(gateway, self.aliases, self.metrics, app)
         self.events: dict[tuple[str, str], int] = {}
-        cold_start = ColdStart(gateway, self.models, handles)
-        self.dispatch = Dispatcher(gateway, self.models, handles, cold_start.wait, self._event, report_circuit)
+        cold_start = ColdStart(gateway, self.models, handles, reported_load_s)
+        self.queue = TokenQueue({n: m.queued_tokens_bound for n, m in self.models.items() if m.kind is ModelKind.llm},
+                                lambda n: registry.reported_waiting(self.models[n].deployment_name))
+        self.dispatch = Dispatcher(gateway, self.models, handles, cold_start.wait, self._event, report_circuit, self.queue)
         # The Batch API (serve_app/batches/): its store, and the worker started with the app below.
         self.batch_store = BatchStore(gateway.batch.store, gateway.data_path, app)
         self.batch_api = BatchApi(self.batch_store, gateway.batch, gateway.max_body_bytes, self._serving_model)
@@ -95,8 +100,15 @@ class Router:
         """Run batch lines through this app (serve_app/batches/worker.py); needs a running loop."""
         self.batch_worker = BatchWorker(self.batch_store, self.gateway.batch, self.models, self.traffic, self._run_line,
                                         worker_id=f"{replica_id()}:{uuid.uuid4().hex[:8]}",
-                                        on_line=self.metrics.batch_line, on_pending=self.metrics.batch_pending)
+                                        on_line=self.metrics.batch_line, on_pending=self.metrics.batch_pending,
+                                        kv_usage=self._kv_usage)
         self._worker_task = asyncio.get_running_loop().create_task(self.batch_worker.run())
+
+    def _kv_usage(self, model: str) -> float | None:
+        """An LLM's replicas' mean KV-cache use as they last reported it to this router's request router."""
+        m = self.models.get(model)
+        loads = registry.replica_loads(m.deployment_name) if m is not None and m.kind is ModelKind.llm else None
+        return sum(load.kv_usage for load in loads.values()) / len(loads) if loads else None
 
     async def _run_line(self, endpoint: str, body: str, owner: str, rid: str) -> Answer:
         """One batch line through this router's own app, as its owner's key (by name, as stored)."""

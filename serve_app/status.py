@@ -21,7 +21,8 @@ import ray
 
 from deployments import status_board
 from deployments.serve_view import app_deployments, live_replicas, replica_of_actor, state_name
-from serve_app.config import GatewayConfig, ModelConfig
+from serve_app.autoscaling.queue import TokenQueue
+from serve_app.config import GatewayConfig, ModelConfig, ModelKind
 from serve_app.llm_routing.registry import routing_view
 from serve_app.serve_context import app_name, replica_context
 from serve_app.stories import Stories, merge
@@ -34,10 +35,12 @@ _DEAD_ACTORS: dict[str, dict[str, Any] | None] = {}  # actor id -> the replica i
 
 
 async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], breakers: dict[str, Any],
-                      events: dict[tuple[str, str], int]) -> dict[str, Any]:
+                      events: dict[tuple[str, str], int], queue: TokenQueue | None = None,
+                      cold_waits: dict[str, float] | None = None) -> dict[str, Any]:
     app = app_name()
-    serve_state, reports, alerts, history = await asyncio.gather(_serve_state(app), _board_read(app, "read"), _board_alerts(app),
-                                                                 _board_read(app, "traffic_history"))
+    serve_state, reports, alerts, history, scaling = await asyncio.gather(
+        _serve_state(app), _board_read(app, "read"), _board_alerts(app), _board_read(app, "traffic_history"),
+        _board_read(app, "scaling_state"))
     now = time.time()
     restarts = alerts.pop("restarts", None)
     out: dict[str, Any] = {"app": app, "generated_at": now, "models": {}, "alerts": alerts}
@@ -63,6 +66,36 @@ async def status_view(gateway: GatewayConfig, models: dict[str, ModelConfig], br
                 row["routing"] = predicted.get(row["replica_id"])
         if m.adapters:
             out["models"][name]["adapters"] = sorted(m.adapters)  # LoRA adapters its replicas serve
+        out["models"][name]["scaling"] = scaling_view(m, scaling.get(name) or {}, out["models"][name]["replicas"],
+                                                      queue, (cold_waits or {}).get(name))
+    return out
+
+
+def scaling_view(m: ModelConfig, board: dict[str, Any], replicas: list[dict[str, Any]], queue: TokenQueue | None,
+                 cold_wait_s: float | None) -> dict[str, Any]:
+    """How the model scales and what it scales on (serve_app/autoscaling/): the policy and its
+    targets, the autoscaler's last decision and why (from the Serve controller, through the board),
+    the replicas' KV use and waiting prompt tokens (their own reports), this router's token queue,
+    and what a cold start takes (the replicas' load time, this router's last wait for one)."""
+    auto = m.deployment.autoscaling_config
+    llm = m.kind is ModelKind.llm
+    policy = auto.resolved_policy(llm) if auto else "fixed"
+    live = [r for r in replicas if r.get("state") in ("reporting", "unhealthy", "silent")]
+    signals = [r["autoscaling"] for r in live if r.get("autoscaling")]
+    out: dict[str, Any] = {
+        "policy": policy, "targets": auto.token_targets() if auto and policy == "tokens" else None,
+        "last_decision": board.get("last"), "recent_changes": board.get("changes", []),
+        "load_s": board.get("load_s"), "last_cold_start_wait_s": cold_wait_s,
+    }
+    if llm:
+        kv = [s["kv_usage"] for s in signals if s.get("kv_usage") is not None]
+        out.update(
+            kv_usage=round(sum(kv) / len(kv), 4) if kv else None,
+            prompt_tokens_waiting=sum(int(s.get("prompt_tokens_waiting") or 0) for s in signals) if signals else None,
+            waiting_requests=sum(int(s.get("waiting") or 0) for s in signals) if signals else None,
+            prefill_tokens_per_s=[s.get("prefill_tokens_per_s") for s in signals],
+            token_queue=queue.view(m.name) if queue is not None else None,
+        )
     return out
 
 
@@ -142,6 +175,16 @@ async def _board_call(app: str | None, method: str, *args: Any) -> None:
         await status_board.call(app, method, *args)
     except Exception:  # noqa: BLE001 - the view is still right; the board catches up next time
         pass
+
+
+async def reported_load_s(model: str) -> float | None:
+    """The load time the model's replicas last reported (the status board keeps it after they are
+    gone), for a cold start's Retry-After; None when the board cannot say within a second."""
+    try:
+        scaling = await asyncio.wait_for(_board_read(app_name(), "scaling_state"), 1.0)
+    except Exception:  # noqa: BLE001 - the answer is a guess either way
+        return None
+    return (scaling.get(model) or {}).get("load_s")
 
 
 async def _board_alerts(app: str | None) -> dict[str, Any]:

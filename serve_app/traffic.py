@@ -81,7 +81,8 @@ class Window:
 class _Bucket(_Counts):
     """Every router's counts for one BUCKET_S, and the replicas' own reports in it."""
 
-    replicas: dict[str, tuple[float | None, int]] = dataclasses.field(default_factory=dict)  # id -> (kv use, in flight)
+    # id -> (kv use, in flight, prompt tokens waiting to prefill)
+    replicas: dict[str, tuple[float | None, int, int | None]] = dataclasses.field(default_factory=dict)
 
 
 class History:
@@ -114,9 +115,11 @@ class History:
             for name in ("latency", "ttft"):
                 getattr(b, name).update({int(k): int(n) for k, n in (w.get(name) or {}).items()})
 
-    def add_replica(self, model: str, replica: str, t: float, kv_usage: float | None, in_flight: int | None) -> None:
+    def add_replica(self, model: str, replica: str, t: float, kv_usage: float | None, in_flight: int | None,
+                    waiting_tokens: int | None = None) -> None:
         """A replica's own report (each health period): its latest in the bucket counts."""
-        self._bucket(model, t).replicas[replica] = (kv_usage, int(in_flight or 0))
+        self._bucket(model, t).replicas[replica] = (kv_usage, int(in_flight or 0),
+                                                    None if waiting_tokens is None else int(waiting_tokens))
 
     def read(self, now: float) -> dict[str, list[dict[str, Any]]]:
         """Per model, one point per bucket with anything in it, oldest first, within KEEP_S of `now`.
@@ -125,7 +128,7 @@ class History:
         oldest = current - self.keep + 1
         out = {}
         for model, buckets in self.models.items():
-            seen: dict[str, tuple[int, tuple[float | None, int]]] = {}  # replica -> (bucket of its last report, it)
+            seen: dict[str, tuple[int, tuple[float | None, int, int | None]]] = {}  # replica -> (bucket of its last report, it)
             points = []
             for i, b in sorted(buckets.items()):
                 seen.update({r: (i, v) for r, v in b.replicas.items()})
@@ -135,8 +138,9 @@ class History:
                 out[model] = points
         return out
 
-    def _point(self, index: int, b: _Bucket, replicas: dict[str, tuple[float | None, int]]) -> dict[str, Any]:
-        kv = [u for u, _ in replicas.values() if u is not None]
+    def _point(self, index: int, b: _Bucket, replicas: dict[str, tuple[float | None, int, int | None]]) -> dict[str, Any]:
+        kv = [u for u, _, _ in replicas.values() if u is not None]
+        waiting = [w for _, _, w in replicas.values() if w is not None]
         return {
             "t": index * self.bucket_s, "requests": b.requests, "rps": round(b.requests / self.bucket_s, 3),
             "error_rate": round(b.errors / b.requests, 4) if b.requests else None,
@@ -144,7 +148,9 @@ class History:
             "ttft_p50_ms": percentile(b.ttft, 0.5),
             "tokens_per_s": round(b.tokens / self.bucket_s, 2),
             "kv_usage": round(sum(kv) / len(kv), 4) if kv else None,
-            "in_flight": sum(n for _, n in replicas.values()) if replicas else None,
+            "in_flight": sum(n for _, n, _ in replicas.values()) if replicas else None,
+            "waiting_tokens": sum(waiting) if waiting else None,  # LLMs: prompt tokens not yet prefilled
+            "replicas": len(replicas) if replicas else None,
         }
 
 

@@ -432,20 +432,24 @@ def test_hostile_batch_ids_cursors_and_limits_are_4xx(monkeypatch, tmp_path):
     assert orjson.loads(lines[0].result)["error"]["code"] == "invalid_line" and lines[1].model == ""
 
 
+def stored_batch(tmp_path, content: bytes, endpoint: str = "/v1/embeddings") -> BatchStore:
+    """A store holding one batch of `content`, and a line runner that never finishes (a line runs
+    until the worker puts it back)."""
+    store = BatchStore("sqlite", tmp_path, "w")
+    f = store.create_file("-", "x", "batch", content, time.time())
+    store.create_batch("-", endpoint, f["id"], "1h", 3600, None, parse_input(content, endpoint, lambda m: m), time.time())
+    return store
+
+
+async def never_done(endpoint, body, owner, rid):
+    await asyncio.Event().wait()
+
+
 def test_traffic_seen_by_another_router_replica_preempts_this_ones_lines(tmp_path):
     async def main():
-        store = BatchStore("sqlite", tmp_path, "w")
-        content = line(0)
-        f = store.create_file("-", "x", "batch", content, time.time())
-        store.create_batch("-", "/v1/embeddings", f["id"], "1h", 3600, None,
-                           parse_input(content, "/v1/embeddings", lambda m: m), time.time())
-        never = asyncio.Event()
-
-        async def run_line(endpoint, body, owner, rid):
-            await never.wait()
-
+        store = stored_batch(tmp_path, line(0))
         cfg = config(keys=[])
-        worker = BatchWorker(store, BatchConfig(), {m.name: m for m in cfg.models}, Traffic(), run_line, worker_id="w")
+        worker = BatchWorker(store, BatchConfig(), {m.name: m for m in cfg.models}, Traffic(), never_done, worker_id="w")
         await worker._tick()  # the batch starts; its line runs here
         await worker._tick()
         assert len(worker.running.get("emb", {})) == 1

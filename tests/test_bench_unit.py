@@ -108,6 +108,16 @@ def test_table_prints_the_cost_of_request_stories_against_stories_off():
     assert "| request stories: memory per 10,000 kept, a retried LLM stream | 20.0 MiB | | |" in out
 
 
+def test_table_prints_the_token_policy_against_serves_default_from_the_same_run():
+    ours = {"ttft_p99_ms": 700.0, "ttft_p50_ms": 90.0, "long_ttft_p99_ms": 700.0, "chat_ttft_p99_ms": 120.0, "replica_seconds": 210.0}
+    base = {"ttft_p99_ms": 1400.0, "ttft_p50_ms": 100.0, "long_ttft_p99_ms": 1400.0, "chat_ttft_p99_ms": 100.0, "replica_seconds": 200.0}
+    out = table({"autoscale-tokens": ours, "autoscale-requests": base})
+    assert ("| autoscaling, bursts of chats and long prompts: TTFT p99, every request | 700 ms (token policy) | "
+            "1400 ms (Serve's default) | 0.50x |") in out
+    assert "| autoscaling, the same run: replica-seconds held | 210 | 200 | 1.05x |" in out
+    assert "autoscaling" not in table({"autoscale-tokens": ours})  # no baseline from the same run: no row
+
+
 def test_stories_memory_step_measures_the_book_the_router_keeps():
     from bench.stories import measure
 

@@ -460,15 +460,18 @@ def test_the_replica_reports_a_streams_prompt_until_its_first_token_and_its_outp
 
     server = LLMServer.__new__(LLMServer)
     server.cfg = ModelConfig.model_validate({"name": "m", "kind": "llm", "engine": "vllm", "source": "org/m"})
-    server.outstanding_tokens = 0
+    server.outstanding_tokens = server.prompt_tokens_waiting = 0
     body = chat(DOCS[1] + " Question?", max_tokens=16)
     with server._counted("chat", body) as prefilled:
         whole = server.outstanding_tokens
         assert whole > 16
+        assert server.prompt_tokens_waiting == whole - 16  # the autoscaler's waiting prompt tokens
         prefilled()
         prefilled()
         assert server.outstanding_tokens == 16  # the output still to come
-    assert server.outstanding_tokens == 0
+        assert server.prompt_tokens_waiting == 0
+    assert server.outstanding_tokens == 0 and server.prompt_tokens_waiting == 0
     with server._counted("chat", body):  # a whole answer never says: its prompt counts to the end
         assert server.outstanding_tokens == whole
-    assert server.outstanding_tokens == 0
+        assert server.prompt_tokens_waiting == whole - 16
+    assert server.outstanding_tokens == 0 and server.prompt_tokens_waiting == 0

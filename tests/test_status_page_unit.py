@@ -60,14 +60,15 @@ HISTORY = [{"t": time.time() - 1200 + 10 * i, "requests": 10 + i, "rps": (10 + i
 class FakeGateway:
     """The page and a scripted /v1/status on a loopback port (uvicorn in a thread)."""
 
-    def __init__(self, key: str | None = None) -> None:
+    def __init__(self, key: str | None = None, make=None) -> None:
         self.calls, self.key = 0, key
+        make = make or view
 
         async def status(request: Request):
             if self.key and request.headers.get("authorization") != f"Bearer {self.key}":
                 return JSONResponse({"error": {"message": "needs an admin key"}}, status_code=401)
             self.calls += 1
-            return JSONResponse(view("reporting" if self.calls == 1 else "gone"))
+            return JSONResponse(make("reporting" if self.calls == 1 else "gone"))
 
         self.server = ThreadedServer(Starlette(routes=[Route("/app/status", lambda r: page_response()),
                                                        Route("/app/v1/status", status)]))
@@ -103,6 +104,41 @@ def test_the_page_renders_models_replicas_and_nodes_and_shows_a_killed_replica_g
         row = later[later.index("victim01"):].split("</tr>")[0]
         assert ">gone<" in row and "gone since" in row, row
         assert restarts_cell(later) == (' class="warn"', "1")
+        assert console_errors(log) == [], console_errors(log)
+    finally:
+        gw.close()
+
+
+def llm_view(_state: str) -> dict:
+    """An LLM on the token policy that just scaled up: its decision, KV use and waiting tokens."""
+    out = view("reporting")
+    model = out["models"].pop("ce")
+    decided = {"replicas": 2, "action": "up", "reason": "prompt-token drain time at 3.10x its target on 1 replica(s)",
+               "pressure": 3.1, "terms": {"kv_cache": 0.2, "waiting": 0.4, "drain": 3.1, "ttft": 1.2}, "at": time.time() - 30}
+    model.update(kind="llm", engine="vllm", deployment="llm-chat", history=[
+        {**p, "kv_usage": 0.5, "waiting_tokens": 4000 + i, "replicas": 1 + (i > 100)} for i, p in enumerate(HISTORY)])
+    model["scaling"] = {
+        "policy": "tokens", "targets": {"ttft_target_s": 2.0, "kv_cache_target": 0.8, "waiting_target": 5, "scale_down_below": 0.5},
+        "last_decision": {**decided, "action": "hold", "replicas": 2, "reason": "waiting for 1 starting replica(s) before deciding again"},
+        "recent_changes": [decided], "load_s": 41.5, "kv_usage": 0.83, "prompt_tokens_waiting": 6200, "waiting_requests": 3,
+        "token_queue": {"waiting_prompt_tokens": 5100, "bound": 131072, "reported_prompt_tokens": 6200, "drain_tokens_per_s": 900.0},
+    }
+    out["models"]["chat"] = model
+    return out
+
+
+@needs_chromium
+def test_an_llm_on_the_token_policy_shows_what_its_autoscaler_decided_and_why(tmp_path):
+    gw = FakeGateway(make=llm_view)
+    try:
+        dom, log = chromium_dom(gw.url, 1000, tmp_path)
+        box = dom[dom.index('<div class="scaling">'):].split("</div>")[0]
+        for shown in ("tokens: TTFT 2 s, KV 80%, waiting 5", "hold -&gt; 2", "waiting for 1 starting replica(s)",
+                      ">83%<", ">6200<", "5100 / 131072", "41.5 s", "up -&gt; 2", "prompt-token drain time at 3.10x"):
+            assert shown in box, (shown, box)
+        assert '<td class="warn">83%</td>' in box  # KV use over its target is marked
+        charts = re.findall(r'<div class="chart" data-field="(\w+)">', dom)
+        assert "waiting_tokens" in charts and "kv_usage" in charts and "replicas" in charts, charts
         assert console_errors(log) == [], console_errors(log)
     finally:
         gw.close()

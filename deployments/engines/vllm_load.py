@@ -21,6 +21,9 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 
 FINISHED_KEPT = 1024  # timings of finished requests nobody asked for (the probe's, aborted ones) age out
+RATE_WINDOW_S = 60.0  # the prefill rate is measured over the engine's busy time in this window
+TTFT_WINDOW_S = 15.0  # "recent": the time to first token and the prefill demand
+MAX_STEP_S = 5.0  # one engine step is never longer than this: a longer gap was not all work
 
 
 class EngineLoad(StatLoggerBase):
@@ -32,20 +35,66 @@ class EngineLoad(StatLoggerBase):
         self.kv_usage = 0.0
         self.prefix_queries = self.prefix_hits = 0
         self._lock = threading.Lock()
+        self._work: collections.deque[tuple[float, int, float]] = collections.deque()  # (at, prompt tokens computed, busy s)
+        self._ttfts: collections.deque[tuple[float, float]] = collections.deque()  # (at, engine TTFT s)
+        self._prefilled: collections.deque[tuple[float, int]] = collections.deque()  # (at, prompt tokens computed)
+        self._first_step: float | None = None
+        self._last_step: float | None = None
+        self._had_work = False  # the last step left requests in the scheduler: the time since was work
         self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
         for done in getattr(iteration_stats, "finished_requests", None) or ():
             self._finished(done)
+        if iteration_stats is not None:
+            self._measure(iteration_stats)
         if scheduler_stats is None:
             return
         with self._lock:
             self.running, self.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+            self._had_work = self.running + self.waiting > 0
             self.kv_usage = float(scheduler_stats.kv_cache_usage)
             prefix = scheduler_stats.prefix_cache_stats
             if prefix is not None:  # per-step deltas (vLLM resets them each step): summed here
                 self.prefix_queries += prefix.queries
                 self.prefix_hits += prefix.hits
+
+    def _measure(self, it: Any) -> None:
+        """Prompt tokens computed per second of engine work (the rate a prefill queue drains at:
+        the autoscaler's drain time, serve_app/autoscaling/policy.py), and engine-side TTFTs."""
+        now = float(getattr(it, "iteration_timestamp", 0.0) or 0.0)
+        prompt = getattr(it, "prompt_token_stats", None)
+        computed = int(getattr(prompt, "computed", 0) or 0)
+        with self._lock:
+            busy = min(MAX_STEP_S, max(0.0, now - self._last_step)) if self._had_work and self._last_step else 0.0
+            self._last_step = now
+            if self._first_step is None:
+                self._first_step = now
+            if computed:
+                self._prefilled.append((now, computed))
+            if busy:  # a step after idle is not measured: its start (the request's arrival) is unknown here
+                self._work.append((now, computed, busy))
+            self._ttfts.extend((now, t) for t in getattr(it, "time_to_first_tokens_iter", None) or ())
+            while self._work and now - self._work[0][0] > RATE_WINDOW_S:
+                self._work.popleft()
+            while self._ttfts and now - self._ttfts[0][0] > TTFT_WINDOW_S:
+                self._ttfts.popleft()
+            while self._prefilled and now - self._prefilled[0][0] > TTFT_WINDOW_S:
+                self._prefilled.popleft()
+
+    def rates(self, now: float) -> dict[str, float]:
+        """Prompt tokens prefilled per second of wall clock over the last TTFT_WINDOW_S (the demand
+        met, recent enough that a scale-down follows the load's end), per second of engine work over
+        the last RATE_WINDOW_S (the prefill rate; 0: none measured), and the recent TTFT p90."""
+        with self._lock:
+            work = [(tokens, busy) for at, tokens, busy in self._work if now - at <= RATE_WINDOW_S]
+            prefilled = sum(n for at, n in self._prefilled if now - at <= TTFT_WINDOW_S)
+            ttfts = sorted(t for at, t in self._ttfts if now - at <= TTFT_WINDOW_S)
+            span = min(TTFT_WINDOW_S, max(1.0, now - self._first_step)) if self._first_step is not None else TTFT_WINDOW_S
+        tokens, busy = sum(t for t, _ in work), sum(b for _, b in work)
+        return {"prompt_tokens_per_s": round(prefilled / span, 1),
+                "prefill_tokens_per_s": round(tokens / busy, 1) if tokens and busy > 0 else 0.0,
+                "ttft_s": round(ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], 4) if ttfts else 0.0}
 
     def _finished(self, done: Any) -> None:
         """vLLM's FinishedRequestStats, under the id the serving layer gave the engine."""

@@ -28,6 +28,9 @@ class BatchApiConfig(StrictConfig):
         0, ge=0, description="batch lines per model (in all router replicas) while interactive requests are "
         "about: 0 pauses batches until the model is quiet again"
     )
+    llm_kv_usage_below: float = Field(
+        0.7, gt=0, le=1, description="an LLM's lines run only while its replicas' mean KV-cache use (their own reports) "
+        "is below this; above it they are the first work to yield (running lines are put back)")
     quiet_s: float = Field(2.0, ge=0, le=600, description="an interactive request seen this recently makes a model busy")
     lease_s: float = Field(
         120.0, ge=1, le=86_400, description="a claimed line is renewed while its router replica lives; one not "

@@ -8,7 +8,10 @@ How much it runs, per model (each worker takes its share; the store counts live 
 - busy model (an interactive request in flight, or seen within `quiet_s`, on any router
   replica): `busy_lines`, 0 by default; lines running when it turns busy are preempted
   (cancelled and put back, not counted as a try; at most MAX_PREEMPTIONS times per line, so
-  a batch cannot starve on a model that is never quiet for a whole line).
+  a batch cannot starve on a model that is never quiet for a whole line);
+- an LLM whose replicas' KV cache is full (mean use, as they report it, at or above
+  `llm_kv_usage_below`): none, and lines running on it are preempted: batch work only takes
+  spare KV cache, and is the first to give it back.
 
 What a line's answer means for it:
 - 2xx: the output file; other 4xx: the error file, with the router's own error body;
@@ -64,10 +67,12 @@ class BatchWorker:
     def __init__(self, store: BatchStore, cfg: BatchApiConfig, models: dict[str, ModelConfig], traffic: Traffic,
                  run_line: RunLine, worker_id: str | None = None, clock: Callable[[], float] = time.time,
                  on_line: Callable[[str, bool], None] = lambda model, ok: None,
-                 on_pending: Callable[[dict[str, int]], None] = lambda pending: None) -> None:
+                 on_pending: Callable[[dict[str, int]], None] = lambda pending: None,
+                 kv_usage: Callable[[str], float | None] = lambda model: None) -> None:
         self.store, self.cfg, self.models, self.traffic, self.run_line = store, cfg, models, traffic, run_line
         self.id = worker_id or uuid.uuid4().hex
         self.clock, self.on_line, self.on_pending = clock, on_line, on_pending
+        self.kv_usage = kv_usage  # an LLM's replicas' mean KV-cache use (None: not known here)
         self.running: dict[str, dict[tuple[str, int], tuple[asyncio.Task, int]]] = {}  # model -> line -> (task, preemptions)
         self.workers = 1
         self.remote_busy: set[str] = set()
@@ -88,17 +93,25 @@ class BatchWorker:
         m = self.models.get(model)
         if m is None:
             return UNKNOWN_MODEL_LINES
+        if self.kv_full(model):
+            self.window.pop(model, None)
+            return 0
         if self.traffic.busy(model, self.cfg.quiet_s) or model in self.remote_busy:
             self.window.pop(model, None)
             return self.cfg.busy_lines // self.workers
         share = max(1, math.floor(self.cfg.idle_share * m.capacity / self.workers))
         return min(share, int(self.window.setdefault(model, 1)))
 
-    def preempt(self, model: str) -> None:
-        """An interactive request arrived on a quiet model: put back what runs beyond the busy cap."""
+    def kv_full(self, model: str) -> bool:
+        usage = self.kv_usage(model)
+        return usage is not None and usage >= self.cfg.llm_kv_usage_below
+
+    def preempt(self, model: str, keep: int | None = None) -> None:
+        """An interactive request arrived on a quiet model: put back what runs beyond the busy cap
+        (or beyond `keep`)."""
         self.window.pop(model, None)
         running = self.running.get(model, {})
-        extra = len(running) - self.cfg.busy_lines // max(1, self.workers)
+        extra = len(running) - (self.cfg.busy_lines // max(1, self.workers) if keep is None else keep)
         for task, preemptions in list(running.values()):
             if extra <= 0:
                 break
@@ -159,6 +172,8 @@ class BatchWorker:
             for model in busy - self.remote_busy - {m for m in busy if self.traffic.busy(m, self.cfg.quiet_s)}:
                 self.preempt(model)  # another router replica serves it now
             self.remote_busy = busy
+            for model in [m for m, lines in self.running.items() if lines and self.kv_full(m)]:
+                self.preempt(model, keep=0)  # its KV cache is wanted by interactive work
         if now >= self._advance_at:
             self._advance_at = now + HEARTBEAT_S
             for batch_id in await asyncio.to_thread(self.store.advance, self.id, now, self.cfg.lease_s):

@@ -80,6 +80,15 @@ class GatewayConfig(StrictConfig):
         "paths are from the project root"
     )
 
+    @field_validator("deployment")
+    @classmethod
+    def _router_deployment(cls, v: DeploymentSettings) -> DeploymentSettings:
+        if v.max_queued_tokens is not None:
+            raise ValueError("max_queued_tokens applies to llm models, not the router")
+        if v.autoscaling_config is not None and v.autoscaling_config.policy == "tokens":
+            raise ValueError("autoscaling_config.policy 'tokens' applies to llm models; the router scales on requests")
+        return v
+
     @field_validator("limits_store")
     @classmethod
     def _store_uri(cls, v: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from serve_app.autoscaling.config import AutoscalingSettings
 from serve_app.config.lora import OWNED_ENGINE_KWARGS as LORA_KWARGS
 from serve_app.config.lora import LoraSettings, adapter_forms
 from serve_app.config_base import REPO_ROOT, StrictConfig
@@ -37,26 +38,6 @@ class EngineKind(str, Enum):
     transformers = "transformers"
 
 
-class AutoscalingSettings(StrictConfig):
-    """Subset of Serve's autoscaling_config that we validate and pass through."""
-
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    initial_replicas: int | None = Field(None, ge=0)
-    target_ongoing_requests: float | None = Field(
-        None, gt=0, description="default: half of what one replica batches (max_num_seqs / max_batch_size)"
-    )
-    upscale_delay_s: float = Field(30.0, ge=0)
-    downscale_delay_s: float = Field(600.0, ge=0)
-    look_back_period_s: float = Field(30.0, gt=0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "AutoscalingSettings":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must be <= max_replicas")
-        return self
-
-
 class ActorResources(StrictConfig):
     """What one replica reserves from Ray (the TP workers' GPUs are added by the builder)."""
 
@@ -66,6 +47,7 @@ class ActorResources(StrictConfig):
     resources: dict[str, float] = Field(default_factory=dict)
 
 
+QUEUED_TOKENS_PER_REPLICA = 65_536
 ROUTER_GRACE_S = 300.0
 MODEL_GRACE_S = 20.0
 
@@ -77,6 +59,10 @@ class DeploymentSettings(StrictConfig):
     autoscaling_config: AutoscalingSettings | None = None
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=-1, description="-1 = unbounded (not recommended)")
+    max_queued_tokens: int | None = Field(
+        None, ge=1, description="llm: prompt tokens the router lets wait for their first token, all replicas together; "
+        f"beyond it a 503 with a Retry-After from the measured drain rate. Unset: {QUEUED_TOKENS_PER_REPLICA:,} per replica "
+        "(max_replicas). A request bigger than the bound still runs when nothing waits")
     ray_actor_options: ActorResources = Field(default_factory=ActorResources)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
@@ -207,6 +193,11 @@ class ModelConfig(StrictConfig):
             raise ValueError("routing applies to llm models only; encoders are batched, not routed by prefix")
         if self.kind is not ModelKind.llm and self.migration != MigrationSettings():
             raise ValueError("migration applies to llm models only; encoder requests are retried whole")
+        auto = self.deployment.autoscaling_config
+        if auto is not None and self.kind is not ModelKind.llm and auto.policy == "tokens":
+            raise ValueError("deployment.autoscaling_config.policy 'tokens' applies to llm models (encoders report no KV cache)")
+        if self.deployment.max_queued_tokens is not None and self.kind is not ModelKind.llm:
+            raise ValueError("deployment.max_queued_tokens applies to llm models; encoders are bounded by max_queued_requests")
         if self.lora is not None and self.kind is not ModelKind.llm:
             raise ValueError("lora applies to llm models only")
         if self.kind is ModelKind.llm and self.batching is not None:
@@ -287,6 +278,11 @@ class ModelConfig(StrictConfig):
         if self.routing.policy:
             return self.routing.policy
         return "cache_aware" if self.max_replicas >= 2 else "power_of_two"
+
+    @property
+    def queued_tokens_bound(self) -> int:
+        """llm: prompt tokens that may wait for their first token (serve_app/autoscaling/queue.py)."""
+        return self.deployment.max_queued_tokens or QUEUED_TOKENS_PER_REPLICA * self.max_replicas
 
     @property
     def capacity(self) -> int:

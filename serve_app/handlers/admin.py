@@ -104,7 +104,8 @@ class AdminHandlers:
         """Every model → every replica, with health, circuit and autoscaling (admin only with keys)."""
         ctx = self.ctx
         ctx.tenancy.require_admin(request)
-        view = await status_view(ctx.gateway, ctx.models, ctx.dispatch.breakers, ctx.events)
+        view = await status_view(ctx.gateway, ctx.models, ctx.dispatch.breakers, ctx.events,
+                                 ctx.dispatch.queue, ctx.cold_start.waited_s)
         view["quota_store"] = ctx.tenancy.admission.store.describe()  # this router replica's view of it
         view["batches"] = await self._batch_progress()
         return JSONResponse(view)

@@ -64,7 +64,7 @@ class LLMHandlers:
         if env.stream:
             return await self._stream(request, model, api, data, rid, env.estimated_prompt_tokens(), env.n or 1)
         served, result = await ctx.dispatch.run(base, lambda h, left: call_replica(h.create.remote(api, data, rid), left),
-                                                fallbacks=base == model)
+                                                fallbacks=base == model, prompt_tokens=env.estimated_prompt_tokens())
         use = result.body.get("usage") or {}
         stories.note(engine=getattr(result, "engine", None))  # an older replica (rolling update) sends none
         ctx.tenancy.served(request, _counted_as(model, base, served), use.get("prompt_tokens") or 0,
@@ -101,7 +101,7 @@ class LLMHandlers:
 
         stories.note(stream=True)
         # No fallback model serves an adapter: another model's answer would pass for the fine-tune's.
-        answered, (stream, first) = await ctx.dispatch.run(base, open_stream, fallbacks=base == model)
+        answered, (stream, first) = await ctx.dispatch.run(base, open_stream, fallbacks=base == model, prompt_tokens=prompt_estimate)
         registry.first_token(rid, data)  # the prefill is done: the cost-aware router stops counting the prompt
         served = _counted_as(model, base, answered)
         if answered != base:  # a fallback's stream continues only on the fallback (its tokenizer, its rules)

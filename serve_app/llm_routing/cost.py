@@ -73,6 +73,7 @@ class ReplicaLoad:
     running: int = 0
     waiting: int = 0
     outstanding_tokens: int = 0  # tokens of the requests it holds not yet computed (outstanding_work), all routers'
+    prompt_tokens_waiting: int = 0  # of which prompts not yet prefilled (the router's token queue reads them)
     prefix_queries: int = 0  # vLLM's prefix-cache counters since the replica started, in tokens
     prefix_hits: int = 0
     reported_at: float = 0.0  # the replica's clock: tells a new report from the one seen before

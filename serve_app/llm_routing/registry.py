@@ -53,6 +53,19 @@ def first_token(request_id: str, body: dict[str, Any]) -> None:
             pass
 
 
+def replica_loads(deployment: str) -> dict[str, ReplicaLoad] | None:
+    """The model's replicas' last reports as this router replica's request router holds them
+    (None: not routed by the cost-aware router here, or nothing routed yet)."""
+    model = models.get(deployment)
+    return dict(model.loads) if model is not None and model.loads else None
+
+
+def reported_waiting(deployment: str) -> int | None:
+    """Prompt tokens every router's requests wait with on the model's replicas, as they reported."""
+    loads = replica_loads(deployment)
+    return None if loads is None else sum(load.prompt_tokens_waiting for load in loads.values())
+
+
 def routing_view(deployment: str) -> dict[str, dict[str, Any]]:
     """Per replica, what this router replica predicted: prompt tokens sent there and the share of
     them it expected cached (beside which the status view puts vLLM's actual hit rate)."""

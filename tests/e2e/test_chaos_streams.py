@@ -234,7 +234,7 @@ def test_a_redeploy_of_the_llm_while_eight_streams_run_loses_none(stack, http):
 def test_a_redeploy_to_one_replica_while_eight_streams_run_moves_the_stopped_replicas_streams(stack, http):
     """num_replicas 2 -> 1 while both may stream (the model's config changed, so Serve replaces its
     replicas too): streams still running past a stopped replica's 2 s grace continue elsewhere.
-    Last in the module: it leaves the app at one replica."""
+    It leaves the app at one replica."""
     _both_up(http)
     run = f"down-{uuid.uuid4().hex[:8]}"
     one = streams_app()
@@ -244,3 +244,53 @@ def test_a_redeploy_to_one_replica_while_eight_streams_run_moves_the_stopped_rep
     moved = wait_for(lambda: _moved(http, run) or None, 30, "the moved streams' stories")
     assert all(m["outcome"] == "continued" for m in moved), moved
     print(f"redeploy to one replica: {len(moved)} continuations over {len({m['lost_replica'] for m in moved})} stopped replica(s), 8 streams")
+
+
+def _serve_running() -> int:
+    return serve.status().applications[APP].deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
+
+
+def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_to_zero(stack, http):
+    """The token policy on the real stack: min 0, max 2, started at 1. Three long prompts at a time
+    (ongoing requests never reach Serve's default target of 8: max_num_seqs 16 / 2) add a replica;
+    idleness takes both away; the next request waits for a replica and gets its answer. Last in
+    the module: it leaves the app at zero replicas."""
+    auto = streams_app()
+    dep = auto["models"][0]["deployment"]
+    del dep["num_replicas"]
+    dep["autoscaling_config"] = {"min_replicas": 0, "max_replicas": 2, "initial_replicas": 1, "upscale_delay_s": 0,
+                                 "downscale_delay_s": 5, "look_back_period_s": 2, "ttft_target_s": 0.5}
+    auto["gateway"]["cold_start_timeout_s"] = 240
+    deploy({**all_apps(stack), APP: auto})
+    wait_for(lambda: _serve_running() == 1, 300, "one running replica on the token policy")
+    filler = "the quick brown fox jumps over the lazy dog " * 160  # ~1,450 tokens, under max_input_tokens 2,048
+    stop, peak = time.time() + 240, [0]
+
+    def load(i: int) -> None:
+        with httpx.Client(base_url=f"{stack.base}/{APP}", timeout=300) as c:
+            while time.time() < stop and _serve_running() < 2:
+                body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": f"{uuid.uuid4().hex} {filler}"}]}
+                r = c.post("/v1/chat/completions", json=body)  # a fresh prefix each: nothing comes from the cache
+                assert r.status_code == 200, r.text
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        list(pool.map(load, range(3)))
+    assert _serve_running() == 2, "the long-prompt load did not add a replica"
+    scaling = http.get("/v1/status").json()["models"][MODEL]["scaling"]
+    up = [c for c in scaling["recent_changes"] if c["action"] == "up"]
+    assert scaling["policy"] == "tokens" and up, scaling
+    assert any(w in up[-1]["reason"] for w in ("drain", "demand", "KV-cache", "waiting")), up[-1]
+    assert scaling["load_s"] and scaling["load_s"] > 1, scaling  # the replicas' own load time
+    print(f"scaled up: {up[-1]['reason']} (terms {up[-1]['terms']})")
+
+    wait_for(lambda: _serve_running() == 0 and not serve.status().applications[APP].deployments[DEPLOYMENT].replica_states,
+             240, "idleness to scale the LLM down to zero")
+    downs = [c["reason"] for c in http.get("/v1/status").json()["models"][MODEL]["scaling"]["recent_changes"] if c["action"] == "down"]
+    assert any("no work at all" in d for d in downs), downs
+    t0 = time.time()
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    cold = time.time() - t0
+    assert _serve_running() == 1 and cold > 2  # it waited for a start, and got its answer
+    assert http.get("/v1/status").json()["models"][MODEL]["scaling"]["last_cold_start_wait_s"] > 2
+    print(f"scaled to zero and back: the first request was answered after a {cold:.0f} s cold start; downs: {downs}")
