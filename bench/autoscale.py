@@ -7,6 +7,10 @@ at a time: past Serve's default target of 8 ongoing, little prefill) and a burst
 prompts (3 at a time, ~1,450 unique tokens each: under that target, all prefill), with quiet gaps.
 Measured: time to first token of every request (p50, p99; and of the long prompts alone), and
 replica-seconds held (every replica Serve lists, starting ones included, sampled each second).
+
+Each replica gets one core (`OMP_NUM_THREADS=1`, threads not pinned): a replica is a unit of
+compute, as a GPU replica is. With serve_config.yaml's "0-1" binding every replica would share the
+same two cores, and a second replica could only slow the first (measured: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ def autoscale_bursts(base: str, policy: str, deploy) -> dict:
     dep = {k: v for k, v in entry["deployment"].items() if k not in ("num_replicas", "autoscaling_config")}
     dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "policy": policy, "upscale_delay_s": 0,
                                  "downscale_delay_s": 10, "look_back_period_s": 2}
-    deploy([{**entry, "deployment": dep}])
+    env = dict(entry.get("engine_env") or {})
+    if any(k.startswith("VLLM_CPU") for k in env):  # the CPU profile (a GPU config's replicas bring their own GPU)
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
+    deploy([{**entry, "engine_env": env, "deployment": dep}])
     model = entry["name"]
     deployment = "llm-" + model.replace(".", "_")
     held: list[int] = []
@@ -89,7 +96,9 @@ def autoscale_bursts(base: str, policy: str, deploy) -> dict:
     done.set()
     sampler.join()
     every = ttft["chat"] + ttft["long"]
-    return {
+    from bench.stack import serve_rooms
+
+    return {"code": serve_rooms()[1],
         "policy": policy, "wall_s": round(wall, 1), "replica_seconds": float(sum(held)), "max_replicas_held": max(held),
         "requests": len(every), "errors": errors,
         "ttft_p50_ms": _q(every, 0.5), "ttft_p99_ms": _q(every, 0.99),

@@ -201,7 +201,8 @@ class LLMServer(MonitoredReplica):
     def _load(self) -> dict[str, Any]:
         engine = getattr(self, "engine", None)  # a status report may come before the engine exists
         load = engine.load.snapshot() if engine is not None and engine.load is not None else {}
-        return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0),
+        rate = engine.load.rates(time.time())["prefill_tokens_per_s"] if load else 0.0
+        return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0), "prefill_tokens_per_s": rate,
                 "prompt_tokens_waiting": max(0, getattr(self, "prompt_tokens_waiting", 0)), "reported_at": time.time()}
 
     def _snapshot(self) -> dict[str, Any]:

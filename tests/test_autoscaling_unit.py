@@ -183,24 +183,46 @@ def test_the_serve_policy_reads_the_replicas_custom_metrics_and_keeps_its_decisi
 
 def test_the_board_keeps_the_last_decision_and_each_change_once_and_the_load_time_after_the_replica(monkeypatch):
     """A decision repeated each tick while Serve's delay runs is one change; the controller tells
-    the board at a change and every REPORT_EVERY_S; the board keeps the replicas' load time."""
+    the board at a change and every REPORT_EVERY_S, from a thread of its own, looking the board up
+    by name (never creating it); the board keeps the replicas' load time."""
+    import concurrent.futures
+
     from deployments import status_board
     from serve_app.autoscaling import serve_policy
 
     board = status_board.StatusBoard.__ray_actor_class__()
-    sent = []
-    monkeypatch.setattr(serve_policy.status_board, "call", lambda app, method, *a: sent.append(a) or getattr(board, method)(*a))
+    sent, looked_up = [], []
+
+    class Ref:
+        def __init__(self, value):
+            self.value = value
+
+        def future(self):
+            f = concurrent.futures.Future()
+            f.set_result(self.value)
+            return f
+
+    class Handle:
+        class autoscaled:
+            @staticmethod
+            def remote(model, decision):
+                sent.append(decision)
+                return Ref(board.autoscaled(model, decision))
+
+    monkeypatch.setattr(serve_policy.ray, "get_actor", lambda name, namespace: looked_up.append((name, namespace)) or Handle())
     policy = serve_policy.LlmTokenPolicy(model="chat", **dataclasses.asdict(T))
-    hot = {"kv_usage": [0.99], "prefill_tokens_per_s": [1000]}
-    for kv in (0.99, 0.97, 0.95):  # wants 2 each tick, with a changing reason
-        ctx = serve_context(1, 1, {**hot, "kv_usage": [kv]}, requests=1)
+
+    def tick(ctx):
         ctx.app_name = "app"
         policy(ctx)
-    assert len(sent) == 1  # told once
-    ctx = serve_context(2, 2, {"kv_usage": [0.5, 0.5], "prefill_tokens_per_s": [1000, 1000]}, requests=1)
-    ctx.app_name = "app"
-    policy(ctx)  # a hold: told too, since it changed
-    board.autoscaled("chat", {**sent[0][1], "at": sent[0][1]["at"] + 5})  # the same decision again, re-sent
+        policy._sender.submit(lambda: None).result()  # what the sender thread had to send is sent
+
+    for kv in (0.99, 0.97, 0.95):  # wants 2 each tick, with a changing reason
+        tick(serve_context(1, 1, {"kv_usage": [kv], "prefill_tokens_per_s": [1000]}, requests=1))
+    assert len(sent) == 1 and looked_up == [("status_board::app", "serve_app")]  # told once, found by name
+    tick(serve_context(2, 2, {"kv_usage": [0.5, 0.5], "prefill_tokens_per_s": [1000, 1000]}, requests=1))
+    assert len(sent) == 2 and sent[1]["action"] == "hold"  # a change: told too
+    board.autoscaled("chat", {**sent[0], "at": sent[0]["at"] + 5})  # the same up again, re-sent: not a new change
     board.post("chat", "r1", {"load_s": 41.5, "kv_usage": 0.2})
     state = board.scaling_state()["chat"]
     assert [c["action"] for c in state["changes"]] == ["up"] and state["last"]["action"] == "up"
@@ -244,7 +266,8 @@ def test_config_sends_llms_to_the_token_policy_and_keeps_serves_default_availabl
     assert model_deployment(cfg.models[0])._deployment_config.autoscaling_config.policy.is_default_policy_function()
     cfg = parse_app_config({"models": [model("embed")]})  # encoders: Serve's default
     assert model_deployment(cfg.models[0])._deployment_config.autoscaling_config.policy.is_default_policy_function()
-    for bad, words in ((model("embed", policy="tokens"), "applies to llm"), (model(policy="requests", kv_cache_target=0.5), "apply to policy 'tokens'"),
+    for bad, words in ((model("embed", policy="tokens"), "applies to llm"), (model("embed", ttft_target_s=1), "applies to llm"),
+                       (model(policy="requests", kv_cache_target=0.5), "apply to policy 'tokens'"),
                        (model(kv_cache_target=1.5), "kv_cache_target")):
         with pytest.raises(ConfigError, match=words):
             parse_app_config({"models": [bad]})
@@ -261,31 +284,39 @@ def test_config_sends_llms_to_the_token_policy_and_keeps_serves_default_availabl
 def test_the_token_queue_refuses_past_its_bound_with_a_retry_after_from_the_measured_drain_rate():
     now = [100.0]
     q = TokenQueue({"chat": 10_000}, clock=lambda: now[0])
-    q.enter("chat", 6000)
-    q.enter("chat", 3000)
+    q.enter("chat", 5000)
+    q.enter("chat", 4000)
     with pytest.raises(Overloaded) as err:
         q.enter("chat", 4000)  # 13,000 > 10,000; no rate measured yet: a short guess
     assert err.value.retry_after == 2 and "9,000 prompt tokens waiting" in err.value.message
     now[0] += 3
-    q.leave("chat", 6000, drained=True)  # 6,000 tokens left the queue in 3 s: 2,000 tokens/s
+    q.leave("chat", 5000, drained=True)  # 5,000 tokens left the queue in 3 s of it not being empty
+    assert q.drain_rate("chat") == pytest.approx(5000 / 3)
     now[0] += 0.1
-    q.enter("chat", 3000)  # 6,000 waiting
+    q.enter("chat", 5000)  # 9,000 waiting
     with pytest.raises(Overloaded) as err:
-        q.enter("chat", 9000)  # 5,000 over: 2.5 s at 2,000 tokens/s
-    assert err.value.retry_after == 3 and q.drain_rate("chat") == 2000  # ceil(2.5 s)
-    q.leave("chat", 3000, drained=False)
-    q.leave("chat", 3000, drained=True)
-    q.enter("chat", 50_000)  # nothing waits: a request over the bound still runs
-    assert q.queued("chat") == 50_000
+        q.enter("chat", 5000)  # 4,000 over: 2.4 s at 1,667 tokens/s
+    assert err.value.retry_after == 3
+    q.leave("chat", 4000, drained=False)
+    q.leave("chat", 5000, drained=True)
+    q.enter("chat", 50_000)  # nothing waits: a request over the bound still runs, counted as half the bound
+    assert q.queued("chat") == 5000
+    q.enter("chat", 4000)  # and others still pass beside it
+    with pytest.raises(Overloaded):
+        q.enter("chat", 2000)
+    q.leave("chat", 50_000, drained=True)
+    q.leave("chat", 4000, drained=True)
+    assert q.queued("chat") == 0
     q.enter("embed-model", 10**9)  # a model without a bound is not counted
 
 
-def test_the_token_queue_takes_every_routers_reports_when_they_say_more():
-    reported = {"chat": 9000}
+def test_the_token_queue_takes_every_routers_reports_and_their_rate_when_they_say_more():
+    reported = {"chat": (9000, 1000.0)}
     q = TokenQueue({"chat": 10_000}, reported=lambda m: reported.get(m))
-    with pytest.raises(Overloaded):
-        q.enter("chat", 2000)  # this router holds nothing, the replicas report 9,000 from others
-    reported["chat"] = 0
+    with pytest.raises(Overloaded) as err:
+        q.enter("chat", 4000)  # this router holds nothing, the replicas report 9,000 from others
+    assert err.value.retry_after == 3  # 3,000 over at the replicas' 1,000 tokens/s
+    reported["chat"] = (0, 1000.0)
     q.enter("chat", 2000)
 
 
@@ -319,7 +350,7 @@ def test_a_full_token_queue_sends_the_request_to_the_fallback_and_a_503_says_whe
 
 # --- batches on spare KV cache ---------------------------------------------------------------------
 
-def test_llm_batch_lines_run_only_on_spare_kv_cache_and_yield_first(tmp_path):
+def test_llm_batch_lines_run_only_on_spare_kv_cache_and_yield_it_first_to_interactive_work(tmp_path):
     from serve_app.batches.traffic import Traffic
     from serve_app.batches.worker import BatchWorker
     from serve_app.config import BatchConfig
@@ -331,19 +362,27 @@ def test_llm_batch_lines_run_only_on_spare_kv_cache_and_yield_first(tmp_path):
         store = stored_batch(tmp_path, content, "/v1/chat/completions")
         kv = {"chat": 0.9}
         cfg = config(keys=[])
-        worker = BatchWorker(store, BatchConfig(), {m.name: m for m in cfg.models}, Traffic(), never_done,
+        # busy_lines 4: the busy rule alone would keep every line running beside interactive work
+        worker = BatchWorker(store, BatchConfig(busy_lines=4), {m.name: m for m in cfg.models}, Traffic(), never_done,
                              worker_id="w", kv_usage=kv.get)
         await worker._tick()
         await worker._tick()
         assert not worker.running.get("chat")  # 90% KV use: no line starts
         kv["chat"] = 0.2
         await worker._tick()
-        assert len(worker.running.get("chat", {})) >= 1  # spare KV: lines run
-        kv["chat"] = 0.75  # the cache fills with interactive work (no request seen by this router)
+        await worker._tick()
+        running = len(worker.running.get("chat", {}))
+        assert running >= 1  # spare KV: lines run
+        kv["chat"] = 0.75  # full, but only batch work on the model: its lines go on, no new one starts
+        worker._beat_at = 0
+        await worker._tick()
+        await asyncio.sleep(0.1)
+        assert len(worker.running.get("chat", {})) == running
+        store.heartbeat("other-router", time.time(), [("chat", time.time())])  # interactive work, another router
         worker._beat_at = 0
         await worker._tick()
         await asyncio.sleep(0.3)
-        assert not worker.running.get("chat")  # put back: batches yield first
+        assert not worker.running.get("chat")  # put back: batches give the KV cache back first
         with store.engine.begin() as conn:
             from sqlalchemy import text
 
@@ -388,24 +427,31 @@ def test_a_cold_start_past_its_bound_says_how_long_a_start_takes_here():
 
 # --- the replica's measurements ----------------------------------------------------------------------
 
-def test_the_replica_measures_its_prefill_rate_over_busy_steps_and_its_recent_ttft():
+def test_the_replica_measures_its_prefill_rate_over_prefill_time_and_its_recent_ttft():
     from deployments.engines.vllm_load import EngineLoad
 
     cfg = SimpleNamespace(cache_config=SimpleNamespace(block_size=16, num_gpu_blocks=100))
     load = EngineLoad(cfg)
 
-    def step(at, computed, ttfts=(), running=1, waiting=0):
+    def step(at, computed=0, generated=0, ttfts=(), running=1, waiting=0, outputs=True):
         it = SimpleNamespace(iteration_timestamp=at, prompt_token_stats=SimpleNamespace(computed=computed),
-                             time_to_first_tokens_iter=list(ttfts), finished_requests=[])
+                             num_generation_tokens=generated, time_to_first_tokens_iter=list(ttfts), finished_requests=[])
         sched = SimpleNamespace(num_running_reqs=running, num_waiting_reqs=waiting, kv_cache_usage=0.5, prefix_cache_stats=None)
-        load.record(sched, it)
+        load.record(sched, it if outputs else None)
 
-    step(1000.0, 4000)  # after idle: not measured (its start is unknown)
-    step(1000.5, 1000, ttfts=[0.4])  # 1,000 tokens in 0.5 s of work
-    step(1001.0, 1000, ttfts=[0.9], running=0)  # the engine goes idle
-    step(1030.0, 2000, ttfts=[0.1])  # 29 s later: the idle gap is not work, and not measured
+    step(1000.0, 4000, 1)  # after idle: not measured (its start is unknown)
+    step(1000.5, 1000, 0, ttfts=[0.4])  # 1,000 tokens in 0.5 s of prefill
+    for i in range(1, 11):
+        step(1000.5 + 0.1 * i, 0, 4)  # ten decode steps: no prefill time
+    with pytest.MonkeyPatch.context() as mp:  # a long prompt's chunks: steps without outputs, all prefill
+        for t in (1001.6, 1001.7):
+            mp.setattr(time, "time", lambda t=t: t)
+            step(t, outputs=False)
+    step(1001.8, 1500, 2, ttfts=[0.9], running=0)  # its last chunk: 3 x 0.1 s for 1,500 tokens (2 generated beside)
+    step(1030.0, 2000, 1, ttfts=[0.1])  # 28 s later: the idle gap is not work, and not measured
     rates = load.rates(1030.0)
-    assert rates["prefill_tokens_per_s"] == 2000.0  # 2,000 tokens over 1 s busy
+    last = 0.1 * 1500 / 1502
+    assert rates["prefill_tokens_per_s"] == round(2500 / (0.5 + 0.2 + last), 1)
     assert rates["prompt_tokens_per_s"] == round(2000 / 15, 1)  # every step's tokens over the last 15 s
     assert rates["ttft_s"] == 0.1  # only the last 15 s count
     assert load.rates(1200.0) == {"prompt_tokens_per_s": 0.0, "prefill_tokens_per_s": 0.0, "ttft_s": 0.0}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -46,8 +47,9 @@ class EngineLoad(StatLoggerBase):
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
         for done in getattr(iteration_stats, "finished_requests", None) or ():
             self._finished(done)
-        if iteration_stats is not None:
-            self._measure(iteration_stats)
+        # vLLM makes iteration stats only for steps with outputs: a prefill chunk's step has none
+        now = float(getattr(iteration_stats, "iteration_timestamp", 0.0) or 0.0) or time.time()
+        self._step(now, iteration_stats)
         if scheduler_stats is None:
             return
         with self._lock:
@@ -59,12 +61,17 @@ class EngineLoad(StatLoggerBase):
                 self.prefix_queries += prefix.queries
                 self.prefix_hits += prefix.hits
 
-    def _measure(self, it: Any) -> None:
-        """Prompt tokens computed per second of engine work (the rate a prefill queue drains at:
-        the autoscaler's drain time, serve_app/autoscaling/policy.py), and engine-side TTFTs."""
-        now = float(getattr(it, "iteration_timestamp", 0.0) or 0.0)
+    def _step(self, now: float, it: Any) -> None:
+        """Prompt tokens computed per second of the engine's time spent prefilling (the rate a
+        prefill queue drains at: the autoscaler's drain time, serve_app/autoscaling/policy.py), and
+        engine-side TTFTs. A step's time counts from the last step while the scheduler held work
+        (a step after idle is not measured: its start is unknown here); a step without outputs (a
+        chunk of a long prefill) is all prefill, one with outputs is split by its tokens: prompt
+        tokens computed vs tokens generated. vLLM reports a prefill's tokens at its last chunk."""
         prompt = getattr(it, "prompt_token_stats", None)
         computed = int(getattr(prompt, "computed", 0) or 0)
+        generated = int(getattr(it, "num_generation_tokens", 0) or 0)
+        share = 1.0 if it is None else (computed / (computed + generated) if computed + generated else 0.0)
         with self._lock:
             busy = min(MAX_STEP_S, max(0.0, now - self._last_step)) if self._had_work and self._last_step else 0.0
             self._last_step = now
@@ -72,8 +79,8 @@ class EngineLoad(StatLoggerBase):
                 self._first_step = now
             if computed:
                 self._prefilled.append((now, computed))
-            if busy:  # a step after idle is not measured: its start (the request's arrival) is unknown here
-                self._work.append((now, computed, busy))
+            if busy:
+                self._work.append((now, computed, busy * share))
             self._ttfts.extend((now, t) for t in getattr(it, "time_to_first_tokens_iter", None) or ())
             while self._work and now - self._work[0][0] > RATE_WINDOW_S:
                 self._work.popleft()
@@ -84,7 +91,7 @@ class EngineLoad(StatLoggerBase):
 
     def rates(self, now: float) -> dict[str, float]:
         """Prompt tokens prefilled per second of wall clock over the last TTFT_WINDOW_S (the demand
-        met, recent enough that a scale-down follows the load's end), per second of engine work over
+        met, recent enough that a scale-down follows the load's end), per second of prefill work over
         the last RATE_WINDOW_S (the prefill rate; 0: none measured), and the recent TTFT p90."""
         with self._lock:
             work = [(tokens, busy) for at, tokens, busy in self._work if now - at <= RATE_WINDOW_S]

@@ -49,9 +49,12 @@ class AutoscalingSettings(StrictConfig):
     def _bounds(self) -> "AutoscalingSettings":
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be <= max_replicas")
-        if self.policy == "requests" and set(TOKEN_FIELDS) & self.model_fields_set:
-            raise ValueError(f"{sorted(set(TOKEN_FIELDS) & self.model_fields_set)} apply to policy 'tokens', not 'requests'")
+        if self.policy == "requests" and self.token_fields_set():
+            raise ValueError(f"{self.token_fields_set()} apply to policy 'tokens', not 'requests'")
         return self
+
+    def token_fields_set(self) -> list[str]:
+        return sorted(set(TOKEN_FIELDS) & self.model_fields_set)
 
     def resolved_policy(self, llm: bool) -> str:
         return self.policy or ("tokens" if llm else "requests")

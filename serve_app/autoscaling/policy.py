@@ -19,7 +19,8 @@ The recent TTFT is reported beside them, not acted on: a long prompt's own prefi
 shorter by more replicas, only the queue ahead of it is (the drain term).
 
 - pressure > 1: scale to ceil(n x pressure) (at most max), unless replicas are still starting:
-  then hold, since the new ones take load as soon as they are up (llm-d waits the same way);
+  then hold, since the new ones take load as soon as they are up (llm-d waits the same way); a
+  scale-down is still decided then (a replica that never comes up must not freeze the policy);
 - pressure x n/(n-1) < `scale_down_below`: one replica fewer (the policy's own estimate says the
   rest stay well inside every target); from 1 to 0 only with no work at all and min_replicas 0;
 - between: hold. The band from `scale_down_below` to 1 is the hysteresis; Serve's
@@ -106,8 +107,18 @@ def decide(running: int, target: int, signals: Sequence[ReplicaSignals], t: Targ
         want = bound(max(target, 1 if requests > 0 else 0))
         return Decision(want, _action(want, target), "no replica running: "
                         + ("a request waits, start one" if requests > 0 else "nothing asked"), None, {})
-    if target > running:
-        return Decision(target, "hold", f"waiting for {target - running} starting replica(s) before deciding again", None, {})
+    if target > running:  # replicas starting: no scale-up before they take load; a scale-down still may
+        d = _decide_running(running, signals, t, bound, max_replicas, min_replicas, requests, target_ongoing_requests)
+        if d.action == "down":
+            return d
+        return Decision(target, "hold", f"waiting for {target - running} starting replica(s) before scaling up again "
+                        f"({d.reason})", d.pressure, d.terms)
+    return _decide_running(running, signals, t, bound, max_replicas, min_replicas, requests, target_ongoing_requests)
+
+
+def _decide_running(running: int, signals: Sequence[ReplicaSignals], t: Targets, bound, max_replicas: int,
+                    min_replicas: int, requests: float, target_ongoing_requests: float) -> Decision:
+    """The decision on the replicas that run now."""
     if not signals:
         want = bound(math.ceil(requests / target_ongoing_requests)) if requests else bound(running)
         return Decision(want, _action(want, running), f"no token signals reported yet: by requests ({requests:g} ongoing)", None, {})

@@ -7,9 +7,11 @@ answer (a whole reply), and reads what the replicas report as waiting from every
 (`prompt_tokens_waiting` in the cost-aware router's stats, 2 s fresh; models on Serve's default
 router have only this router's count). A request that would take the larger of the two over the
 model's `queued_tokens_bound` gets a 503 `model_overloaded` (the next model in its fallback chain
-may take it) whose Retry-After is the time the excess needs to drain at the rate this router
-measured prompts leaving the queue. A request bigger than the bound runs when nothing waits, so a
-long context is slow, never refused forever.
+may take it) whose Retry-After is the time the excess needs to drain: at the replicas' reported
+prefill rate when the count is theirs, else at the rate this router measured prompts leaving its
+queue. One request counts at most half the bound, so a request bigger than the bound runs when
+nothing waits (a long context is slow, never refused forever) and does not shut out everyone else
+while it runs. Batch lines are not counted (the handler sends none): they run on spare capacity.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ UNKNOWN_RATE_RETRY_S = 2  # no prompt left the queue in the window yet: a short,
 
 
 class TokenQueue:
-    def __init__(self, bounds: dict[str, int], reported: Callable[[str], int | None] = lambda model: None,
+    def __init__(self, bounds: dict[str, int],
+                 reported: Callable[[str], tuple[int, float] | None] = lambda model: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """`reported(model)`: (prompt tokens waiting, prefill tokens/s) summed over its replicas'
+        last reports, every router's requests included (None: no reports here)."""
         self.bounds, self.reported, self.clock = bounds, reported, clock
         self.waiting: collections.Counter[str] = collections.Counter()  # model -> prompt tokens (this router's)
         # model -> (when, prompt tokens drained, seconds the queue was not empty since the last such entry)
@@ -39,16 +44,28 @@ class TokenQueue:
     def queued(self, model: str) -> int:
         """Prompt tokens waiting on the model: this router's, or every router's as its replicas last
         reported, whichever is more (the reports miss requests still queued at the handle)."""
-        return max(self.waiting[model], self.reported(model) or 0)
+        return self._queued(model)[0]
+
+    def _queued(self, model: str) -> tuple[int, float]:
+        """(tokens waiting, the rate they drain at)."""
+        mine, reported = self.waiting[model], self.reported(model)
+        if reported is not None and reported[0] > mine and reported[1] > 0:
+            return reported[0], reported[1]
+        return mine, self.drain_rate(model)
+
+    def counted(self, model: str, tokens: int) -> int:
+        """What one request weighs in the queue: its prompt, at most half the bound."""
+        bound = self.bounds.get(model)
+        return 0 if bound is None else min(tokens, max(1, bound // 2))
 
     def enter(self, model: str, tokens: int) -> None:
         bound = self.bounds.get(model)
         if bound is None:
             return
-        queued = self.queued(model)
-        if queued and queued + tokens > bound:
-            excess = queued + tokens - bound
-            rate = self.drain_rate(model)
+        queued, rate = self._queued(model)
+        weight = self.counted(model, tokens)
+        if queued and queued + weight > bound:
+            excess = queued + weight - bound
             wait = math.ceil(excess / rate) if rate else UNKNOWN_RATE_RETRY_S
             raise Overloaded(
                 f"model '{model}' has {queued:,} prompt tokens waiting for their first token; this request's "
@@ -56,7 +73,7 @@ class TokenQueue:
                 retry_after=max(1, min(MAX_RETRY_AFTER_S, wait)))
         if not self.waiting[model]:
             self._since[model] = self.clock()
-        self.waiting[model] += tokens
+        self.waiting[model] += weight
 
     def leave(self, model: str, tokens: int, drained: bool) -> None:
         """The request's prompt left the queue: prefilled (`drained`, counted in the rate) or given up."""
@@ -64,7 +81,7 @@ class TokenQueue:
             return
         now = self.clock()
         busy = now - self._since.get(model, now)
-        self.waiting[model] -= tokens
+        self.waiting[model] -= self.counted(model, tokens)
         if self.waiting[model] <= 0:
             del self.waiting[model]
             self._since.pop(model, None)
@@ -97,5 +114,6 @@ class TokenQueue:
 
     def view(self, model: str) -> dict[str, float | int | None]:
         """For /v1/status: what this router counts, what the replicas report, the bound and the rate."""
-        return {"waiting_prompt_tokens": self.waiting[model], "reported_prompt_tokens": self.reported(model),
+        reported = self.reported(model)
+        return {"waiting_prompt_tokens": self.waiting[model], "reported_prompt_tokens": reported[0] if reported else None,
                 "bound": self.bounds.get(model), "drain_tokens_per_s": round(self.drain_rate(model), 1)}

@@ -10,8 +10,9 @@ How much it runs, per model (each worker takes its share; the store counts live 
   (cancelled and put back, not counted as a try; at most MAX_PREEMPTIONS times per line, so
   a batch cannot starve on a model that is never quiet for a whole line);
 - an LLM whose replicas' KV cache is full (mean use, as they report it, at or above
-  `llm_kv_usage_below`): none, and lines running on it are preempted: batch work only takes
-  spare KV cache, and is the first to give it back.
+  `llm_kv_usage_below`): no new line; and while interactive requests use it (busy, above), every
+  line running on it is preempted, beyond `busy_lines`: batch work only takes spare KV cache and
+  is the first to give it back. (A quiet model's own lines filling its cache are not cancelled.)
 
 What a line's answer means for it:
 - 2xx: the output file; other 4xx: the error file, with the router's own error body;
@@ -93,7 +94,7 @@ class BatchWorker:
         m = self.models.get(model)
         if m is None:
             return UNKNOWN_MODEL_LINES
-        if self.kv_full(model):
+        if self.kv_full(model):  # no new line; those running stay unless interactive work wants the cache
             self.window.pop(model, None)
             return 0
         if self.traffic.busy(model, self.cfg.quiet_s) or model in self.remote_busy:
@@ -172,8 +173,9 @@ class BatchWorker:
             for model in busy - self.remote_busy - {m for m in busy if self.traffic.busy(m, self.cfg.quiet_s)}:
                 self.preempt(model)  # another router replica serves it now
             self.remote_busy = busy
-            for model in [m for m, lines in self.running.items() if lines and self.kv_full(m)]:
-                self.preempt(model, keep=0)  # its KV cache is wanted by interactive work
+            for model in [m for m, lines in self.running.items() if lines and self.kv_full(m)
+                          and (m in busy or self.traffic.busy(m, self.cfg.quiet_s))]:
+                self.preempt(model, keep=0)  # interactive work wants its KV cache: batches give it back first
         if now >= self._advance_at:
             self._advance_at = now + HEARTBEAT_S
             for batch_id in await asyncio.to_thread(self.store.advance, self.id, now, self.cfg.lease_s):

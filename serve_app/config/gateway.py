@@ -85,7 +85,7 @@ class GatewayConfig(StrictConfig):
     def _router_deployment(cls, v: DeploymentSettings) -> DeploymentSettings:
         if v.max_queued_tokens is not None:
             raise ValueError("max_queued_tokens applies to llm models, not the router")
-        if v.autoscaling_config is not None and v.autoscaling_config.policy == "tokens":
+        if v.autoscaling_config is not None and (v.autoscaling_config.policy == "tokens" or v.autoscaling_config.token_fields_set()):
             raise ValueError("autoscaling_config.policy 'tokens' applies to llm models; the router scales on requests")
         return v
 

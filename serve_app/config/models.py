@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from serve_app.autoscaling.config import AutoscalingSettings
+from serve_app.autoscaling.config import TOKEN_FIELDS, AutoscalingSettings
 from serve_app.config.lora import OWNED_ENGINE_KWARGS as LORA_KWARGS
 from serve_app.config.lora import LoraSettings, adapter_forms
 from serve_app.config_base import REPO_ROOT, StrictConfig
@@ -194,8 +194,9 @@ class ModelConfig(StrictConfig):
         if self.kind is not ModelKind.llm and self.migration != MigrationSettings():
             raise ValueError("migration applies to llm models only; encoder requests are retried whole")
         auto = self.deployment.autoscaling_config
-        if auto is not None and self.kind is not ModelKind.llm and auto.policy == "tokens":
-            raise ValueError("deployment.autoscaling_config.policy 'tokens' applies to llm models (encoders report no KV cache)")
+        if auto is not None and self.kind is not ModelKind.llm and (auto.policy == "tokens" or auto.token_fields_set()):
+            raise ValueError("deployment.autoscaling_config: the token policy (policy 'tokens', "
+                             f"{', '.join(TOKEN_FIELDS)}) applies to llm models; encoders report no KV cache")
         if self.deployment.max_queued_tokens is not None and self.kind is not ModelKind.llm:
             raise ValueError("deployment.max_queued_tokens applies to llm models; encoders are bounded by max_queued_requests")
         if self.lora is not None and self.kind is not ModelKind.llm:

@@ -26,6 +26,7 @@ from serve_app.handlers.context import Context
 from serve_app.http import json_response, request_id, sse_response
 from serve_app.llm_routing import registry
 from serve_app.metrics import RouterMetrics
+from serve_app.middleware import BATCH_SCOPE
 from serve_app.migration.eligibility import migration_refusal
 from serve_app.migration.track import Track
 from serve_app.replica_calls import with_deadline
@@ -64,7 +65,7 @@ class LLMHandlers:
         if env.stream:
             return await self._stream(request, model, api, data, rid, env.estimated_prompt_tokens(), env.n or 1)
         served, result = await ctx.dispatch.run(base, lambda h, left: call_replica(h.create.remote(api, data, rid), left),
-                                                fallbacks=base == model, prompt_tokens=env.estimated_prompt_tokens())
+                                                fallbacks=base == model, prompt_tokens=_queued(request, env.estimated_prompt_tokens()))
         use = result.body.get("usage") or {}
         stories.note(engine=getattr(result, "engine", None))  # an older replica (rolling update) sends none
         ctx.tenancy.served(request, _counted_as(model, base, served), use.get("prompt_tokens") or 0,
@@ -101,7 +102,8 @@ class LLMHandlers:
 
         stories.note(stream=True)
         # No fallback model serves an adapter: another model's answer would pass for the fine-tune's.
-        answered, (stream, first) = await ctx.dispatch.run(base, open_stream, fallbacks=base == model, prompt_tokens=prompt_estimate)
+        answered, (stream, first) = await ctx.dispatch.run(base, open_stream, fallbacks=base == model,
+                                                           prompt_tokens=_queued(request, prompt_estimate))
         registry.first_token(rid, data)  # the prefill is done: the cost-aware router stops counting the prompt
         served = _counted_as(model, base, answered)
         if answered != base:  # a fallback's stream continues only on the fallback (its tokenizer, its rules)
@@ -222,6 +224,12 @@ class LLMHandlers:
         served, result = await ctx.dispatch.run(
             base, lambda h, left: call_replica(getattr(h, method).remote(data), left), fallbacks=False)
         return json_response(result.body, result.replica)
+
+
+def _queued(request: Request, prompt_tokens: int) -> int:
+    """What the request weighs in its model's token queue: its prompt; a batch line nothing (it
+    runs on spare capacity and must not make interactive requests wait or be refused)."""
+    return 0 if BATCH_SCOPE in request.scope else prompt_tokens
 
 
 async def _first_item(stream: Any, left: float) -> StreamItem:

@@ -74,6 +74,7 @@ class ReplicaLoad:
     waiting: int = 0
     outstanding_tokens: int = 0  # tokens of the requests it holds not yet computed (outstanding_work), all routers'
     prompt_tokens_waiting: int = 0  # of which prompts not yet prefilled (the router's token queue reads them)
+    prefill_tokens_per_s: float = 0.0  # its measured prefill rate (the token queue's Retry-After)
     prefix_queries: int = 0  # vLLM's prefix-cache counters since the replica started, in tokens
     prefix_hits: int = 0
     reported_at: float = 0.0  # the replica's clock: tells a new report from the one seen before

@@ -60,10 +60,14 @@ def replica_loads(deployment: str) -> dict[str, ReplicaLoad] | None:
     return dict(model.loads) if model is not None and model.loads else None
 
 
-def reported_waiting(deployment: str) -> int | None:
-    """Prompt tokens every router's requests wait with on the model's replicas, as they reported."""
+def reported_waiting(deployment: str) -> tuple[int, float] | None:
+    """(prompt tokens every router's requests wait with on the model's replicas, the prefill rate
+    they measured), summed over their last reports."""
     loads = replica_loads(deployment)
-    return None if loads is None else sum(load.prompt_tokens_waiting for load in loads.values())
+    if loads is None:
+        return None
+    return (sum(load.prompt_tokens_waiting for load in loads.values()),
+            sum(load.prefill_tokens_per_s for load in loads.values()))
 
 
 def routing_view(deployment: str) -> dict[str, dict[str, Any]]:

@@ -285,8 +285,10 @@ def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_t
 
     wait_for(lambda: _serve_running() == 0 and not serve.status().applications[APP].deployments[DEPLOYMENT].replica_states,
              240, "idleness to scale the LLM down to zero")
-    downs = [c["reason"] for c in http.get("/v1/status").json()["models"][MODEL]["scaling"]["recent_changes"] if c["action"] == "down"]
-    assert any("no work at all" in d for d in downs), downs
+    changes = http.get("/v1/status").json()["models"][MODEL]["scaling"]["recent_changes"]
+    downs = [(c["replicas"], c["reason"]) for c in changes if c["action"] == "down"]
+    assert [n for n, _ in downs] == [1, 0], changes  # one step at a time: 2 -> 1 on the estimate, 1 -> 0 when idle
+    assert "estimated" in downs[0][1] and "no work at all" in downs[1][1], downs
     t0 = time.time()
     r = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
