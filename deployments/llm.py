@@ -23,6 +23,7 @@ from deployments.engines.vllm_openai import VLLMOpenAI, coalesce
 from deployments.health import MonitoredReplica
 from deployments.protocol import ModelCard, OpenAIResponse, Resume, StreamItem, stream_item
 from deployments.runtime import replica_info
+from serve_app.autoscaling.policy import SIGNALS
 from serve_app.config import ModelConfig
 from serve_app.errors import EngineFailure, InvalidRequest
 from serve_app.llm_routing.cost import outstanding_work
@@ -183,34 +184,31 @@ class LLMServer(MonitoredReplica):
         window for the token policy in the controller (serve_app/autoscaling/): vLLM's KV-cache use
         and scheduler queue, the prompt tokens this replica holds not yet prefilled, the prefill
         rate it measured, and its recent engine-side time to first token."""
-        stats = self._autoscaling()
+        stats = self._autoscaling(self._load())
         if stats:
             _waiting_gauge().set(stats["prompt_tokens_waiting"], tags={"model": self.cfg.name})
         return stats
 
-    def _autoscaling(self) -> dict[str, float]:
-        engine = getattr(self, "engine", None)
-        load = engine.load if engine is not None else None
-        if load is None:
-            return {}
-        snap = load.snapshot()
-        return {"kv_usage": float(snap["kv_usage"]), "waiting": float(snap["waiting"]), "running": float(snap["running"]),
-                "prompt_tokens_waiting": float(max(0, getattr(self, "prompt_tokens_waiting", 0))),
-                **load.rates(time.time())}
-
     def _load(self) -> dict[str, Any]:
+        """The engine's load (vLLM's scheduler and prefix-cache counters, the rates it measured) and
+        the work this replica holds: what the routers, the autoscaler and the status board read."""
         engine = getattr(self, "engine", None)  # a status report may come before the engine exists
-        load = engine.load.snapshot() if engine is not None and engine.load is not None else {}
-        rate = engine.load.rates(time.time())["prefill_tokens_per_s"] if load else 0.0
-        return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0), "prefill_tokens_per_s": rate,
-                "prompt_tokens_waiting": max(0, getattr(self, "prompt_tokens_waiting", 0)), "reported_at": time.time()}
+        now = time.time()
+        load = {**engine.load.snapshot(), **engine.load.rates(now)} if engine is not None and engine.load is not None else {}
+        return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0),
+                "prompt_tokens_waiting": max(0, getattr(self, "prompt_tokens_waiting", 0)), "reported_at": now}
+
+    @staticmethod
+    def _autoscaling(stats: dict[str, Any]) -> dict[str, float]:
+        """The token policy's signals out of `_load()` (none before the engine reports)."""
+        return {k: float(stats[k]) for k in SIGNALS} if "kv_usage" in stats else {}
 
     def _snapshot(self) -> dict[str, Any]:
         """The status board's row for this replica, with vLLM's actual prefix-cache hit rate."""
         stats = self._load()
         queries, hits = stats.get("prefix_queries", 0), stats.get("prefix_hits", 0)
         return {**super()._snapshot(), "kv_usage": stats.get("kv_usage"),
-                "autoscaling": self._autoscaling(),
+                "autoscaling": self._autoscaling(stats),
                 "prefix_cache": {"queried_tokens": queries, "hit_tokens": hits,
                                  "hit_rate": round(hits / queries, 4) if queries else None}}
 

@@ -38,6 +38,7 @@ RECENT_ALERTS = 50  # kept for /v1/status
 MIGRATED_IDS_KEPT = 20  # request ids named per lost replica (its alert names them)
 MIGRATED_REPLICAS_KEPT = 100  # lost replicas remembered, oldest forgotten first
 SCALING_KEPT = 20  # per model, the autoscaler's last decisions that changed something
+SAME_CHANGE_S = 60.0  # the same decision again within this long (re-sent while Serve's delay runs) is one change
 # A board whose app Serve has not listed for this long ends itself and its saved state: a deleted
 # app's board would otherwise ask the controller for every app's details each check period until
 # the cluster stops. (Long enough for a `serve deploy` that removes and re-adds the app.)
@@ -123,7 +124,7 @@ class StatusBoard:
             entry["last"] = dict(decision)
             last_change = entry["changes"][-1] if entry["changes"] else {}
             same = (last_change.get("replicas"), last_change.get("action")) == (decision.get("replicas"), decision.get("action"))
-            if decision.get("action") != "hold" and not (same and decision.get("at", 0) - last_change.get("at", 0) < 60):
+            if decision.get("action") != "hold" and not (same and decision.get("at", 0) - last_change.get("at", 0) < SAME_CHANGE_S):
                 entry["changes"] = [*entry["changes"], dict(decision)][-SCALING_KEPT:]
 
     def scaling_state(self) -> dict[str, dict[str, Any]]:

@@ -123,8 +123,6 @@ def _serve_options(d: DeploymentSettings, batch_capacity: int, grace_s: float = 
         "ray_actor_options": actor,
     }
     if d.autoscaling_config is not None:
-        # Serve's default target: half of what one replica batches at once (room for bursts
-        # without queueing behind a full batch); an LLM scales on tokens unless policy says requests.
         opts["autoscaling_config"] = d.autoscaling_config.serve_config(
             model, llm, max(1, min(batch_capacity, d.max_ongoing_requests) // 2))
     else:

@@ -107,8 +107,7 @@ class Router:
     def _kv_usage(self, model: str) -> float | None:
         """An LLM's replicas' mean KV-cache use as they last reported it to this router's request router."""
         m = self.models.get(model)
-        loads = registry.replica_loads(m.deployment_name) if m is not None and m.kind is ModelKind.llm else None
-        return sum(load.kv_usage for load in loads.values()) / len(loads) if loads else None
+        return registry.reported_kv_usage(m.deployment_name) if m is not None and m.kind is ModelKind.llm else None
 
     async def _run_line(self, endpoint: str, body: str, owner: str, rid: str) -> Answer:
         """One batch line through this router's own app, as its owner's key (by name, as stored)."""

@@ -51,7 +51,7 @@ class ReplicaSignals:
     running: float = 0.0
     prompt_tokens_waiting: float = 0.0  # prompt tokens of the requests it holds, not yet prefilled
     prompt_tokens_per_s: float = 0.0  # prompt tokens it prefilled per second of wall clock (the demand it met)
-    prefill_tokens_per_s: float = 0.0  # measured while busy; 0: not measured yet
+    prefill_tokens_per_s: float = 0.0  # per second of the engine's prefill time; 0: not measured yet
     ttft_s: float = 0.0  # engine-side time to first token of recent requests (p90); 0: none recently
 
     @classmethod
@@ -61,10 +61,12 @@ class ReplicaSignals:
 
 @dataclasses.dataclass(frozen=True)
 class Targets:
-    ttft_target_s: float = 2.0
-    kv_cache_target: float = 0.8
-    waiting_target: float = 5.0
-    scale_down_below: float = 0.5
+    """The model's `autoscaling_config` token fields (their defaults live there, in config.py)."""
+
+    ttft_target_s: float
+    kv_cache_target: float
+    waiting_target: float
+    scale_down_below: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,12 @@ def reported_waiting(deployment: str) -> tuple[int, float] | None:
             sum(load.prefill_tokens_per_s for load in loads.values()))
 
 
+def reported_kv_usage(deployment: str) -> float | None:
+    """The model's replicas' mean KV-cache use, as they last reported it (the batch worker's spare KV)."""
+    loads = replica_loads(deployment)
+    return None if loads is None else sum(load.kv_usage for load in loads.values()) / len(loads)
+
+
 def routing_view(deployment: str) -> dict[str, dict[str, Any]]:
     """Per replica, what this router replica predicted: prompt tokens sent there and the share of
     them it expected cached (beside which the status view puts vLLM's actual hit rate)."""
