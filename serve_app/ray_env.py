@@ -21,6 +21,12 @@ SERVE_ENV = {
     # ...except its log buffering (up to 1,000 request log lines per replica): a request id must be
     # findable in the logs at once. Buffering was worth only 1.06x.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    # A stopping router replica stays reachable this long before it refuses new connections (then
+    # drains its in-flight requests as before). Serve's 30 s floor is for cloud load balancers that
+    # address replicas themselves; ours are addressed only by each node's HAProxy, which the proxy
+    # reloads within a second of the change and which retries a refused connection elsewhere
+    # (RETRY_ON above). 30 s made every router rollout and `serve shutdown` wait 30 s per replica.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 
 # A single machine: every Ray listener on loopback, no usage stats, no token auth (shared/ENVIRONMENT.md).
