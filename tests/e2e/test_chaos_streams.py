@@ -1,7 +1,8 @@
 """Chaos for LLM streams (serve_app/migration/): two real SmolLM2 replicas on vLLM; the replica
 serving a stream is SIGKILLed after its first tokens and the stream continues on the other, token
 for token; a structured-output stream cut mid-object ends with the documented error event; a
-redeploy of the model while eight streams run loses none of them."""
+redeploy of the model while eight streams run loses none of them, nor does a scale-down in place;
+the token autoscaler adds a replica for long prompts and takes both away when idle."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import uuid
 import httpx
 import pytest
 from ray import serve
+from ray.serve.context import _get_global_client
 
+from deployments.serve_view import app_deployments
 from tests.e2e.conftest import all_apps, default_args, deploy, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -143,7 +146,9 @@ def test_a_killed_replicas_stream_continues_token_exact_on_the_other(stack, http
 
 
 def test_a_structured_stream_cut_mid_object_ends_with_the_documented_error_event(http):
-    _both_up(http)
+    # One running replica is enough: a structured stream is refused before any other replica is
+    # sought. (The replacement of the one killed above starts meanwhile, beside this one's.)
+    wait_for(lambda: _running(http) >= 1, 240, "a running replica")
     rid = f"json-{uuid.uuid4().hex[:8]}"
     schema = {"type": "object", "properties": {"fruits": {"type": "array", "items": {"type": "string"}, "minItems": 40}},
               "required": ["fruits"]}
@@ -232,18 +237,27 @@ def test_a_redeploy_of_the_llm_while_eight_streams_run_loses_none(stack, http):
 
 
 def test_a_redeploy_to_one_replica_while_eight_streams_run_moves_the_stopped_replicas_streams(stack, http):
-    """num_replicas 2 -> 1 while both may stream (the model's config changed, so Serve replaces its
-    replicas too): streams still running past a stopped replica's 2 s grace continue elsewhere.
+    """num_replicas 2 -> 1 while both stream, as an operator scales in place (README: Serve's
+    `deployments:` override, so `args` and the code version stay): Serve stops one replica and keeps
+    the other; the streams the stopped one still held past its 2 s grace continue on the one kept.
     It leaves the app at one replica."""
     _both_up(http)
     run = f"down-{uuid.uuid4().hex[:8]}"
-    one = streams_app()
-    one["models"][0]["deployment"]["num_replicas"] = 1
-    _streams(stack, run, lambda: deploy({**all_apps(stack), APP: one}, wait=False))
-    # The stories (from the router replica that drained them: it hands them over as it stops).
+    before = {r["replica_id"] for r in http.get("/v1/status").json()["models"][MODEL]["replicas"] if r.get("serve_state") == "RUNNING"}
+    args = _get_global_client().get_serve_details()["applications"][APP]["deployed_app_config"]["args"]  # as deployed: unchanged
+    _streams(stack, run, lambda: deploy({**all_apps(stack), APP: args}, {APP: [{"name": DEPLOYMENT, "num_replicas": 1}]}, wait=False))
     moved = wait_for(lambda: _moved(http, run) or None, 30, "the moved streams' stories")
     assert all(m["outcome"] == "continued" for m in moved), moved
-    print(f"redeploy to one replica: {len(moved)} continuations over {len({m['lost_replica'] for m in moved})} stopped replica(s), 8 streams")
+    lost = {m["lost_replica"] for m in moved}
+    kept = before - lost
+    assert len(lost) == 1 and lost < before and {m["to_replica"] for m in moved} == kept, (moved, before)
+    wait_for(lambda: {r["replica_id"] for r in serve_replicas()} == kept, 60, f"Serve to keep only {kept}")
+    print(f"redeploy to one replica: {len(moved)} of 8 streams continued from the stopped replica on the one kept")
+
+
+def serve_replicas() -> list[dict]:
+    """The LLM's replicas as Serve lists them (any state)."""
+    return app_deployments(APP)[DEPLOYMENT]["replicas"]
 
 
 def _serve_running() -> int:
@@ -264,7 +278,7 @@ def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_t
     deploy({**all_apps(stack), APP: auto})
     wait_for(lambda: _serve_running() == 1, 300, "one running replica on the token policy")
     filler = "the quick brown fox jumps over the lazy dog " * 160  # ~1,450 tokens, under max_input_tokens 2,048
-    stop, peak = time.time() + 240, [0]
+    stop = time.time() + 240
 
     def load(i: int) -> None:
         with httpx.Client(base_url=f"{stack.base}/{APP}", timeout=300) as c:
