@@ -426,3 +426,14 @@ def test_the_routing_rows_compare_ours_and_the_peers_with_serves_default():
             "0.300 (Serve's default) | 1.50x |") in out
     assert ("| routing, one system prompt for all: our hit rate vs the best peer's | 0.600 | 0.500 "
             "(vllm-router cache_aware) | 1.20x |") in out
+
+
+def test_suite_cpu_passes_on_the_commands_status_and_counts_its_cpu_time():
+    """bench/suite_cpu.py: the README's suite-time numbers come from it."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5:\n    pass\nraise SystemExit(3)"
+    r = subprocess.run([sys.executable, "-m", "bench.suite_cpu", "--", sys.executable, "-c", burn],
+                       capture_output=True, text=True, timeout=60, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert r.returncode == 3, r.stderr
+    rows = dict(line.split()[1:3] for line in r.stderr.splitlines() if line.startswith("[suite_cpu]   "))
+    assert float(rows["python"]) >= 1.0, r.stderr  # the child's 1.5 s of CPU (its name: the interpreter's)
+    assert "cores" in r.stderr and "even if packed perfectly" in r.stderr
