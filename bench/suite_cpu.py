@@ -54,7 +54,7 @@ def main() -> int:
         time.sleep(PERIOD_S)
         now = process_ticks()
         for pid, (name, ticks) in now.items():  # a new process counts from its birth; a renamed one
-            by_name[name] += ticks - seen[pid][1] if pid in seen else ticks  # (vLLM's workers) under its new name
+            by_name[name] += max(0, ticks - seen[pid][1]) if pid in seen else ticks  # (vLLM's workers) under its new name
         seen.update(now)
     total1, idle1 = machine_ticks()
     wall = time.time() - start

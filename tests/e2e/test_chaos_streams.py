@@ -260,8 +260,9 @@ def _serve_running() -> int:
 
 
 def _serve_listed() -> int:
-    """Replicas in any state (a starting one counts)."""
-    return sum(serve.status().applications[APP].deployments[DEPLOYMENT].replica_states.values())
+    """Replicas running or on their way (a starting one counts, a stopping one does not)."""
+    states = serve.status().applications[APP].deployments[DEPLOYMENT].replica_states
+    return sum(n for state, n in states.items() if state != "STOPPING")
 
 
 def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_to_zero(stack, http):
