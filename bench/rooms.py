@@ -24,32 +24,43 @@ IDLE_S = 5.0  # how long the steps measure each room with no traffic, after the 
 IDLE_SETTLE_S = 5.0
 
 
-def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
-    """User + system CPU seconds of a process (all its threads), or of one of its threads."""
-    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+def _stat(path: str) -> tuple[str, list[str]] | None:
+    """(command name, the fields after it) of a /proc stat file; None once the process is gone.
+    The name may hold spaces and parentheses: fields are counted after the last ')'."""
     try:
         with open(path) as f:
             stat = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    # The command name may hold spaces and parentheses: fields are counted after the last ')'.
-    fields = stat[stat.rindex(")") + 2:].split()
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
+def _cpu(fields: list[str]) -> float:
     return (int(fields[11]) + int(fields[12])) * TICK_S  # utime, stime (fields 14 and 15 of stat)
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """User + system CPU seconds of a process (all its threads), or of one of its threads."""
+    stat = _stat(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat")
+    return None if stat is None else _cpu(stat[1])
+
+
+def _processes() -> dict[int, tuple[str, list[str]]]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(f"/proc/{entry}/stat")) is not None:
+            out[int(entry)] = stat
+    return out
 
 
 def process_table() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command name) for every process now."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            name = stat[stat.index("(") + 1:stat.rindex(")")]
-            out[int(entry)] = (int(stat[stat.rindex(")") + 2:].split()[1]), name)
-    return out
+    return {pid: (int(fields[1]), name) for pid, (name, fields) in _processes().items()}
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """pid -> (command name, CPU seconds so far) for every process now, one read of each."""
+    return {pid: (name, _cpu(fields)) for pid, (name, fields) in _processes().items()}
 
 
 def descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from bench.rooms import TICK_S, process_table
+from bench.rooms import process_cpu
 
 PERIOD_S = 2.0
 
@@ -29,18 +29,6 @@ def machine_ticks() -> tuple[int, int]:
     return sum(values), values[3] + values[4]  # idle + iowait
 
 
-def process_ticks() -> dict[int, tuple[str, int]]:
-    out = {}
-    for pid, (_, name) in process_table().items():
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        out[pid] = (name, int(fields[11]) + int(fields[12]))
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
@@ -48,13 +36,13 @@ def main() -> int:
     if not command:
         parser.error("name a command after --")
     start, (total0, idle0) = time.time(), machine_ticks()
-    seen, by_name = process_ticks(), collections.Counter()
+    seen, by_name = process_cpu(), collections.Counter()
     child = subprocess.Popen(command)
     while child.poll() is None:
         time.sleep(PERIOD_S)
-        now = process_ticks()
-        for pid, (name, ticks) in now.items():  # a new process counts from its birth; a renamed one
-            by_name[name] += max(0, ticks - seen[pid][1]) if pid in seen else ticks  # (vLLM's workers) under its new name
+        now = process_cpu()
+        for pid, (name, cpu) in now.items():  # a new process counts from its birth; a renamed one
+            by_name[name] += max(0.0, cpu - seen[pid][1]) if pid in seen else cpu  # (vLLM's workers) under its new name
         seen.update(now)
     total1, idle1 = machine_ticks()
     wall = time.time() - start
@@ -62,8 +50,8 @@ def main() -> int:
     cores = os.cpu_count() or 1
     print(f"\n[suite_cpu] {wall:.0f} s wall, {cores} cores {busy:.0%} busy: {busy * cores * wall:.0f} CPU-s, "
           f"at least {busy * wall:.0f} s even if packed perfectly", file=sys.stderr)
-    for name, ticks in [(n, t) for n, t in by_name.most_common(12) if t * TICK_S >= 0.5]:
-        print(f"[suite_cpu]   {name:<20} {ticks * TICK_S:7.0f} CPU-s", file=sys.stderr)
+    for name, cpu in [(n, c) for n, c in by_name.most_common(12) if c >= 0.5]:
+        print(f"[suite_cpu]   {name:<20} {cpu:7.0f} CPU-s", file=sys.stderr)
     return child.returncode
 
 
