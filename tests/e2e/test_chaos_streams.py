@@ -255,14 +255,13 @@ def test_a_redeploy_to_one_replica_while_eight_streams_run_moves_the_stopped_rep
     print(f"redeploy to one replica: {len(moved)} of 8 streams continued from the stopped replica on the one kept")
 
 
+def _serve_states() -> dict[str, int]:
+    """The LLM's replicas per state, as Serve counts them (one controller call)."""
+    return serve.status().applications[APP].deployments[DEPLOYMENT].replica_states
+
+
 def _serve_running() -> int:
-    return serve.status().applications[APP].deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
-
-
-def _serve_listed() -> int:
-    """Replicas running or on their way (a starting one counts, a stopping one does not)."""
-    states = serve.status().applications[APP].deployments[DEPLOYMENT].replica_states
-    return sum(n for state, n in states.items() if state != "STOPPING")
+    return _serve_states().get("RUNNING", 0)
 
 
 def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_to_zero(stack, http):
@@ -287,8 +286,8 @@ def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_t
         given up only then), while the two cores go to the start (the long prompts made it 3-4x
         slower here: ~87 s instead of ~25 s)."""
         with httpx.Client(base_url=f"{stack.base}/{APP}", timeout=300) as c:
-            while time.time() < stop and _serve_running() < 2:
-                starting = _serve_listed() >= 2
+            while time.time() < stop and (states := _serve_states()).get("RUNNING", 0) < 2:
+                starting = sum(n for state, n in states.items() if state != "STOPPING") >= 2  # a stopping one is not the added one
                 if starting and i > 0:
                     return
                 text = f"{uuid.uuid4().hex} {filler[:1200] if starting else filler}"  # a fresh prefix each: nothing cached
