@@ -25,9 +25,11 @@ down:
 
 # REQUIRE_TEST_TOOLS: redis-server, PostgreSQL, Chromium and promtool (installed above) are required,
 # so a missing one fails instead of skipping; ENGINE_SUITE_DEVICE=cpu runs the GPU suite's engine
-# layer (tests/gpu) on the CPU, so its checks cannot rot between GPU runs.
+# layer (tests/gpu) on the CPU, so its checks cannot rot between GPU runs. Two xdist workers: the
+# e2e suite is one unit of work on one (one Ray cluster), the unit tests run on the other beside it
+# (tests/conftest.py).
 test: models
-	@REQUIRE_TEST_TOOLS=1 ENGINE_SUITE_DEVICE=cpu $(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+	@REQUIRE_TEST_TOOLS=1 ENGINE_SUITE_DEVICE=cpu $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 # Every benchmark against its baselines, same run (~10 min; docs/benchmarks.md). Not part of `make test`.
 bench: models

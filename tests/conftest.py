@@ -48,10 +48,24 @@ def pg_server():
 
 
 def pytest_collection_modifyitems(items):
-    """End-to-end tests run last, so the session's Ray cluster (started by the first of them, torn
-    down at the session's end) is never up while the unit tests run: its idle processes would
-    share this machine's two cores with them."""
+    """End-to-end tests run last, so in one process the session's Ray cluster (started by the first
+    of them, torn down at the session's end) is never up while the unit tests run."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` (`-n 2`): every e2e test is one unit of work, run on one worker in file order
+    with one session Ray cluster (the largest unit, so it starts first), while the other worker
+    takes the unit tests one by one beside it. (xdist's own `xdist_group` marks are ignored under
+    pytest 9.2, which keeps node ids where xdist 3.8 no longer writes its group suffix.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class E2EApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "e2e" if nodeid.startswith("tests/e2e/") else nodeid
+
+    return E2EApart(config, log)
 
 
 @pytest.fixture(autouse=True)
