@@ -30,9 +30,23 @@ KEYS = [
 TEAM, OPS = {"authorization": "Bearer sk-team"}, {"authorization": "Bearer sk-ops"}
 
 
+ROUTERS: list[Router] = []
+
+
 def router(store: str, metrics: RouterMetrics | None = None) -> Router:
     cfg = AppConfig.model_validate({"gateway": {"api_keys": KEYS, "limits_store": store}, "models": MODELS})
-    return Router(cfg.gateway, cfg.models, {"chat": FakeModel("chat", "llm")}, metrics)
+    ROUTERS.append(Router(cfg.gateway, cfg.models, {"chat": FakeModel("chat", "llm")}, metrics))
+    return ROUTERS[-1]
+
+
+@pytest.fixture(autouse=True)
+def _routers_closed():
+    """Each router's usage writer thread stops with its test, as Serve's shutdown stops it: left
+    running, it retried a Redis gone with the session every 2 s for as long as the process lived
+    (under `make test`, the unit worker idles beside the e2e suite for minutes)."""
+    yield
+    while ROUTERS:
+        ROUTERS.pop().tenancy.close()
 
 
 def client(r: Router) -> TestClient:
