@@ -170,6 +170,7 @@ def test_a_slow_redis_delays_no_stream_in_progress_and_no_request_beyond_its_own
     cfg = AppConfig.model_validate({"gateway": {"api_keys": KEYS, "limits_store": redis_url, "limits_store_timeout_s": 0.25},
                                     "models": MODELS})
     r = Router(cfg.gateway, cfg.models, {"chat": Ticking("chat", "llm")})
+    ROUTERS.append(r)  # closed with the test (_routers_closed)
     app = r.__serve_build_asgi_app__()
     slow = redis_lib.Redis.from_url(redis_url)
     words = " ".join(f"w{i}" for i in range(60))
