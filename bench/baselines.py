@@ -127,7 +127,7 @@ def vllm_router(port: int) -> dict:
     `vllm-router --policy cache_aware` (vLLM's Rust router, in its own venv, installed on first
     use), under the routing step's workload. Each engine's hit and request counters come from its
     /metrics."""
-    from bench.routing import routing_entry, run_phases
+    from bench.routing import ENGINE, routing_entry, run_phases
     from serve_app.config import ModelConfig
     from serve_app.presets import apply_preset
 
@@ -156,7 +156,7 @@ def vllm_router(port: int) -> dict:
         procs.append(router)
         _wait_http(f"http://127.0.0.1:{port}/health", router, 120)
         ready_s = time.time() - t0
-        return {"ready_s": round(ready_s, 1), "policy": "vllm-router cache_aware",
+        return {"ready_s": round(ready_s, 1), "policy": "vllm-router cache_aware", "kv_blocks": ENGINE["num_gpu_blocks_override"],
                 **run_phases(f"http://127.0.0.1:{port}", lambda: {url: _engine_counters(url) for url in urls}, settle_s=1)}
     finally:
         for proc in reversed(procs):

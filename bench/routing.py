@@ -7,6 +7,7 @@ prompt and asks its own question. Each replica's KV cache holds 6,144 tokens (19
 about three of the twelve group prefixes beside the requests in flight, so a policy that spreads
 every group over both replicas makes vLLM evict prefixes it will need again. (The first run gave
 10,240 tokens: Serve's default already reached a 0.67 hit rate against ~0.78 at best.)
+`BENCH_ROUTING_KV_BLOCKS=96` halves it, for the eviction-heavy runs 3 and 4 (docs/benchmarks.md).
 
 Measured from outside: TTFT (streamed), output tokens/s, the share of requests per replica, and
 vLLM's own prefix-cache hit rate on each replica (its counters, before and after): through our
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -33,7 +35,8 @@ WORDS = ("account billing refund invoice shipping order warranty product custome
 
 
 # Every policy's engines, ours and bare `vllm serve` alike: a KV cache small enough to evict.
-ENGINE = {"block_size": 32, "num_gpu_blocks_override": 192}
+# BENCH_ROUTING_KV_BLOCKS=96 (3,072 tokens, under three group prefixes) is the eviction-heavy run.
+ENGINE = {"block_size": 32, "num_gpu_blocks_override": int(os.environ.get("BENCH_ROUTING_KV_BLOCKS", "192"))}
 POLICIES = ("power_of_two", "cache_aware", "ray_prefix")  # ray_prefix: Ray Serve LLM's router (bench/peers.py)
 Counters = dict[str, dict[str, int]]  # replica -> {"queried", "hit", "requests"}
 
@@ -182,4 +185,5 @@ def routing(base: str, policy: str) -> dict:
     serve.run(build_app(app_args([routing_model(policy)])), name="bench", route_prefix="/")
     ready_s = time.time() - t0
     time.sleep(3)  # first load reports
-    return {"ready_s": round(ready_s, 1), "policy": policy, **run_phases(base, lambda: stack_counters(base))}
+    return {"ready_s": round(ready_s, 1), "policy": policy, "kv_blocks": ENGINE["num_gpu_blocks_override"],
+            **run_phases(base, lambda: stack_counters(base))}

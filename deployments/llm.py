@@ -45,6 +45,9 @@ class LLMServer(MonitoredReplica):
         self.replica = replica_info(model.name)
         self.outstanding_tokens = 0  # tokens of the requests it holds still to compute (routing stats; _counted)
         self.prompt_tokens_waiting = 0  # their prompts not yet prefilled (autoscaling stats; _counted)
+        # Every prompt's length as the routers estimate it, beside vLLM's count of the same prompts
+        # (its prefix-cache queries): how many of the routers' blocks one of vLLM's holds.
+        self.estimated_prompt_tokens = 0
         self._init_health()
         # One real token before Serve's first health check: the first request through the serving
         # layer pays lazy start-up costs that a loaded node can stretch past probe_timeout_s.
@@ -151,6 +154,7 @@ class LLMServer(MonitoredReplica):
         held = [prompt + output, prompt]  # outstanding, waiting to prefill
         self.outstanding_tokens += held[0]
         self.prompt_tokens_waiting += prompt
+        self.estimated_prompt_tokens += prompt
 
         def prefilled() -> None:
             if held[0] > output:
@@ -196,6 +200,7 @@ class LLMServer(MonitoredReplica):
         now = time.time()
         load = {**engine.load.snapshot(), **engine.load.rates(now)} if engine is not None and engine.load is not None else {}
         return {**load, "outstanding_tokens": getattr(self, "outstanding_tokens", 0),
+                "estimated_prompt_tokens": getattr(self, "estimated_prompt_tokens", 0),
                 "prompt_tokens_waiting": max(0, getattr(self, "prompt_tokens_waiting", 0)), "reported_at": now}
 
     @staticmethod

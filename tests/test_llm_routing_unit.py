@@ -460,7 +460,7 @@ def test_the_replica_reports_a_streams_prompt_until_its_first_token_and_its_outp
 
     server = LLMServer.__new__(LLMServer)
     server.cfg = ModelConfig.model_validate({"name": "m", "kind": "llm", "engine": "vllm", "source": "org/m"})
-    server.outstanding_tokens = server.prompt_tokens_waiting = 0
+    server.outstanding_tokens = server.prompt_tokens_waiting = server.estimated_prompt_tokens = 0
     body = chat(DOCS[1] + " Question?", max_tokens=16)
     with server._counted("chat", body) as prefilled:
         whole = server.outstanding_tokens
@@ -475,3 +475,45 @@ def test_the_replica_reports_a_streams_prompt_until_its_first_token_and_its_outp
         assert server.outstanding_tokens == whole
         assert server.prompt_tokens_waiting == whole - 16
     assert server.outstanding_tokens == 0 and server.prompt_tokens_waiting == 0
+    assert server.estimated_prompt_tokens == 2 * (whole - 16)  # every prompt, for the routers' block scale
+
+
+def test_the_index_holds_what_vllms_blocks_hold_by_the_replicas_ratio_of_estimate_to_tokens():
+    """Prose of whole words runs ~7 characters a token, the estimate 4: each of vLLM's blocks then
+    holds ~1.75 of the router's. The replica reports both counts of its prompts (the estimate and
+    vLLM's prefix-cache queries); the index's capacity follows their ratio, within bounds."""
+    model = CostModel(RoutingConfig(), rng=random.Random(0))
+    model.update({"r0": ReplicaLoad(block_size=16, num_blocks=40)})
+    prompt = model.prompt("chat", chat(DOCS[3] + " Q?"))  # ~90 of the router's blocks
+    model.routed("h1", None, "r0", prompt, None)
+    assert model.index.size("r0") == 40
+    model.update({"r0": ReplicaLoad(block_size=16, num_blocks=40, prefix_queries=10_000, estimated_prompt_tokens=17_500)})
+    model.routed("h2", None, "r0", prompt, None)
+    assert model.index.size("r0") == 70
+    assert model.costs(prompt, ["r0"])[0].cached_tokens == 70 * 16
+    # too little seen, or nothing reported: the cache's own size; a wild ratio: bounded
+    assert ReplicaLoad(num_blocks=40, prefix_queries=100, estimated_prompt_tokens=1_000).block_scale() == 1.0
+    assert ReplicaLoad(num_blocks=40, prefix_queries=10_000).block_scale() == 1.0
+    assert ReplicaLoad(prefix_queries=10_000, estimated_prompt_tokens=1_000_000).block_scale() == 4.0
+    assert ReplicaLoad(prefix_queries=10_000, estimated_prompt_tokens=1).block_scale() == 0.25
+
+
+def _twelve_conversations_hit_rate(report_ratio: bool) -> float:
+    sim = Sim(n=2, blocks=160, concurrency=1, seed=3)
+    ratio = {"prefix_queries": 10_000, "estimated_prompt_tokens": 20_000} if report_ratio else {}
+    sim.model.update({r: ReplicaLoad(block_size=16, num_blocks=80, **ratio) for r in sim.replicas})
+    rng = random.Random(5)
+    systems = [f"System prompt of group {g}. " + f"rule {g} applies here. " * 60 for g in range(12)]  # ~22 blocks
+    for turn in (1, 3, 3):
+        for g in rng.sample(range(12), 12):
+            sim.send(chat(*[f"Question {g}.a", "ok", f"Question {g}.b"][:turn], system=systems[g]))
+    return sim.hits / sim.queries
+
+
+def test_conversations_keep_their_replica_longer_when_the_index_knows_vllms_block_holds_more():
+    """The engine's cache holds 160 of the router's blocks per replica, reported as 80 of vLLM's
+    blocks; with the replicas' ratio of estimate to tokens (2x) the index holds what the engine
+    holds, and twelve conversations' later turns find their prefix more often (one request at a
+    time, so affinity alone decides: 0.47 -> 0.66 of prompt tokens cached)."""
+    without, with_ratio = _twelve_conversations_hit_rate(False), _twelve_conversations_hit_rate(True)
+    assert with_ratio > without + 0.1, (without, with_ratio)

@@ -43,6 +43,8 @@ DEFAULT_OUTPUT_TOKENS = 128  # a request that names no max_tokens, for its share
 MAX_OUTPUT_TOKENS = 32_768  # one body's claim on a replica's load (vLLM caps max_tokens by the context)
 MAX_CHOICES = 16
 FLOAT_FIELDS = ("kv_usage", "reported_at")
+SCALE_MIN_TOKENS = 2048  # vLLM's prompt tokens seen before its ratio to the estimate is used
+SCALE_BOUNDS = (0.25, 4.0)
 
 
 def estimate(api: str, body: dict[str, Any], chars_per_token: float) -> tuple[str, int, int]:
@@ -77,8 +79,18 @@ class ReplicaLoad:
     prefill_tokens_per_s: float = 0.0  # its measured prefill rate (the token queue's Retry-After)
     prefix_queries: int = 0  # vLLM's prefix-cache counters since the replica started, in tokens
     prefix_hits: int = 0
+    estimated_prompt_tokens: int = 0  # the same prompts as the routers estimate them (chars_per_token)
     reported_at: float = 0.0  # the replica's clock: tells a new report from the one seen before
     adapters: frozenset[str] = frozenset()  # the LoRA adapters vLLM holds loaded there
+
+    def block_scale(self) -> float:
+        """How many of the router's prompt blocks one of vLLM's holds: the routers' estimate of the
+        prompts this replica took over vLLM's own count of them (its prefix-cache queries). Prose
+        of whole words runs ~7 characters a token, not the estimate's 4, so without this the index
+        forgot prefixes vLLM still held. 1 until enough was seen; bounded both ways."""
+        if self.prefix_queries < SCALE_MIN_TOKENS or self.estimated_prompt_tokens <= 0:
+            return 1.0
+        return min(SCALE_BOUNDS[1], max(SCALE_BOUNDS[0], self.estimated_prompt_tokens / self.prefix_queries))
 
     @classmethod
     def from_stats(cls, stats: dict[str, Any] | None) -> "ReplicaLoad":
@@ -205,7 +217,7 @@ class CostModel:
         p.predicted_cached += cost.cached_tokens
         p.requests += 1
         load = self.loads.get(replica, ReplicaLoad())
-        capacity = load.num_blocks or 1_000_000
+        capacity = round(load.num_blocks * load.block_scale()) if load.num_blocks else 1_000_000
         self.index.add(replica, prompt.hashes, capacity)
         if prompt.adapter is not None:
             sent = self.adapters_sent.setdefault(replica, collections.OrderedDict())

@@ -90,5 +90,7 @@ def routing_view(deployment: str) -> dict[str, dict[str, Any]]:
             "predicted_hit_rate": round(p.predicted_cached / p.prompt_tokens, 4) if p.prompt_tokens else None,
             "outstanding_tokens": model.outstanding.get(replica, 0), "other_routers_tokens": model.others.get(replica, 0),
             "adapters_loaded": sorted(load.adapters),  # the replica's report: vLLM's loaded LoRA adapters
+            # the router's prompt blocks one of vLLM's holds (its index is num_blocks x this): cost.ReplicaLoad
+            "block_scale": round(load.block_scale(), 3),
         }
     return out
