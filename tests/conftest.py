@@ -57,8 +57,8 @@ def pytest_collection_modifyitems(items):
 def pytest_xdist_make_scheduler(config, log):
     """`make test` (`-n 2`): every e2e test is one unit of work, run on one worker in file order
     with one session Ray cluster (the largest unit, so it starts first), while the other worker
-    takes the unit tests one by one beside it. (xdist's own `xdist_group` marks are ignored under
-    pytest 9.2, which keeps node ids where xdist 3.8 no longer writes its group suffix.)"""
+    takes the unit tests one by one beside it. (xdist's own `xdist_group` marks do nothing under
+    pytest 9.2: it keeps node ids in `Node._id`, and xdist 3.8 writes its group suffix to `_nodeid`.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class E2EApart(LoadScopeScheduling):
