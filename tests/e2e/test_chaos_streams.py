@@ -306,8 +306,7 @@ def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_t
     assert scaling["load_s"] and scaling["load_s"] > 1, scaling  # the replicas' own load time
     print(f"scaled up: {up[-1]['reason']} (terms {up[-1]['terms']})")
 
-    wait_for(lambda: _serve_running() == 0 and not serve.status().applications[APP].deployments[DEPLOYMENT].replica_states,
-             240, "idleness to scale the LLM down to zero")
+    wait_for(lambda: not _serve_states(), 240, "idleness to scale the LLM down to zero")  # none running, starting or stopping
     changes = http.get("/v1/status").json()["models"][MODEL]["scaling"]["recent_changes"]
     downs = [(c["replicas"], c["reason"]) for c in changes if c["action"] == "down"]
     assert [n for n, _ in downs] == [1, 0], changes  # one step at a time: 2 -> 1 on the estimate, 1 -> 0 when idle
