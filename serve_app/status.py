@@ -12,7 +12,6 @@ began watching (serve_app/alerts/tracker.py decides; None when the board cannot 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import ray
 
 from deployments import status_board
-from deployments.serve_view import app_deployments, live_replicas, replica_of_actor, state_name
+from deployments.serve_view import app_deployments, live_replicas, replica_of_actor, state_counts, state_name
 from serve_app.autoscaling.queue import TokenQueue
 from serve_app.config import GatewayConfig, ModelConfig, ModelKind
 from serve_app.llm_routing.registry import routing_view
@@ -148,7 +147,7 @@ async def _serve_state(app: str | None) -> dict[str, dict[str, Any]]:
         deps = await asyncio.to_thread(app_deployments, app)
         return {
             n: {"status": state_name(d.get("status")), "message": d.get("message", ""),
-                "replica_states": dict(collections.Counter(state_name(r.get("state")) for r in d["replicas"])),
+                "replica_states": state_counts(d["replicas"]),
                 "replicas": live_replicas(d["replicas"])}
             for n, d in deps.items()
         }

@@ -179,9 +179,9 @@ def pg_app(stack, pg_server):
 
 
 def _running(deployment: str) -> int:
-    from ray import serve
+    from deployments.serve_view import replica_states
 
-    return serve.status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
+    return replica_states(APP, deployment).get("RUNNING", 0)
 
 
 def test_a_router_replica_killed_mid_batch_loses_and_duplicates_nothing_on_postgres(stack, pg_app):

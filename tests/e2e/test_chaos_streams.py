@@ -15,10 +15,9 @@ import uuid
 
 import httpx
 import pytest
-from ray import serve
 from ray.serve.context import _get_global_client
 
-from deployments.serve_view import app_deployments
+from deployments.serve_view import app_deployments, app_status, replica_states
 from tests.e2e.conftest import all_apps, default_args, deploy, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -225,7 +224,7 @@ def test_a_redeploy_of_the_llm_while_eight_streams_run_loses_none(stack, http):
     old = {r["replica_id"] for r in http.get("/v1/status").json()["models"][MODEL]["replicas"]}
     # A changed LLM config: Serve replaces every replica (and the router, whose args hold it).
     _streams(stack, run, lambda: deploy({**all_apps(stack), APP: streams_app(max_num_seqs=15)}, wait=False))
-    wait_for(lambda: serve.status().applications[APP].status == "RUNNING", 600, "the redeploy to finish")
+    wait_for(lambda: app_status(APP)[0] == "RUNNING", 600, "the redeploy to finish")
     now = {r["replica_id"] for r in http.get("/v1/status").json()["models"][MODEL]["replicas"] if r.get("serve_state") == "RUNNING"}
     assert not (old & now)  # every replica that held the streams was replaced
     # A stream its replica still held past the 2 s grace continued elsewhere; none was refused.
@@ -256,8 +255,9 @@ def test_a_redeploy_to_one_replica_while_eight_streams_run_moves_the_stopped_rep
 
 
 def _serve_states() -> dict[str, int]:
-    """The LLM's replicas per state, as Serve counts them (one controller call)."""
-    return serve.status().applications[APP].deployments[DEPLOYMENT].replica_states
+    """The LLM's replicas per state, as Serve counts them (one controller call, its plain dict:
+    the load loop below asks before each request)."""
+    return replica_states(APP, DEPLOYMENT)
 
 
 def _serve_running() -> int:

@@ -10,16 +10,17 @@ import httpx
 import pytest
 from ray import serve
 
+from deployments import serve_view
 from tests.e2e.conftest import all_apps, ce_app, deploy, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 def replica_states(app: str) -> dict:
-    status = serve.status().applications.get(app)
-    if status is None or "rerank-ce" not in status.deployments:
+    try:
+        return serve_view.replica_states(app, "rerank-ce")
+    except KeyError:  # the app is not listed yet
         return {}
-    return {str(k.value if hasattr(k, "value") else k): v for k, v in status.deployments["rerank-ce"].replica_states.items()}
 
 
 def test_replicas_of_one_model_never_share_a_node(stack):
