@@ -65,6 +65,18 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return "e2e" if nodeid.startswith("tests/e2e/") else nodeid
 
+        def _reschedule(self, node) -> None:
+            """The e2e worker takes no unit test: xdist gives a worker more once it has <= 2 tests
+            left (it holds its last test until more work or its shutdown comes), and a unit test
+            there would run beside the session's Ray cluster, which stays up until the session ends.
+            So near its end it is told to shut down, while another worker is left for the rest."""
+            work = self.assigned_work.get(node, {})
+            others = any(n is not node and not n.shutting_down for n in self.nodes)
+            if "e2e" not in work or not self.workqueue or node.shutting_down or not others:
+                return super()._reschedule(node)
+            if self._pending_of(work) <= 2:
+                node.shutdown()  # it runs its last e2e tests, then ends
+
     return E2EApart(config, log)
 
 
