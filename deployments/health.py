@@ -4,10 +4,15 @@ Serve calls `check_health` every `health_check_period_s`; raising makes Serve re
 replica. An engine ping misses stalls (ray #61263) and a probe stuck behind a long queue has
 killed healthy vLLM replicas (ray #54070), so:
 - stalled (requests in flight, no progress for `stall_after_s`) → unhealthy, whatever else;
+  progress is a request's output, its end, or (where the engine says so) an engine step: vLLM
+  hands a non-streamed answer over only at its end, and a long one is not a stall;
 - a real request completed, or real output came (a token streamed, a batch scored), within
   `fresh_s` → healthy, no probe needed: a saturated replica whose long prefills keep a 1-token
   probe waiting past its budget is still serving (the routing bench had replicas replaced so);
-- otherwise a tiny real probe through the engine must finish within `probe_timeout_s`.
+- otherwise a tiny real probe through the engine must finish within `probe_timeout_s`, unless it
+  waited behind work the engine kept stepping through meanwhile (a replica busy with long prompts
+  is not sick: three 1,450-token prompts at a time kept probes queued past 10 s on a 2-core CPU,
+  and Serve replaced healthy replicas until no request got through).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class HealthMonitor:
         self.in_flight = 0
         self.completed = 0
         self.last_progress = clock()
+        # The engine's own last step on `clock` (LLM replicas: vLLM's stat logger), or None.
+        self.engine_progress: Callable[[], float | None] = lambda: None
         self.last_served: float | None = None  # a request succeeded or the engine produced output (not a failure's end)
         self.last_error: str | None = None
         self.last_error_at: float | None = None  # wall clock, for people
@@ -74,7 +81,10 @@ class HealthMonitor:
                 self.failed_request_ids.append(request_id)
 
     def stalled_for(self) -> float:
-        return self.clock() - self.last_progress if self.in_flight else 0.0
+        if not self.in_flight:
+            return 0.0
+        stepped = self.engine_progress()
+        return self.clock() - max(self.last_progress, stepped if stepped is not None else self.last_progress)
 
     async def check(self, probe: Callable[[], Awaitable[Any]]) -> None:
         stalled = self.stalled_for()
@@ -84,12 +94,24 @@ class HealthMonitor:
             self._passed()
             return
         t0 = self.clock()
+        task = asyncio.ensure_future(probe())
         try:
-            await asyncio.wait_for(probe(), self.settings.probe_timeout_s)
-        except asyncio.TimeoutError:
+            done, _ = await asyncio.wait({task}, timeout=self.settings.probe_timeout_s)
+        finally:
+            if not task.done():  # past its budget, or the check itself was cancelled
+                task.cancel()
+                # vLLM answers a cancelled request with an error response ("Client disconnected"),
+                # not a CancelledError: that is the timeout's doing, not a failure of its own.
+                await asyncio.gather(task, return_exceptions=True)
+        if not done:
             self._probe_done(t0, False)
-            raise self._fail(f"probe did not finish within {self.settings.probe_timeout_s:g}s") from None
-        except Exception as exc:
+            stepped = self.engine_progress()
+            if stepped is not None and stepped >= t0:
+                self._passed()  # queued behind work the engine kept stepping through: busy, not sick
+                return
+            raise self._fail(f"probe did not finish within {self.settings.probe_timeout_s:g}s")
+        exc = task.exception()
+        if exc is not None:
             self._probe_done(t0, False)
             raise self._fail(f"probe failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
         self._probe_done(t0, True)

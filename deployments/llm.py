@@ -39,7 +39,7 @@ class LLMServer(MonitoredReplica):
         self.cfg = model
         self.default_max_tokens = default_max_tokens
         self.adapter_names = model.adapter_names()  # `sql`, `base:sql` -> `sql`, as vLLM knows it
-        self.engine = VLLMOpenAI(model, model.resolved_source(pathlib.Path(models_dir)), default_max_tokens,
+        self.engine = VLLMOpenAI(model, model.resolved_source(pathlib.Path(models_dir)),
                                  model.resolved_adapters(pathlib.Path(models_dir)))
         await self.engine.start()
         self.replica = replica_info(model.name)
@@ -49,6 +49,8 @@ class LLMServer(MonitoredReplica):
         # (its prefix-cache queries): how many of the routers' blocks one of vLLM's holds.
         self.estimated_prompt_tokens = 0
         self._init_health()
+        load = self.engine.load  # vLLM's steps are progress: a long non-streamed answer is not a stall
+        self.health.engine_progress = (lambda: load.stepped_at) if load is not None else (lambda: None)
         # One real token before Serve's first health check: the first request through the serving
         # layer pays lazy start-up costs that a loaded node can stretch past probe_timeout_s.
         # Counted as a served request, so the first check finds a fresh success (health.fresh_s).
@@ -63,7 +65,7 @@ class LLMServer(MonitoredReplica):
     async def create(self, api: str, body: dict[str, Any], request_id: str) -> OpenAIResponse:
         """A non-streaming chat or completion: vLLM's response body."""
         with self.tracked(request_id), self._counted(api, body):
-            result = await self.engine.create(_api(api), self._own(body, stream=False), request_id)
+            result = await self.engine.create(_api(api), self._generation(api, body, stream=False), request_id)
         if not isinstance(result, dict):
             raise EngineFailure("the engine streamed an answer that was asked for whole")
         return OpenAIResponse(result, self.replica, self._engine_stats(request_id))
@@ -74,7 +76,7 @@ class LLMServer(MonitoredReplica):
         The first item carries the first token (errors before it are raised, not streamed).
         `track`: each item also carries the token ids its events held (serve_app/migration/), so
         the router can continue the stream on another replica if this one fails."""
-        own = self._own(body, stream=True)
+        own = self._generation(api, body, stream=True)
         tracker = None
         if track:
             own["return_token_ids"] = True
@@ -139,6 +141,15 @@ class LLMServer(MonitoredReplica):
 
     async def detokenize(self, body: dict[str, Any]) -> OpenAIResponse:
         return OpenAIResponse(await self.engine.detokenize(self._own(body)), self.replica)
+
+    def _generation(self, api: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """`_own(body)` for the engine to generate: a chat that names no output budget gets the
+        gateway's `default_max_tokens`, which vLLM clamps to the room left in the context as it
+        clamps any (a completion's unnamed budget stays vLLM's, OpenAI's, 16)."""
+        own = self._own(body, **extra)
+        if api == "chat" and own.get("max_tokens") is None and own.get("max_completion_tokens") is None:
+            own["max_tokens"] = self.default_max_tokens
+        return own
 
     def _own(self, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
         """The body as this model's: a fallback model answers under its own name (vLLM checks it);

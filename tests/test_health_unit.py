@@ -41,6 +41,25 @@ def test_progress_and_idleness_are_not_stalls():
     asyncio.run(m.check(ok_probe))
 
 
+def test_engine_steps_are_progress_so_a_long_non_streamed_answer_is_not_a_stall():
+    """vLLM hands a non-streamed answer over only at its end: while the engine steps, the one
+    request in flight is progressing; once the engine stops stepping it is a stall again."""
+    m, now = monitor()
+    stepped = [None]
+    m.engine_progress = lambda: stepped[0]
+    m.started("long-answer")
+    for _ in range(5):  # 40 s with no output handed over, but the engine stepped
+        now[0] += 8
+        stepped[0] = now[0] - 1
+    asyncio.run(m.check(ok_probe))
+    now[0] += 11  # the engine stopped stepping
+    with pytest.raises(ReplicaUnhealthy, match="no progress for 12s"):
+        asyncio.run(m.check(ok_probe))
+    stepped[0] = 0.0  # a step older than the request's own start counts from the start (51 s ago)
+    with pytest.raises(ReplicaUnhealthy, match="no progress for 51s"):
+        asyncio.run(m.check(ok_probe))
+
+
 def test_recent_success_skips_the_probe_so_a_busy_queue_cannot_fail_it():
     m, now = monitor()
     m.started()
@@ -102,3 +121,30 @@ def test_probe_errors_and_client_errors():
     m2.started()
     m2.finished(InvalidRequest("bad input"))
     assert m2.snapshot()["last_error"] is None  # a client's mistake is not the replica's error
+
+
+def test_a_probe_queued_behind_work_the_engine_steps_through_passes_and_a_wedged_engine_fails():
+    """Long prompts keep the 1-token probe waiting past its budget while vLLM steps through them:
+    busy, not sick. With no engine step since the probe began it is a failure, and the error vLLM
+    answers a cancelled request with ("Client disconnected") reads as the timeout it is."""
+    from serve_app.errors import InvalidRequest
+
+    m, now = monitor()
+    stepped = [None]
+    m.engine_progress = lambda: stepped[0]
+
+    async def queued():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise InvalidRequest("Client disconnected") from None  # what vLLM's serving layer does
+
+    def stepping_queue():
+        stepped[0] = now[0] + 0.1  # the engine steps (other requests' prefill) while the probe waits
+        return queued()
+
+    asyncio.run(m.check(stepping_queue))
+    assert m.snapshot()["check_ok"] is True and m.snapshot()["last_probe_ok"] is False
+    stepped[0] = now[0] - 1  # the last step was before the probe began: a wedged engine
+    with pytest.raises(ReplicaUnhealthy, match="probe did not finish within 0.2s"):
+        asyncio.run(m.check(queued))

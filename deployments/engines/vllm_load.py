@@ -42,9 +42,11 @@ class EngineLoad(StatLoggerBase):
         self._first_step: float | None = None
         self._last_step: float | None = None
         self._had_work = False  # the last step left requests in the scheduler: the time since was work
+        self.stepped_at: float | None = None  # monotonic: the engine's last step (the health check's progress)
         self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+        self.stepped_at = time.monotonic()
         for done in getattr(iteration_stats, "finished_requests", None) or ():
             self._finished(done)
         # vLLM makes iteration stats only for steps with outputs: a prefill chunk's step has none
