@@ -301,7 +301,7 @@ def test_eager_mode_is_the_configs_choice_not_the_codes(monkeypatch, models):
     with pytest.raises(_Captured) as pooled:
         VLLMPoolingEncoder(enc, str(models["ce"]))
     assert "enforce_eager" not in pooled.value.args[1]  # vLLM's default: CUDA graphs where it can
-    assert "enforce_eager" not in serving_args(llm, str(models["ce"]), 256)  # vLLM's default for the LLM too
+    assert "enforce_eager" not in serving_args(llm, str(models["ce"]))  # vLLM's default for the LLM too
     with pytest.raises(_Captured) as asked:
         VLLMPoolingEncoder(enc.model_copy(update={"engine_kwargs": {"enforce_eager": True}}), str(models["ce"]))
     assert asked.value.args[1]["enforce_eager"] is True

@@ -20,12 +20,14 @@ def _llm(**kw):
 
 
 def test_serving_args_are_the_vllm_serve_flags_our_config_owns():
-    args = serving_args(apply_preset(_llm(serving={"aliases": ["gpt-4o-mini"]})), "/m", default_max_tokens=256)
+    args = serving_args(apply_preset(_llm(serving={"aliases": ["gpt-4o-mini"]})), "/m")
     assert args["served_model_name"] == ["smol", "gpt-4o-mini"] and args["model"] == "/m"
     assert args["tool_call_parser"] == "hermes" and args["enable_auto_tool_choice"] is True  # the preset
-    assert args["override_generation_config"] == {"max_new_tokens": 256}  # silent requests get the gateway default
+    # No max_new_tokens: vLLM caps every request's max_tokens by it, named or not (deployments/llm.py
+    # fills a chat's unnamed budget instead).
+    assert args["override_generation_config"] == {}
     assert "enforce_eager" not in args  # CUDA graphs unless the config asks
-    tp = serving_args(_llm(tensor_parallel_size=2, engine_kwargs={"enforce_eager": True}), "/m", 256)
+    tp = serving_args(_llm(tensor_parallel_size=2, engine_kwargs={"enforce_eager": True}), "/m")
     assert tp["distributed_executor_backend"] == "mp" and tp["enforce_eager"] is True
     assert tp["tool_call_parser"] is None  # no preset for this name without one
 
@@ -42,7 +44,7 @@ def test_a_config_group_in_engine_kwargs_becomes_the_object_vllm_reads():
     root = pathlib.Path(__file__).resolve().parents[1]
     (llm,) = [m for _, app in load_serve_config(root / "serve_config.yaml")[1] for m in app.models if m.kind == "llm"]
     args = make_arg_parser(FlexibleArgumentParser()).parse_args([])
-    for key, value in serving_args(llm, str(root / "models" / llm.name), 256).items():
+    for key, value in serving_args(llm, str(root / "models" / llm.name)).items():
         setattr(args, key, as_flag_value(getattr(args, key, None), value))
     structured = AsyncEngineArgs.from_cli_args(args).structured_outputs_config
     assert (structured.backend, structured.disable_any_whitespace) == ("xgrammar", True)
@@ -120,3 +122,20 @@ def test_an_error_before_the_first_token_is_raised_not_streamed():
     err = {"error": {"message": "This model's maximum context length is 10 tokens", "type": "BadRequestError", "code": 400}}
     with pytest.raises(ContextLengthExceeded):
         asyncio.run(_items(_sse(ROLE, err, "[DONE]")))
+
+
+def test_a_chat_naming_no_budget_gets_the_gateway_default_and_a_named_one_stays_the_clients():
+    """The gateway's default_max_tokens fills only an unnamed chat budget (vLLM clamps it to the
+    context's room); a named one reaches vLLM as sent, above the default too; a completion naming
+    none keeps vLLM's (OpenAI's) 16."""
+    from deployments.llm import LLMServer
+
+    server = LLMServer.__new__(LLMServer)
+    server.cfg, server.default_max_tokens = _llm(), 256
+    server.adapter_names = server.cfg.adapter_names()
+    assert server._generation("chat", {"model": "smol"})["max_tokens"] == 256
+    assert server._generation("chat", {"model": "smol", "max_tokens": None})["max_tokens"] == 256
+    assert server._generation("chat", {"model": "smol", "max_tokens": 400})["max_tokens"] == 400
+    named = server._generation("chat", {"model": "smol", "max_completion_tokens": 900})
+    assert named["max_completion_tokens"] == 900 and "max_tokens" not in named
+    assert "max_tokens" not in server._generation("completion", {"model": "smol", "prompt": "x"})

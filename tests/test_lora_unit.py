@@ -117,11 +117,11 @@ def test_check_holds_each_adapter_to_the_rank_limit_and_the_base_models_shapes(t
 
 def test_vllm_gets_its_lora_flags_and_each_adapter_under_its_name():
     model = ModelConfig.model_validate({**BASE, "fallbacks": []})
-    args = serving_args(model, "/m/chat", 256, {"sql": "/a/sql", "legal": "/a/legal"})
+    args = serving_args(model, "/m/chat", {"sql": "/a/sql", "legal": "/a/legal"})
     assert (args["enable_lora"], args["max_loras"], args["max_lora_rank"], args["max_cpu_loras"]) == (True, 4, 16, 4)
     assert args["lora_modules"] == [{"name": "sql", "path": "/a/sql", "base_model_name": "chat"},
                                     {"name": "legal", "path": "/a/legal", "base_model_name": "chat"}]
-    assert "enable_lora" not in serving_args(ModelConfig.model_validate(OTHER), "/m/other", 256)
+    assert "enable_lora" not in serving_args(ModelConfig.model_validate(OTHER), "/m/other")
 
 
 def test_the_replica_hands_vllm_the_adapters_own_name():

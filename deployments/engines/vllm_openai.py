@@ -29,7 +29,7 @@ _CONTEXT_PHRASES = ("maximum context length", "than max_model_len", "context len
 
 
 class VLLMOpenAI:
-    def __init__(self, cfg, path: str, default_max_tokens: int, adapters: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg, path: str, adapters: dict[str, str] | None = None) -> None:
         """cfg: serve_app.config.ModelConfig; adapters: LoRA adapter name -> resolved folder."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -39,7 +39,7 @@ class VLLMOpenAI:
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self.args = make_arg_parser(FlexibleArgumentParser()).parse_args([])
-        for key, value in serving_args(cfg, path, default_max_tokens, adapters).items():
+        for key, value in serving_args(cfg, path, adapters).items():
             if key == "lora_modules":  # as `--lora-modules name=path` parses them
                 value = [LoRAModulePath(**m) for m in value]
             setattr(self.args, key, as_flag_value(getattr(self.args, key, None), value))
@@ -134,7 +134,7 @@ async def _client_errors(call: Awaitable[Any]) -> Any:
         raise to_api_error(str(exc), 400, None) from None
 
 
-def serving_args(cfg, path: str, default_max_tokens: int, adapters: dict[str, str] | None = None) -> dict[str, Any]:
+def serving_args(cfg, path: str, adapters: dict[str, str] | None = None) -> dict[str, Any]:
     """The `vllm serve` flags our config owns, as attributes of vLLM's parsed arguments."""
     kwargs: dict[str, Any] = dict(cfg.engine_kwargs)  # eager mode only where the config asks
     if cfg.lora is not None:  # `--enable-lora --lora-modules name=path ...`: loaded at start
@@ -149,9 +149,10 @@ def serving_args(cfg, path: str, default_max_tokens: int, adapters: dict[str, st
         kwargs.setdefault("distributed_executor_backend", "mp")
     if cfg.max_input_tokens:
         kwargs["max_model_len"] = cfg.max_input_tokens
-    # A request that names no max_tokens gets at most the gateway's default (vLLM caps it by the
-    # room left in the context), through vLLM's own generation-config override.
-    override = {"max_new_tokens": default_max_tokens, **dict(kwargs.pop("override_generation_config", None) or {})}
+    # No `max_new_tokens` override for the gateway's default_max_tokens: vLLM 0.32 caps every
+    # request's max_tokens by it, named or not (a client's 400 became 256, finish "length"). The
+    # replica fills a chat's unnamed budget instead (deployments/llm.py).
+    override = dict(kwargs.pop("override_generation_config", None) or {})
     serving = cfg.serving
     return {
         **kwargs,
