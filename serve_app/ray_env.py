@@ -27,6 +27,13 @@ SERVE_ENV = {
     # reloads within a second of the change and which retries a refused connection elsewhere
     # (RETRY_ON above). 30 s made every router rollout and `serve shutdown` wait 30 s per replica.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    # Every change of the ingress set (a router replica added or stopped, an app deployed) reloads
+    # HAProxy: the old process keeps its open connections, and Serve's default ends them 120 s after
+    # the reload. That cut every stream older than 120 s at an unrelated redeploy (eight at once in
+    # the CI run of 2026-12-04, 120.0 s after a reload), whatever the router's grace. 630 s covers
+    # any request the proxy lets live (serve_config.yaml's http_options.request_timeout_s, 600 s).
+    # (Serve quarantines a freed router port for this + 30 s: 1,000 ports per node.)
+    "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": "630",
 }
 
 # A single machine: every Ray listener on loopback, no usage stats, no token auth (shared/ENVIRONMENT.md).
