@@ -44,6 +44,9 @@ def console_errors(log: str) -> list[str]:
     return [line for line in log.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
 
 
+PAGE_TIMEOUT_MS = 120_000
+
+
 @contextlib.contextmanager
 def browser_page() -> Iterator[tuple[Any, list[str], list[str]]]:
     """A page in the machine's Chromium driven by Playwright (never Playwright's own browsers), for
@@ -55,6 +58,9 @@ def browser_page() -> Iterator[tuple[Any, list[str], list[str]]]:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page()
+            # Beside the e2e worker's engine start-ups a 2-core machine gives Chromium little CPU: a
+            # click on Swagger UI waited past Playwright's default 30 s there (and passed alone in 30 s).
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
             requested: list[str] = []
             errors: list[str] = []
             page.on("request", lambda r: requested.append(r.url))

@@ -89,12 +89,13 @@ def test_docs_is_swagger_ui_in_a_real_browser_and_sends_an_authorized_request(tm
     try:
         with browser_page() as (page, requested, errors):
             page.goto(f"{server.url}/docs")
-            page.wait_for_selector("#operations-default-get_v1_models", timeout=20000)
+            page.wait_for_selector("#operations-default-get_v1_models")
             assert page.locator(".opblock").count() >= 25  # every operation of the route table
             page.click("button.authorize")
             page.fill(".auth-container input", "sk-ops")
             page.click(".auth-btn-wrapper button.authorize")
             page.click(".auth-btn-wrapper button.btn-done")
+            page.wait_for_selector(".dialog-ux", state="detached")  # the modal no longer covers the page
             page.click("#operations-default-get_v1_models .opblock-summary")
             page.click("#operations-default-get_v1_models button.try-out__btn")
             page.click("#operations-default-get_v1_models button.execute")

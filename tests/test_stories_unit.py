@@ -235,7 +235,7 @@ def test_the_status_pages_search_box_finds_a_request_in_a_real_browser(tmp_path)
             page.click("#login button")
             page.fill("#rid", "page-rid/7")
             page.click("#find button")
-            page.wait_for_selector("#story table", timeout=20000)
+            page.wait_for_selector("#story table")
             story_text = page.inner_text("#story")
             assert "request page-rid/7" in story_text and "200 ok" in story_text, story_text
             assert "k2x9q1" in story_text and "10.0.0.7" in story_text and "replica_failed" in story_text, story_text
@@ -243,11 +243,11 @@ def test_the_status_pages_search_box_finds_a_request_in_a_real_browser(tmp_path)
             assert page.url.endswith("#request=page-rid%2F7")  # a link to this story
             page.fill("#rid", "no-such-id")
             page.click("#find button")
-            page.wait_for_selector("#story .bad", timeout=20000)
+            page.wait_for_selector("#story .bad")
             assert "no request with id 'no-such-id' is kept" in page.inner_text("#story")
             page.fill("#rid", "page-rid/7")
             page.click("#find button")
-            page.wait_for_selector("#story table", timeout=20000)
+            page.wait_for_selector("#story table")
             page.screenshot(path=artifact("status-request-story.png"), full_page=True)
             # Chromium logs each non-2xx fetch (the 401 before logging in, the unknown id's 404); no script error
             assert [e for e in errors if not e.startswith("Failed to load resource")] == [], errors

@@ -59,6 +59,11 @@ def _ancestors(span: dict, spans: list[dict]) -> list[str]:
     return out
 
 
+def _replica_span(span: dict) -> bool:
+    return (span["service"] == "serve-app-e2e" and span["attributes"].get("deployment") == "rerank-ce"
+            and "replica_id" in span["attributes"])
+
+
 def test_one_request_is_one_trace_with_the_routers_and_the_replicas_spans(stack):
     receiver = OtlpReceiver()
     app = {"gateway": {"tracing": {"otlp_endpoint": receiver.endpoint, "service_name": "serve-app-e2e"},
@@ -72,12 +77,13 @@ def test_one_request_is_one_trace_with_the_routers_and_the_replicas_spans(stack)
             r = c.post("/v1/rerank", json={"model": "ce", "query": "paris", "documents": ["paris", "rome"]},
                        headers={"x-request-id": "traced-req-1"})
         assert r.status_code == 200, r.text
-        spans = wait_for(lambda: (lambda t: t if t and any(s["service"] == "serve-app-e2e" and s["attributes"].get("deployment") == "rerank-ce"
-                                                            for s in t) else None)(receiver.trace_of("traced-req-1")),
+        # The replica's own span (Serve's "replica_handle_request", with its replica_id); the
+        # router's "route_to_replica" span names the deployment too and may be exported first.
+        spans = wait_for(lambda: (lambda t: t if t and any(_replica_span(s) for s in t) else None)(receiver.trace_of("traced-req-1")),
                          60, "the request's spans at the OTLP receiver")
         by_name = {s["name"]: s for s in spans}
         request, attempt = by_name["serve_app POST /traced/v1/rerank"], by_name["serve_app attempt ce"]
-        replica = next(s for s in spans if s["attributes"].get("deployment") == "rerank-ce")
+        replica = next(s for s in spans if _replica_span(s))
         assert attempt["parent"] == request["id"]
         assert attempt["id"] in _ancestors(replica, spans), spans  # router → attempt → (Serve's handle call) → replica
         assert replica["attributes"]["request_id"] == "traced-req-1"  # Serve's own attribute
