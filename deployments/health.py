@@ -4,13 +4,14 @@ Serve calls `check_health` every `health_check_period_s`; raising makes Serve re
 replica. An engine ping misses stalls (ray #61263) and a probe stuck behind a long queue has
 killed healthy vLLM replicas (ray #54070), so:
 - stalled (requests in flight, no progress for `stall_after_s`) → unhealthy, whatever else;
-  progress is a request's output, its end, or (where the engine says so) an engine step: vLLM
-  hands a non-streamed answer over only at its end, and a long one is not a stall;
+  progress is a request's output, its end, or (where the engine says so) an engine step that ran
+  requests besides the probe: vLLM hands a non-streamed answer over only at its end, and a long
+  one is not a stall;
 - a real request completed, or real output came (a token streamed, a batch scored), within
   `fresh_s` → healthy, no probe needed: a saturated replica whose long prefills keep a 1-token
   probe waiting past its budget is still serving (the routing bench had replicas replaced so);
 - otherwise a tiny real probe through the engine must finish within `probe_timeout_s`, unless it
-  waited behind work the engine kept stepping through meanwhile (a replica busy with long prompts
+  waited behind other work the engine kept stepping through meanwhile (a replica busy with long prompts
   is not sick: three 1,450-token prompts at a time kept probes queued past 10 s on a 2-core CPU,
   and Serve replaced healthy replicas until no request got through).
 """
@@ -110,7 +111,7 @@ class HealthMonitor:
                 self._passed()  # queued behind work the engine kept stepping through: busy, not sick
                 return
             raise self._fail(f"probe did not finish within {self.settings.probe_timeout_s:g}s")
-        exc = task.exception()
+        exc = task.exception() if not task.cancelled() else asyncio.CancelledError("the probe was cancelled")
         if exc is not None:
             self._probe_done(t0, False)
             raise self._fail(f"probe failed: {type(exc).__name__}: {str(exc)[:200]}") from exc

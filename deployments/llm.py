@@ -148,7 +148,8 @@ class LLMServer(MonitoredReplica):
         clamps any (a completion's unnamed budget stays vLLM's, OpenAI's, 16)."""
         own = self._own(body, **extra)
         if api == "chat" and own.get("max_tokens") is None and own.get("max_completion_tokens") is None:
-            own["max_tokens"] = self.default_max_tokens
+            # vLLM rejects a max_tokens over max_model_len (and clamps one over the room left)
+            own["max_tokens"] = min(self.default_max_tokens, self.engine.max_model_len)
         return own
 
     def _own(self, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -233,10 +234,18 @@ class LLMServer(MonitoredReplica):
         return self.engine.unfinished()
 
     async def _probe(self) -> None:
-        """One real token through the same path as real work (the engine's own ping misses stalls)."""
+        """One real token through the same path as real work (the engine's own ping misses stalls).
+        Its engine steps are not counted as the in-flight requests' progress (EngineLoad.probing)."""
         await self.engine.check_health()
-        await self.engine.create("completion", {"model": self.cfg.name, "prompt": "ping", "max_tokens": 1,
-                                                "temperature": 0.0}, "health-probe")
+        load = self.engine.load
+        if load is not None:
+            load.probing += 1
+        try:
+            await self.engine.create("completion", {"model": self.cfg.name, "prompt": "ping", "max_tokens": 1,
+                                                    "temperature": 0.0}, "health-probe")
+        finally:
+            if load is not None:
+                load.probing -= 1
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -130,12 +130,17 @@ def test_a_chat_naming_no_budget_gets_the_gateway_default_and_a_named_one_stays_
     none keeps vLLM's (OpenAI's) 16."""
     from deployments.llm import LLMServer
 
+    from types import SimpleNamespace
+
     server = LLMServer.__new__(LLMServer)
     server.cfg, server.default_max_tokens = _llm(), 256
     server.adapter_names = server.cfg.adapter_names()
+    server.engine = SimpleNamespace(max_model_len=2048)
     assert server._generation("chat", {"model": "smol"})["max_tokens"] == 256
     assert server._generation("chat", {"model": "smol", "max_tokens": None})["max_tokens"] == 256
     assert server._generation("chat", {"model": "smol", "max_tokens": 400})["max_tokens"] == 400
     named = server._generation("chat", {"model": "smol", "max_completion_tokens": 900})
     assert named["max_completion_tokens"] == 900 and "max_tokens" not in named
     assert "max_tokens" not in server._generation("completion", {"model": "smol", "prompt": "x"})
+    server.default_max_tokens = 4096  # above the context: vLLM would reject it, so the context it is
+    assert server._generation("chat", {"model": "smol"})["max_tokens"] == 2048

@@ -148,3 +148,42 @@ def test_a_probe_queued_behind_work_the_engine_steps_through_passes_and_a_wedged
     stepped[0] = now[0] - 1  # the last step was before the probe began: a wedged engine
     with pytest.raises(ReplicaUnhealthy, match="probe did not finish within 0.2s"):
         asyncio.run(m.check(queued))
+
+
+def test_the_engines_progress_is_a_step_that_ran_requests_besides_the_health_probe():
+    """EngineLoad (vLLM's stat logger) marks progress only for steps that ran some request other
+    than the replica's own probe: the probe's steps must not hide a stuck request, and steps in
+    which requests only wait (a grammar compiling) are not progress either."""
+    from types import SimpleNamespace
+
+    from deployments.engines.vllm_load import EngineLoad
+
+    load = EngineLoad(SimpleNamespace(cache_config=SimpleNamespace(block_size=16, num_gpu_blocks=8)))
+
+    def step(running: int, waiting: int = 0) -> None:
+        load.record(SimpleNamespace(num_running_reqs=running, num_waiting_reqs=waiting, kv_cache_usage=0.0,
+                                    prefix_cache_stats=None), None)
+
+    step(0, waiting=1)  # a request waits for its grammar: the engine loops, nothing runs
+    load.record(None, None)
+    assert load.stepped_at is None
+    load.probing = 1
+    step(1)  # only the probe ran
+    assert load.stepped_at is None
+    step(2)  # the probe and a real request
+    first = load.stepped_at
+    assert first is not None
+    load.probing = 0
+    step(1)
+    assert load.stepped_at >= first
+
+
+def test_a_probe_cancelled_from_elsewhere_is_a_failed_check_not_an_escaping_cancel():
+    m, _ = monitor()
+
+    async def cancelled():
+        raise asyncio.CancelledError()
+
+    with pytest.raises(ReplicaUnhealthy, match="probe failed: CancelledError"):
+        asyncio.run(m.check(cancelled))
+    assert m.snapshot()["check_ok"] is False and m.snapshot()["last_probe_ok"] is False

@@ -42,11 +42,18 @@ class EngineLoad(StatLoggerBase):
         self._first_step: float | None = None
         self._last_step: float | None = None
         self._had_work = False  # the last step left requests in the scheduler: the time since was work
-        self.stepped_at: float | None = None  # monotonic: the engine's last step (the health check's progress)
+        # monotonic: the last engine step that ran requests besides the replica's own health probes
+        # (the health check's progress); `probing` counts the probes in the engine now
+        self.stepped_at: float | None = None
+        self.probing = 0
         self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
-        self.stepped_at = time.monotonic()
+        # Progress: a step with running requests other than the probe's. Not any step: vLLM steps
+        # (with stats) every ~1 ms while requests only wait (a grammar compiling, remote KV), and
+        # the probe's own steps would hide a stuck request behind a passing probe.
+        if scheduler_stats is not None and scheduler_stats.num_running_reqs > self.probing:
+            self.stepped_at = time.monotonic()
         for done in getattr(iteration_stats, "finished_requests", None) or ():
             self._finished(done)
         # vLLM makes iteration stats only for steps with outputs: a prefill chunk's step has none
