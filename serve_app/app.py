@@ -13,6 +13,7 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from deployments.embedder import EmbedderServer
+from deployments.engines.vllm_spin import ENV as SPIN_ENV
 from deployments.llm import LLMServer
 from deployments.reranker import RerankerServer
 from serve_app.compat import check_model
@@ -72,8 +73,11 @@ def model_deployment(model: ModelConfig, env: dict[str, str] | None = None) -> D
         # vLLM's mp workers inherit CUDA_VISIBLE_DEVICES from it (a placement group would leave
         # the replica itself without GPUs, and Serve cannot combine one with max_replicas_per_node).
         actor["num_gpus"] = per_worker * model.tensor_parallel_size
-    if model.engine_env or env:
-        actor["runtime_env"] = {"env_vars": {**(env or {}), **model.engine_env}}
+    engine_env = {**(env or {}), **model.engine_env}
+    if model.engine_idle_spin_s is not None:  # read in vLLM's own processes (deployments/engines/vllm_spin.py)
+        engine_env[SPIN_ENV] = str(model.engine_idle_spin_s)
+    if engine_env:
+        actor["runtime_env"] = {"env_vars": engine_env}
     if model.kind is not ModelKind.llm:
         opts["user_config"] = model.batch.model_dump()
     elif model.routing_policy == "cache_aware":

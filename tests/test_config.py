@@ -65,6 +65,17 @@ def test_builder_options_follow_config():
     assert [row["deployment"] for row in describe(cfg)] == ["router", "llm-m", "rerank-r"]
 
 
+def test_engine_idle_spin_reaches_vllms_processes_through_the_replicas_environment():
+    from deployments.engines.vllm_spin import ENV
+
+    m = ModelConfig.model_validate({**LLM, "engine_env": {"A": "1"}, "engine_idle_spin_s": 0.02})
+    assert model_deployment(m).ray_actor_options["runtime_env"] == {"env_vars": {"A": "1", ENV: "0.02"}}
+    assert "runtime_env" not in model_deployment(ModelConfig.model_validate(LLM)).ray_actor_options  # vLLM's own
+    assert "engine_idle_spin_s" in error_for({"models": [
+        {"name": "r", "kind": "rerank", "engine": "transformers", "source": "org/r", "engine_idle_spin_s": 0.02}]})
+    assert "engine_idle_spin_s" in error_for({"models": [{**LLM, "engine_idle_spin_s": 5}]})
+
+
 def test_shipped_configs_validate():
     for path in (ROOT / "serve_config.yaml", ROOT / "cluster" / "gpu_serve_config.yaml"):
         _, apps = load_serve_config(path)

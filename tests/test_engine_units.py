@@ -135,7 +135,7 @@ def test_a_chat_naming_no_budget_gets_the_gateway_default_and_a_named_one_stays_
     server = LLMServer.__new__(LLMServer)
     server.cfg, server.default_max_tokens = _llm(), 256
     server.adapter_names = server.cfg.adapter_names()
-    server.engine = SimpleNamespace(max_model_len=2048)
+    server.engine = SimpleNamespace(max_model_len=2048, shutdown=lambda: None)
     assert server._generation("chat", {"model": "smol"})["max_tokens"] == 256
     assert server._generation("chat", {"model": "smol", "max_tokens": None})["max_tokens"] == 256
     assert server._generation("chat", {"model": "smol", "max_tokens": 400})["max_tokens"] == 400

@@ -22,7 +22,9 @@ shorter by more replicas, only the queue ahead of it is (the drain term).
   then hold, since the new ones take load as soon as they are up (llm-d waits the same way); a
   scale-down is still decided then (a replica that never comes up must not freeze the policy);
 - pressure x n/(n-1) < `scale_down_below`: one replica fewer (the policy's own estimate says the
-  rest stay well inside every target); from 1 to 0 only with no work at all and min_replicas 0;
+  rest stay well inside every target); from 1 to 0 only with no work at all and min_replicas 0
+  (no request in Serve's count, every driver near 0, and no request or prompt token the replica
+  itself reports holding);
 - between: hold. The band from `scale_down_below` to 1 is the hysteresis; Serve's
   upscale/downscale delays apply on top (ray.serve.autoscaling_policy's wrapper).
 With no replica reporting yet (just started, or an older release), it scales on requests as
@@ -40,6 +42,8 @@ SIGNALS = ("kv_usage", "waiting", "running", "prompt_tokens_waiting", "prompt_to
 DRIVERS = ("kv_cache", "waiting", "drain", "demand")  # the terms that move replicas (ttft is shown)
 IDLE = 0.02  # every driver below this share of its target, and no request ongoing: no work at all (the
 # replica's own health probe, a one-token prompt each period, is not work that keeps it up)
+HELD = 0.5  # requests vLLM holds (running + waiting, a mean over the look-back): a probe's share stays
+# far below it, one real request held through the window reaches 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +139,7 @@ def _decide_running(running: int, signals: Sequence[ReplicaSignals], t: Targets,
         return Decision(want, "up", why, p, terms)
     if running > min_replicas:
         if running == 1:  # to zero: only when nothing is asked or held at all
-            if requests <= 0 and all(terms[k] < IDLE for k in DRIVERS):
+            if requests <= 0 and all(terms[k] < IDLE for k in DRIVERS) and not any(map(_holds_work, signals)):
                 return Decision(0, "down", "no work at all on the only replica (min_replicas 0)", p, terms)
             return Decision(1, "hold", f"load {p:.2f}x target on the only replica", p, terms)
         fewer = p * running / (running - 1)
@@ -145,6 +149,13 @@ def _decide_running(running: int, signals: Sequence[ReplicaSignals], t: Targets,
         return Decision(running, "hold", f"{p:.2f}x target now, {fewer:.2f}x with one replica fewer "
                         f"(scale down below {t.scale_down_below:g})", p, terms)
     return Decision(running, "hold", f"{p:.2f}x target, at min_replicas {min_replicas}", p, terms)
+
+
+def _holds_work(s: ReplicaSignals) -> bool:
+    """The replica's own report of work: what keeps it from zero even when Serve's request count
+    reads 0 (a replica too busy to push it on time) and no rate is measured yet (one long prompt's
+    first prefill: no drain or demand term)."""
+    return s.prompt_tokens_waiting > 0 or s.running + s.waiting >= HELD
 
 
 def _action(want: int, now: int) -> str:

@@ -153,6 +153,11 @@ class ModelConfig(StrictConfig):
     engine_env: dict[str, str] = Field(
         default_factory=dict, description="environment of the replica process (e.g. VLLM_CPU_KVCACHE_SPACE)"
     )
+    engine_idle_spin_s: float | None = Field(
+        None, ge=0, le=1, description="vLLM engines: seconds vLLM's worker busy-polls for the next step after each "
+        "message before it sleeps (None: vLLM's own 1 s). On CPU nodes set it low (serve_config.yaml: 0.02): each "
+        "spun second is a core taken from other replicas, after every request and health probe (docs/PARAMETERS.md)",
+    )
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings, description="llm: vLLM's frontend flags")
     batching: BatchSettings | None = None
@@ -215,6 +220,8 @@ class ModelConfig(StrictConfig):
             raise ValueError("document_template must contain {document}")
         if self.tensor_parallel_size > 1 and self.engine is not EngineKind.vllm:
             raise ValueError("tensor_parallel_size > 1 needs engine 'vllm'")
+        if self.engine_idle_spin_s is not None and self.engine is not EngineKind.vllm:
+            raise ValueError("engine_idle_spin_s applies to engine 'vllm' (its multiprocessing executor's busy loop)")
         if self.engine is EngineKind.vllm and (self.device != "auto" or self.dtype != "auto"):
             raise ValueError("device/dtype apply to engine 'transformers'; vLLM places itself and takes engine_kwargs.dtype")
         if self.engine is EngineKind.transformers:

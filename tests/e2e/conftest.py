@@ -28,9 +28,11 @@ from tests.local_servers import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-# The tiny vLLM models' deep probe every 30 s, not 10: after each message a vLLM worker spins for
-# 1 s (shm_broadcast's busy loop), so a 10 s probe keeps each worker at ~10% of a core while idle,
-# taken from every test that runs beside them. No test here is about their health period.
+# Every vLLM model here, as serve_config.yaml's: vLLM's worker would spin 1 s after each message
+# (a health probe included), a core-second taken from every test running beside it.
+IDLE_SPIN = {"engine_idle_spin_s": 0.02}
+# The tiny vLLM models' deep probe every 30 s, not 10: each is a forward pass on the two shared
+# cores, and no test here is about their health period.
 TINY_VLLM_HEALTH = {"health_check_period_s": 30}
 # The tiny decoders' KV cache in blocks (vLLM's num_gpu_blocks_override): 64 blocks of 128 tokens
 # (CPU's block size) hold 8,192 tokens, far more than any test sends. Without it each such engine
@@ -55,7 +57,7 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dic
                 "max_input_tokens": 256, "tensor_parallel_size": 2,
                 "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8, "num_gpu_blocks_override": TINY_KV_BLOCKS},
                 # One core per TP rank (vllm-cpu syntax: ranks separated by '|').
-                "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                **IDLE_SPIN, "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
                 "deployment": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}, **TINY_VLLM_HEALTH},
             },
             {
@@ -66,7 +68,7 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dic
             {
                 "name": "tiny-ce-vllm", "kind": "rerank", "engine": "vllm", "source": str(ce),
                 "engine_kwargs": {"enforce_eager": True},
-                "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+                **IDLE_SPIN, "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
                 "deployment": {"ray_actor_options": {"num_cpus": 1}, **TINY_VLLM_HEALTH},
             },
             # A Qwen3-Reranker-shaped causal LM: no rerank settings here, the preset supplies them
@@ -78,7 +80,7 @@ def tiny_args(llama: pathlib.Path, ce: pathlib.Path, qwen3: pathlib.Path) -> dic
             {
                 "name": "tiny-qwen3-vllm", "kind": "rerank", "engine": "vllm", "source": str(qwen3),
                 "engine_kwargs": {"enforce_eager": True, "num_gpu_blocks_override": TINY_KV_BLOCKS},
-                "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+                **IDLE_SPIN, "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
                 "deployment": {"ray_actor_options": {"num_cpus": 1}, **TINY_VLLM_HEALTH},
             },
         ],

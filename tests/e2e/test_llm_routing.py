@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.browser import chromium_dom, console_errors, needs_chromium
-from tests.e2e.conftest import CPU_ENGINE_ENV, TINY_KV_BLOCKS, all_apps, deploy, wait_for
+from tests.e2e.conftest import CPU_ENGINE_ENV, IDLE_SPIN, TINY_KV_BLOCKS, all_apps, deploy, wait_for
 from tests.tiny_models import WORDS
 
 pytestmark = pytest.mark.e2e
@@ -31,7 +31,7 @@ def routing_app(llama, lora) -> dict:
             # for this model (head_dim 32) dies with SIGILL at its first forward pass; AVX2-only CPUs ran it.
             "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8, "block_size": 32, "dtype": "float32",
                               "num_gpu_blocks_override": TINY_KV_BLOCKS * 4},  # the same 8,192 tokens
-            "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+            **IDLE_SPIN, "engine_env": {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
             "routing": {"stats_period_s": 1},
             "lora": {"adapters": [{"name": ADAPTER, "source": str(lora)}], "max_lora_rank": 8, "max_loras": 2},
             "deployment": {"num_replicas": 2, "health_check_period_s": 1, "ray_actor_options": {"num_cpus": 1}},
