@@ -107,7 +107,7 @@ def test_it_scales_down_only_when_its_estimate_on_fewer_replicas_stays_inside_th
     assert decide(1, 1, [ReplicaSignals()], T, 1, 2).replicas == 1
     assert decide(1, 1, [ReplicaSignals(running=0.05)], T, 0, 2, requests=0).replicas == 0  # a health probe's share
     # What the replica itself holds keeps it up when Serve's request count reads 0 (a starved replica
-    # pushed it late: CI's run, 2026-12-04) and no rate is measured yet (one long prompt, no drain term).
+    # pushes it late) and no rate is measured yet (one long prompt's prefill: no drain or demand term).
     assert decide(1, 1, [ReplicaSignals(running=1)], T, 0, 2, requests=0).replicas == 1
     held = decide(1, 2, [ReplicaSignals(prompt_tokens_waiting=1450)], T, 0, 2, requests=0)  # a second starting
     assert (held.replicas, held.action) == (2, "hold")

@@ -100,7 +100,7 @@ def test_scaled_to_zero_model_is_probed_once_then_served_warm():
 
 def test_answers_keep_a_scaled_to_zero_model_known_warm_past_its_downscale_delay():
     """Every answer proves a replica up for another downscale delay: steady traffic probes once
-    (a probe queued behind a saturated replica once read as 'did not start': CI, 2026-12-04)."""
+    (a probe queued behind a saturated replica would read as a start that did not finish)."""
     c, fake = _zero_client(delay=0.0, timeout=5, downscale_delay_s=0.5)
     for _ in range(8):  # 1.6 s of traffic, three downscale delays
         assert c.post("/v1/rerank", json=BODY).status_code == 200

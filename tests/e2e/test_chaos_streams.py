@@ -275,6 +275,20 @@ def _serve_running() -> int:
     return _serve_states().get("RUNNING", 0)
 
 
+def _what_serve_did(c: httpx.Client) -> str:
+    """For a failure's message: the policy's recent decisions and each replica's state and health
+    as the app's status says (CI keeps only pytest's output)."""
+    try:
+        row = c.get("/v1/status", timeout=30).json()["models"][MODEL]
+        keys = ("replica_id", "serve_state", "check_ok", "in_flight", "stalled_for_s", "last_probe_ok", "last_error",
+                "failing_since")
+        replicas = [{k: r.get(k) for k in keys} for r in row.get("replicas", [])]
+        return json.dumps({"serve_states": _serve_states(), "recent_changes": row["scaling"].get("recent_changes"),
+                           "replicas": replicas}, default=str)[:6000]
+    except Exception as exc:  # noqa: BLE001 - a diagnosis never hides the failure itself
+        return f"(no status: {exc!r})"
+
+
 def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_to_zero(stack, http):
     """The token policy on the real stack: min 0, max 2, started at 1. Three long prompts at a time
     (ongoing requests never reach Serve's default target of 8: max_num_seqs 16 / 2) add a replica;
@@ -304,7 +318,7 @@ def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_t
                     return
                 text = f"{uuid.uuid4().hex} {filler[:1200] if starting else filler}"  # a fresh prefix each: nothing cached
                 r = c.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": text}]})
-                assert r.status_code == 200, r.text
+                assert r.status_code == 200, f"{r.text}\n{_what_serve_did(c)}"
                 if starting:
                     time.sleep(2)
 
