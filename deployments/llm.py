@@ -145,9 +145,12 @@ class LLMServer(MonitoredReplica):
     def _generation(self, api: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
         """`_own(body)` for the engine to generate: a chat that names no output budget gets the
         gateway's `default_max_tokens`, which vLLM clamps to the room left in the context as it
-        clamps any (a completion's unnamed budget stays vLLM's, OpenAI's, 16)."""
+        clamps any. A completion without `max_tokens` keeps vLLM's (OpenAI's) 16; one with
+        `"max_tokens": null` gets the default too (vLLM would generate to the end of the context,
+        and a continuation would not know that budget)."""
         own = self._own(body, **extra)
-        if api == "chat" and own.get("max_tokens") is None and own.get("max_completion_tokens") is None:
+        unnamed = own.get("max_tokens") is None and own.get("max_completion_tokens") is None
+        if unnamed and (api == "chat" or "max_tokens" in own):
             # vLLM rejects a max_tokens over max_model_len (and clamps one over the room left)
             own["max_tokens"] = min(self.default_max_tokens, self.engine.max_model_len)
         return own

@@ -126,8 +126,8 @@ def test_an_error_before_the_first_token_is_raised_not_streamed():
 
 def test_a_chat_naming_no_budget_gets_the_gateway_default_and_a_named_one_stays_the_clients():
     """The gateway's default_max_tokens fills only an unnamed chat budget (vLLM clamps it to the
-    context's room); a named one reaches vLLM as sent, above the default too; a completion naming
-    none keeps vLLM's (OpenAI's) 16."""
+    context's room); a named one reaches vLLM as sent, above the default too; a completion without
+    the field keeps vLLM's (OpenAI's) 16, one with an explicit null gets the default like a chat."""
     from deployments.llm import LLMServer
 
     from types import SimpleNamespace
@@ -142,5 +142,16 @@ def test_a_chat_naming_no_budget_gets_the_gateway_default_and_a_named_one_stays_
     named = server._generation("chat", {"model": "smol", "max_completion_tokens": 900})
     assert named["max_completion_tokens"] == 900 and "max_tokens" not in named
     assert "max_tokens" not in server._generation("completion", {"model": "smol", "prompt": "x"})
+    # an explicit null: vLLM would generate to the context's end; a continuation would not know that budget
+    assert server._generation("completion", {"model": "smol", "prompt": "x", "max_tokens": None})["max_tokens"] == 256
+    from deployments.engines.continuation import requested_max_tokens
+    assert requested_max_tokens("completion", {"prompt": "x", "max_tokens": None}, 256) == 256
+    assert requested_max_tokens("completion", {"prompt": "x"}, 256) == 16
+    # the router's admission estimate charges what the replica will allow
+    from serve_app.api.openai import ChatEnvelope, CompletionEnvelope
+    assert CompletionEnvelope.model_validate({"model": "smol", "prompt": ""}).estimated_tokens(256) == 16
+    assert CompletionEnvelope.model_validate({"model": "smol", "prompt": "", "max_tokens": None}).estimated_tokens(256) == 256
+    assert CompletionEnvelope.model_validate({"model": "smol", "prompt": "", "max_tokens": 7}).estimated_tokens(256) == 7
+    assert ChatEnvelope.model_validate({"model": "smol", "messages": [{"role": "user", "content": ""}]}).estimated_tokens(256) == 256
     server.default_max_tokens = 4096  # above the context: vLLM would reject it, so the context it is
     assert server._generation("chat", {"model": "smol"})["max_tokens"] == 2048

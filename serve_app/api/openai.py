@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.engines.continuation import COMPLETION_DEFAULT_MAX_TOKENS
 from serve_app.admission import estimate_tokens
 
 UNSUPPORTED_EMBEDDING_PARAMS = ("dimensions",)
@@ -38,8 +39,12 @@ class LLMEnvelope(BaseModel):
     def estimated_tokens(self, default_max_tokens: int) -> int:
         """For quotas before the model runs: the prompt's text (~4 characters a token; token-id
         prompts count one each) plus the most it may generate."""
-        out = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        out = self.max_completion_tokens or self.max_tokens or self.unnamed_budget(default_max_tokens)
         return self.estimated_prompt_tokens() + out * (self.n or 1)
+
+    def unnamed_budget(self, default_max_tokens: int) -> int:
+        """What the replica generates at most when the body names no budget (deployments/llm.py)."""
+        return default_max_tokens
 
     def estimated_prompt_tokens(self) -> int:
         texts, ids = _texts(self._prompt())
@@ -61,6 +66,11 @@ class CompletionEnvelope(LLMEnvelope):
 
     def _prompt(self) -> Any:
         return self.prompt
+
+    def unnamed_budget(self, default_max_tokens: int) -> int:
+        """A completion without the field gets vLLM's (OpenAI's) 16; an explicit null gets the
+        gateway's default, as a chat does."""
+        return default_max_tokens if "max_tokens" in self.model_fields_set else COMPLETION_DEFAULT_MAX_TOKENS
 
 
 def _texts(value: Any) -> tuple[list[str], int]:
