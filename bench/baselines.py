@@ -105,10 +105,13 @@ def vllm_command(model, path: pathlib.Path, port: int) -> list[str]:
 
 
 def vllm_serve(seconds: float, port: int) -> dict:
-    """Bare `vllm serve` on the default LLM with the engine settings serve_config.yaml gives it."""
+    """Bare `vllm serve` on the default LLM with the engine settings serve_config.yaml gives it (its
+    environment too: the idle-spin cap reaches a bare vLLM through the same plugin)."""
+    from serve_app.app import replica_environment
+
     model, path = llm_model()
     cmd = vllm_command(model, path, port)
-    env = {**os.environ, **model.engine_env}
+    env = {**os.environ, **replica_environment(model)}
     log = open("bench/results/vllm-serve.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -128,6 +131,7 @@ def vllm_router(port: int) -> dict:
     use), under the routing step's workload. Each engine's hit and request counters come from its
     /metrics."""
     from bench.routing import ENGINE, routing_entry, run_phases
+    from serve_app.app import replica_environment
     from serve_app.config import ModelConfig
     from serve_app.presets import apply_preset
 
@@ -145,7 +149,7 @@ def vllm_router(port: int) -> dict:
         t0 = time.time()
         for i, p in enumerate(engine_ports):
             log = open(f"bench/results/vllm-router-engine{i}.log", "w")
-            procs.append(subprocess.Popen(vllm_command(model, path, p), env={**os.environ, **model.engine_env}, stdout=log,
+            procs.append(subprocess.Popen(vllm_command(model, path, p), env={**os.environ, **replica_environment(model)}, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
         for url, proc in zip(urls, procs):
             _wait_http(f"{url}/v1/models", proc, 600)

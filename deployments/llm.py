@@ -101,7 +101,7 @@ class LLMServer(MonitoredReplica):
         splice = Splice(resume.text, held, [stops] if isinstance(stops, str) else list(stops),
                         bool(body.get("include_stop_str_in_output")))
         writer = Continuation(api, resume, splice, bool(body.get("return_token_ids")))
-        own = completion_body(api, body, resume, self._own(body)["model"], self.default_max_tokens)
+        own = completion_body(api, body, resume, self._own(body)["model"], self._unnamed_budget())
         if own is None:  # the budget was spent when the replica failed: only the stream's end was lost
             want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             yield stream_item(writer.ending("length", want_usage), writer.usage(), self.replica, writer.tracker.take())
@@ -151,9 +151,14 @@ class LLMServer(MonitoredReplica):
         own = self._own(body, **extra)
         unnamed = own.get("max_tokens") is None and own.get("max_completion_tokens") is None
         if unnamed and (api == "chat" or "max_tokens" in own):
-            # vLLM rejects a max_tokens over max_model_len (and clamps one over the room left)
-            own["max_tokens"] = min(self.default_max_tokens, self.engine.max_model_len)
+            own["max_tokens"] = self._unnamed_budget()
         return own
+
+    def _unnamed_budget(self) -> int:
+        """The budget of a request that names none, here and in a continued stream alike: the
+        gateway's default, but never over max_model_len (vLLM rejects that; it clamps a budget over
+        the room left)."""
+        return min(self.default_max_tokens, self.engine.max_model_len)
 
     def _own(self, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
         """The body as this model's: a fallback model answers under its own name (vLLM checks it);

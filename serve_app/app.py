@@ -73,9 +73,7 @@ def model_deployment(model: ModelConfig, env: dict[str, str] | None = None) -> D
         # vLLM's mp workers inherit CUDA_VISIBLE_DEVICES from it (a placement group would leave
         # the replica itself without GPUs, and Serve cannot combine one with max_replicas_per_node).
         actor["num_gpus"] = per_worker * model.tensor_parallel_size
-    engine_env = {**(env or {}), **model.engine_env}
-    if model.engine_idle_spin_s is not None:  # read in vLLM's own processes (deployments/engines/vllm_spin.py)
-        engine_env[SPIN_ENV] = str(model.engine_idle_spin_s)
+    engine_env = {**(env or {}), **replica_environment(model)}
     if engine_env:
         actor["runtime_env"] = {"env_vars": engine_env}
     if model.kind is not ModelKind.llm:
@@ -83,6 +81,16 @@ def model_deployment(model: ModelConfig, env: dict[str, str] | None = None) -> D
     elif model.routing_policy == "cache_aware":
         opts["request_router_config"] = llm_request_router(model)
     return serve.deployment(_REPLICA_CLASS[model.kind]).options(name=model.deployment_name, **opts)
+
+
+def replica_environment(model: ModelConfig) -> dict[str, str]:
+    """What the model's replica process (and the engine processes it starts) gets in its environment:
+    `engine_env`, and the idle-spin cap vLLM's own processes read (deployments/engines/vllm_spin.py).
+    The benchmarks give a bare `vllm serve` the same."""
+    env = dict(model.engine_env)
+    if model.engine_idle_spin_s is not None:
+        env[SPIN_ENV] = str(model.engine_idle_spin_s)
+    return env
 
 
 def llm_request_router(model: ModelConfig) -> dict[str, Any]:

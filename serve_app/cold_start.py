@@ -5,8 +5,7 @@ Without the wait a request to a sleeping model would hang until the general dead
 client gets a clear 503 after `gateway.cold_start_timeout_s`, whose Retry-After is what a start
 is measured to take (the last cold start this router waited for, or the load time a replica of
 the model reported: weights, engine, first token) less what this request already waited. A model
-known to have a replica (a wait ended, or a replica answered) is not probed again until Serve
-could have scaled it back down.
+known to have a replica is not probed again until Serve could have scaled it back down.
 """
 
 from __future__ import annotations
@@ -55,16 +54,8 @@ class ColdStart:
         waited = time.monotonic() - started
         if waited > 1.0:  # a real start, not a replica that was up already
             self.waited_s[name] = round(waited, 1)
-        self.served(name)
-
-    def served(self, name: str) -> None:
-        """A replica of the model answered (or started) just now. Serve keeps it at least for the
-        downscale delay after traffic stops, so no request until then probes for one: under steady
-        traffic none does, and a probe queued behind a saturated replica is not read as a cold start
-        that did not finish."""
-        auto = self.models[name].deployment.autoscaling_config
-        if auto is not None and auto.min_replicas == 0:
-            self.warm_until[name] = time.monotonic() + auto.downscale_delay_s
+        # Serve keeps the replica at least for the downscale delay after traffic stops.
+        self.warm_until[name] = time.monotonic() + self.models[name].deployment.autoscaling_config.downscale_delay_s
 
     async def expected_s(self, name: str) -> float | None:
         """What a cold start of the model takes, as measured: this router's last wait for one, else

@@ -113,12 +113,11 @@ class Dispatcher:
         self, gateway: GatewayConfig, models: dict[str, ModelConfig], handles: dict[str, DeploymentHandle],
         ensure_replica: Callable[[str, float], Awaitable[None]], on_event: Callable[[str, str], None] = lambda e, m: None,
         on_circuit: Callable[[str, dict[str, Any]], None] = lambda m, snapshot: None,
-        queue: TokenQueue | None = None, on_served: Callable[[str], None] = lambda m: None,
+        queue: TokenQueue | None = None,
     ) -> None:
         self.gateway, self.models, self.handles = gateway, models, handles
         self.queue = queue  # LLMs' admission by prompt tokens (serve_app/autoscaling/queue.py)
         self.ensure_replica = ensure_replica
-        self.on_served = on_served  # a replica of the model just answered: it is up (serve_app/cold_start.py)
         # ("retry" | "fallback" | "circuit_open" | "input_failed", model): metrics hook
         self.on_event = on_event
         self.breakers = {
@@ -216,7 +215,6 @@ class Dispatcher:
             try:
                 await self.ensure_replica(candidate, left)
                 result = await call(self.handles[candidate], left)
-                self.on_served(candidate)
             except BaseException as exc:
                 tracing.describe_attempt(span, stories.attempt(candidate, started, exc=exc))
                 raise

@@ -62,8 +62,7 @@ class Router:
         cold_start = ColdStart(gateway, self.models, handles, reported_load_s)
         self.queue = TokenQueue({n: m.queued_tokens_bound for n, m in self.models.items() if m.kind is ModelKind.llm},
                                 lambda n: registry.reported_waiting(self.models[n].deployment_name))
-        self.dispatch = Dispatcher(gateway, self.models, handles, cold_start.wait, self._event, report_circuit, self.queue,
-                                   cold_start.served)
+        self.dispatch = Dispatcher(gateway, self.models, handles, cold_start.wait, self._event, report_circuit, self.queue)
         # The Batch API (serve_app/batches/): its store, and the worker started with the app below.
         self.batch_store = BatchStore(gateway.batch.store, gateway.data_path, app)
         self.batch_api = BatchApi(self.batch_store, gateway.batch, gateway.max_body_bytes, self._serving_model)

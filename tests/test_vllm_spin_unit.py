@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import entry_points
 
 import pytest
 
 from deployments.engines import vllm_spin
 
-shm_broadcast = pytest.importorskip("vllm.distributed.device_communicators.shm_broadcast")
-zmq = pytest.importorskip("zmq")
+pytest.importorskip("vllm")  # the router-only install has no vLLM; with vLLM, the module must be where the plugin looks
+from vllm.distributed.device_communicators import shm_broadcast  # noqa: E402
+import zmq  # noqa: E402
 
 
 @pytest.fixture
@@ -52,6 +54,10 @@ def test_a_bad_value_or_a_vllm_without_the_knob_changes_nothing(spin_condition, 
     monkeypatch.setenv(vllm_spin.ENV, "fast")
     vllm_spin.register()
     assert reader_spin(spin_condition, tmp_path) == 1
+    monkeypatch.setenv(vllm_spin.ENV, "0.02")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "vllm.distributed.device_communicators.shm_broadcast", None)  # a vLLM that moved it
+        vllm_spin.register()  # vLLM calls it unguarded in every engine process: it must not raise
 
     class Other:
         def __init__(self, is_reader: bool) -> None:

@@ -37,8 +37,10 @@ def register() -> None:
     except ValueError:
         logger.warning("%s=%r is not a number of seconds; vLLM keeps its own spin", ENV, raw)
         return
-    from vllm.distributed.device_communicators import shm_broadcast
-
+    try:  # vLLM calls plugins unguarded: a failure here would stop every engine from starting
+        from vllm.distributed.device_communicators import shm_broadcast
+    except ImportError:
+        shm_broadcast = None
     cap_spin(getattr(shm_broadcast, "SpinCondition", None), seconds)
 
 

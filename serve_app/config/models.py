@@ -156,7 +156,7 @@ class ModelConfig(StrictConfig):
     engine_idle_spin_s: float | None = Field(
         None, ge=0, le=1, description="vLLM engines: seconds vLLM's worker busy-polls for the next step after each "
         "message before it sleeps (None: vLLM's own 1 s). On CPU nodes set it low (serve_config.yaml: 0.02): each "
-        "spun second is a core taken from other replicas, after every request and health probe (docs/PARAMETERS.md)",
+        "spun second is a core taken from other replicas, after every request and health probe (README, docs/benchmarks.md)",
     )
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings, description="llm: vLLM's frontend flags")
