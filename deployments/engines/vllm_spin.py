@@ -5,7 +5,7 @@ each engine step to its worker through a shared-memory ring, and the reader of t
 for 1 s after every message (shm_broadcast.SpinCondition, `busy_loop_s=1`, no setting) before it
 waits on a socket. Measured on a 2-core CPU (docs/benchmarks.md, bench/vllm_spin.py): a
 one-token request every 2 s, a replica's deep health probe, kept its worker at ~55% of a core
-idle; capped at 0.02 s it drops to ~6%, and eight streams of 64 tokens take the same time (their
+idle; capped at 0.02 s it drops to ~5%, and eight streams of 64 tokens take the same time (SmolLM2's
 steps come far closer than 0.02 s). Every core-second spun is taken from the forward passes of
 the node's other replicas.
 
