@@ -21,6 +21,8 @@ import sys
 import time
 import uuid
 
+from bench.rooms import cpu_seconds, descendants, process_table
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -28,7 +30,6 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "V
 
 async def one_setting(probes: int) -> tuple[float, float]:
     """(CPU-s of vLLM's processes over `probes` 1-token requests 2 s apart, seconds for 8 x 64 tokens)."""
-    import psutil
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -42,14 +43,7 @@ async def one_setting(probes: int) -> tuple[float, float]:
             pass
 
     def children_cpu() -> float:
-        total = 0.0
-        for p in psutil.Process().children(recursive=True):
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
+        return sum(cpu_seconds(pid) or 0.0 for pid in descendants(os.getpid(), process_table()))
 
     try:
         await request(1)
