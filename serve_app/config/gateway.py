@@ -32,7 +32,7 @@ class GatewayConfig(StrictConfig):
         )
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    default_max_tokens: int = Field(256, ge=1, description="a chat request that sets no max_tokens gets this (capped to the context)")
+    default_max_tokens: int = Field(256, ge=1, description="a chat request that sets no max_tokens, or a completion that sets it to null, gets this (capped to the context); a completion without the field gets 16")
     request_timeout_s: float = Field(
         120.0, gt=0, description="deadline for a model's answer (first token when streaming) -> 504"
     )
