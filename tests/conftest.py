@@ -49,13 +49,18 @@ def pg_server():
 
 def pytest_collection_modifyitems(items):
     """End-to-end tests run last, so in one process the session's Ray cluster (started by the first
-    of them, torn down at the session's end) is never up while the unit tests run."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+    of them, torn down at the session's end) is never up while the unit tests run. Among them, the
+    modules that use the shared apps (the `shared` fixture, tests/e2e/conftest.py) run after those
+    that do not, which run while the shared apps start in the background (tests/e2e/low_priority.py). A module is
+    kept whole (its module-scoped apps are deployed once)."""
+    module = lambda item: getattr(getattr(item, "module", None), "__name__", "")  # noqa: E731
+    shared_modules = {module(item) for item in items if "shared" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: (item.get_closest_marker("e2e") is not None, module(item) in shared_modules))
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` (`-n 2`): every e2e test is one unit of work, run on one worker in file order
+    """`make test` (`-n 2`): every e2e test is one unit of work, run on one worker in collection order
     with one session Ray cluster (the largest unit, so it starts first), while the other worker
     takes the unit tests one by one beside it. (xdist's own `xdist_group` marks do nothing under
     pytest 9.2: it keeps node ids in `Node._id`, and xdist 3.8 writes its group suffix to `_nodeid`.)"""

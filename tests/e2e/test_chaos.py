@@ -13,7 +13,7 @@ import pytest
 import ray
 from ray import serve
 
-from tests.e2e.conftest import all_apps, chaos_app, deploy, wait_for
+from tests.e2e.conftest import chaos_app, deploy, kept_apps, wait_for
 
 pytestmark = pytest.mark.e2e
 DEPLOYMENT = "rerank-ce"
@@ -81,9 +81,9 @@ def status(stack, app: str) -> dict:
 
 @pytest.fixture(scope="module")
 def chaos(stack):
-    deploy({**all_apps(stack), "chaos": chaos_app(stack.tiny_models.ce, {})})
+    deploy({**kept_apps(stack), "chaos": chaos_app(stack.tiny_models.ce, {})})
     yield f"{stack.base}/chaos"
-    deploy(all_apps(stack))
+    deploy(kept_apps(stack))
 
 
 def test_killing_a_replica_under_load_loses_no_request(stack, chaos):
@@ -150,7 +150,7 @@ def test_a_request_answered_by_a_fallback_tells_the_chain(stack, chaos):
     app = chaos_app(stack.tiny_models.ce, {"num_replicas": 1}, names=("ce", "ce-spare"))
     app["gateway"].update(breaker_failures=1, breaker_cooldown_s=120, request_timeout_s=3, retry_attempts=1)
     app["models"][0]["fallbacks"] = ["ce-spare"]
-    deploy({**all_apps(stack), "chaos": chaos_app(stack.tiny_models.ce, {}), "chaosfb": app})
+    deploy({**kept_apps(stack), "chaos": chaos_app(stack.tiny_models.ce, {}), "chaosfb": app})
     try:
         serve.get_deployment_handle(DEPLOYMENT, app_name="chaosfb").inject_fault.remote("stall").result()
         body = {"model": "ce", "query": "paris", "documents": ["paris", "rome"]}
@@ -165,7 +165,7 @@ def test_a_request_answered_by_a_fallback_tells_the_chain(stack, chaos):
         assert [(a["model"], a["outcome"]) for a in second["attempts"]] == [("ce", "circuit_open"), ("ce-spare", "ok")]
         assert second["fallbacks"] == ["ce-spare"] and second["model"] == "ce-spare" and second["status"] == 200
     finally:
-        deploy({**all_apps(stack), "chaos": chaos_app(stack.tiny_models.ce, {})})
+        deploy({**kept_apps(stack), "chaos": chaos_app(stack.tiny_models.ce, {})})
 
 
 def test_failing_health_check_gets_the_replica_replaced_while_traffic_continues(stack, chaos):
@@ -247,7 +247,7 @@ def test_removing_a_node_that_hosts_a_router_and_a_model_replica_loses_no_reques
     cluster.wait_for_nodes()
     pinned = {"max_replicas_per_node": 1, "ray_actor_options": {"num_cpus": 0, "resources": {"chaos_slot": 0.5}}}
     router = {"num_replicas": 2, **pinned}
-    deploy({**all_apps(stack), "chaosnode": chaos_app(stack.tiny_models.ce, pinned, router)})
+    deploy({**kept_apps(stack), "chaosnode": chaos_app(stack.tiny_models.ce, pinned, router)})
     try:
         handle = serve.get_deployment_handle(DEPLOYMENT, app_name="chaosnode")
         homes = {}
@@ -265,5 +265,5 @@ def test_removing_a_node_that_hosts_a_router_and_a_model_replica_loses_no_reques
         survivors = {handle.card.remote().result().replica.node_id for _ in range(10)}
         assert survivors == {nodes[1].node_id}
     finally:
-        deploy(all_apps(stack))
+        deploy(kept_apps(stack))
         cluster.remove_node(nodes[1])

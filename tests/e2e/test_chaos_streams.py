@@ -1,8 +1,10 @@
 """Chaos for LLM streams (serve_app/migration/): two real SmolLM2 replicas on vLLM; the replica
 serving a stream is SIGKILLed after its first tokens and the stream continues on the other, token
-for token; a structured-output stream cut mid-object ends with the documented error event; a
-redeploy of the model while eight streams run loses none of them, nor does a scale-down in place;
-the token autoscaler adds a replica for long prompts and takes both away when idle."""
+for token; a redeploy of the model while eight streams run loses none of them, nor does a
+scale-down in place; the token autoscaler adds a replica for long prompts and takes both away
+when idle; a structured-output stream cut mid-object ends with the documented error event.
+Tests run in file order and each takes the app as the one before left it: every vLLM start here
+costs ~30 s of a core (three processes import vLLM), so none is made that a test does not need."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest
 from ray.serve.context import _get_global_client
 
 from deployments.serve_view import app_deployments, app_status, replica_states, state_name
-from tests.e2e.conftest import all_apps, default_args, deploy, wait_for
+from tests.e2e.conftest import default_args, deploy, kept_apps, wait_for
 
 pytestmark = pytest.mark.e2e
 APP = "streams"
@@ -50,12 +52,12 @@ def streams_app(max_num_seqs: int = 16) -> dict:
 
 @pytest.fixture(scope="module")
 def http(stack):
-    deploy({**all_apps(stack), APP: streams_app()})
+    deploy({**kept_apps(stack), APP: streams_app()})
     try:
         with httpx.Client(base_url=f"{stack.base}/{APP}", timeout=300) as c:
             yield c
     finally:
-        deploy(all_apps(stack))
+        deploy(kept_apps(stack))
 
 
 KILLED: set[str] = set()  # a killed replica stays listed, its last report fresh, for a moment after
@@ -148,40 +150,6 @@ def test_a_killed_replicas_stream_continues_token_exact_on_the_other(stack, http
     assert events.get("stream_continued", 0) >= 1
 
 
-def test_a_structured_stream_cut_mid_object_ends_with_the_documented_error_event(http):
-    # One running replica is enough: a structured stream is refused before any other replica is
-    # sought. (The replacement of the one killed above starts meanwhile, beside this one's.)
-    wait_for(lambda: _running(http) >= 1, 240, "a running replica")
-    rid = f"json-{uuid.uuid4().hex[:8]}"
-    schema = {"type": "object", "properties": {"fruits": {"type": "array", "items": {"type": "string"}, "minItems": 40}},
-              "required": ["fruits"]}
-    body = {"model": MODEL, "max_tokens": 300, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": f"List forty fruits as JSON ({rid})."}],
-            "response_format": {"type": "json_schema", "json_schema": {"name": "fruits", "schema": schema}}}
-    text, events, killed = "", [], False
-    with http.stream("POST", "/v1/chat/completions", json=body, headers={"x-request-id": rid}) as r:
-        assert r.status_code == 200
-        victim = r.headers["x-served-replica"]
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            events.append(line[6:])
-            if line[6:] != "[DONE]" and '"choices"' in line:
-                for ch in json.loads(line[6:])["choices"]:
-                    text += (ch.get("delta") or {}).get("content") or ""
-            if not killed and len(text) >= 12:
-                _sigkill(victim)
-                killed = True
-    assert killed and events[-1] == "[DONE]"
-    err = json.loads(events[-2])["error"]
-    assert err["code"] == "replica_failed" and err["request_id"] == rid
-    assert "cannot continue on another replica: structured output (json_schema)" in err["message"]
-    with pytest.raises(json.JSONDecodeError):
-        json.loads(text)  # it was cut mid-object: the client has an error, not a silently short JSON
-    story = wait_for(lambda: http.get(f"/v1/requests/{rid}").json().get("migrations"), 30, "the request's story")
-    assert story[0]["outcome"] == "refused" and story[0]["reason"] == "structured_output"
-
-
 def _streams(stack, run: str, change, n: int = 8, max_tokens: int = 120,
              extra: dict | None = None) -> list[tuple[str, str | None, int, list[str]]]:
     """n greedy streams at once; `change()` once each has its first tokens; (text, finish_reason,
@@ -228,7 +196,7 @@ def test_a_redeploy_of_the_llm_while_eight_streams_run_loses_none(stack, http):
     run = f"redeploy-{uuid.uuid4().hex[:8]}"
     old = {r["replica_id"] for r in http.get("/v1/status").json()["models"][MODEL]["replicas"]}
     # A changed LLM config: Serve replaces every replica (and the router, whose args hold it).
-    _streams(stack, run, lambda: deploy({**all_apps(stack), APP: streams_app(max_num_seqs=15)}, wait=False))
+    _streams(stack, run, lambda: deploy({**kept_apps(stack), APP: streams_app(max_num_seqs=15)}, wait=False))
     wait_for(lambda: app_status(APP)[0] == "RUNNING", 600, "the redeploy to finish")
     now = {r["replica_id"] for r in http.get("/v1/status").json()["models"][MODEL]["replicas"] if r.get("serve_state") == "RUNNING"}
     assert not (old & now)  # every replica that held the streams was replaced
@@ -254,7 +222,7 @@ def test_a_redeploy_to_one_replica_while_eight_streams_run_moves_the_stopped_rep
     # Streams that outlast the change however slow the machine: in CI's run of 2026-12-04 none was
     # moved (the 120-token poems, ending at their own EOS, were over or never on the stopped
     # replica; the log is not kept). 400 tokens each, no early stop: 3-8 of 8 moved in runs here.
-    _streams(stack, run, lambda: deploy({**all_apps(stack), APP: args}, {APP: [{"name": DEPLOYMENT, "num_replicas": 1}]}, wait=False),
+    _streams(stack, run, lambda: deploy({**kept_apps(stack), APP: args}, {APP: [{"name": DEPLOYMENT, "num_replicas": 1}]}, wait=False),
              max_tokens=400, extra={"ignore_eos": True})
     moved = wait_for(lambda: _moved(http, run) or None, 30, "the moved streams' stories")
     assert all(m["outcome"] == "continued" for m in moved), moved
@@ -292,8 +260,8 @@ def _what_serve_did(c: httpx.Client) -> str:
 def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_to_zero(stack, http):
     """The token policy on the real stack: min 0, max 2, started at 1. Three long prompts at a time
     (ongoing requests never reach Serve's default target of 8: max_num_seqs 16 / 2) add a replica;
-    idleness takes both away; the next request waits for a replica and gets its answer. Last in
-    the module: it leaves the app at zero replicas."""
+    idleness takes both away; the next request waits for a replica and gets its answer. It leaves
+    the app on the token policy with that one replica (the structured-stream test uses it)."""
     auto = streams_app()
     dep = auto["models"][0]["deployment"]
     del dep["num_replicas"]
@@ -301,7 +269,7 @@ def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_t
                                  "downscale_delay_s": 5, "look_back_period_s": 2, "ttft_target_s": 0.5}
     auto["gateway"]["cold_start_timeout_s"] = 240
     auto["gateway"]["request_timeout_s"] = 280  # a cold start is within a request's deadline: 90-230 s here
-    deploy({**all_apps(stack), APP: auto})
+    deploy({**kept_apps(stack), APP: auto})
     wait_for(lambda: _serve_running() == 1, 300, "one running replica on the token policy")
     filler = "the quick brown fox jumps over the lazy dog " * 160  # ~1,450 tokens, under max_input_tokens 2,048
     stop = time.time() + 240
@@ -344,3 +312,40 @@ def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_t
     assert _serve_running() == 1 and cold > 2  # it waited for a start, and got its answer
     assert http.get("/v1/status").json()["models"][MODEL]["scaling"]["last_cold_start_wait_s"] > 2
     print(f"scaled to zero and back: the first request was answered after a {cold:.0f} s cold start; downs: {downs}")
+
+
+def test_a_structured_stream_cut_mid_object_ends_with_the_documented_error_event(http):
+    """Last in the module, on the replica the cold start above brought up: one running replica is
+    enough, as a structured stream is refused before any other replica is sought. Last, because the
+    replacement Serve starts for the killed replica is not needed: the module's teardown removes the
+    app (earlier, the next test waited ~50 s for it). Should the token policy have taken the idle
+    replica away meanwhile, this request waits for a cold start (gateway.cold_start_timeout_s)."""
+    wait_for(lambda: _running(http) >= 1 or not _serve_states(), 240, "a running replica, or none at all")
+    rid = f"json-{uuid.uuid4().hex[:8]}"
+    schema = {"type": "object", "properties": {"fruits": {"type": "array", "items": {"type": "string"}, "minItems": 40}},
+              "required": ["fruits"]}
+    body = {"model": MODEL, "max_tokens": 300, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": f"List forty fruits as JSON ({rid})."}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "fruits", "schema": schema}}}
+    text, events, killed = "", [], False
+    with http.stream("POST", "/v1/chat/completions", json=body, headers={"x-request-id": rid}) as r:
+        assert r.status_code == 200
+        victim = r.headers["x-served-replica"]
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[6:])
+            if line[6:] != "[DONE]" and '"choices"' in line:
+                for ch in json.loads(line[6:])["choices"]:
+                    text += (ch.get("delta") or {}).get("content") or ""
+            if not killed and len(text) >= 12:
+                _sigkill(victim)
+                killed = True
+    assert killed and events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == "replica_failed" and err["request_id"] == rid
+    assert "cannot continue on another replica: structured output (json_schema)" in err["message"]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)  # it was cut mid-object: the client has an error, not a silently short JSON
+    story = wait_for(lambda: http.get(f"/v1/requests/{rid}").json().get("migrations"), 30, "the request's story")
+    assert story[0]["outcome"] == "refused" and story[0]["reason"] == "structured_output"

@@ -11,9 +11,9 @@ import pytest
 from ray import serve
 
 from deployments import serve_view
-from tests.e2e.conftest import all_apps, ce_app, deploy, wait_for
+from tests.e2e.conftest import ce_app, deploy, kept_apps, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared")]  # the shared apps (tests/e2e/conftest.py)
 
 
 def replica_states(app: str) -> dict:
@@ -25,7 +25,7 @@ def replica_states(app: str) -> dict:
 
 def test_replicas_of_one_model_never_share_a_node(stack):
     """3 replicas, max_replicas_per_node 1, 2 nodes: two run on different nodes, the third waits."""
-    apps = {**all_apps(stack), "spread": ce_app(stack.tiny_models.ce, {
+    apps = {**kept_apps(stack), "spread": ce_app(stack.tiny_models.ce, {
         "num_replicas": 3, "max_replicas_per_node": 1, "ray_actor_options": {"num_cpus": 0}})}
     deploy(apps, wait=False)
     try:
@@ -39,7 +39,7 @@ def test_replicas_of_one_model_never_share_a_node(stack):
             seen[card.replica.replica_id] = card.replica.node_id
         assert len(seen) == 2 and len(set(seen.values())) == 2, seen
     finally:
-        deploy(all_apps(stack))
+        deploy(kept_apps(stack))
 
 
 def test_load_scales_up_and_idleness_scales_down(stack):

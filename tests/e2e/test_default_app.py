@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared")]  # the shared apps (tests/e2e/conftest.py)
 LLM = "smollm2-135m-instruct"
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 
@@ -270,3 +270,12 @@ def test_model_card_says_its_context_length(http):
     one = http.get(f"/v1/models/{LLM}").json()
     assert one["id"] == LLM and one["max_model_len"] == 2048 and one["device"] == "cpu"
     assert http.get("/v1/models/no-such-model").status_code == 404
+
+
+def test_a_model_with_one_replica_keeps_serves_default_router(http):
+    """One replica has nothing to choose between: the LLM keeps Serve's own router (the cost-aware
+    one is tests/e2e/test_llm_routing.py's), and no prediction header is sent."""
+    model = http.get("/v1/status").json()["models"][LLM]
+    assert model["routing_policy"] == "power_of_two"
+    r = http.post("/v1/chat/completions", json={"model": LLM, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200 and "x-predicted-cached-tokens" not in r.headers

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.browser import chromium_dom, console_errors, needs_chromium
-from tests.e2e.conftest import CPU_ENGINE_ENV, IDLE_SPIN, TINY_KV_BLOCKS, all_apps, deploy, wait_for
+from tests.e2e.conftest import CPU_ENGINE_ENV, IDLE_SPIN, TINY_KV_BLOCKS, deploy, kept_apps, wait_for
 from tests.tiny_models import WORDS
 
 pytestmark = pytest.mark.e2e
@@ -48,12 +48,12 @@ def lora(stack, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http(stack, lora):
-    deploy({**all_apps(stack), APP: routing_app(stack.tiny_models.llama, lora)})
+    deploy({**kept_apps(stack), APP: routing_app(stack.tiny_models.llama, lora)})
     try:
         with httpx.Client(base_url=f"{stack.base}/{APP}", timeout=120) as c:
             yield c
     finally:
-        deploy(all_apps(stack))
+        deploy(kept_apps(stack))
 
 
 def _status(http: httpx.Client) -> dict:
@@ -109,15 +109,6 @@ def test_the_status_page_shows_the_routers_guess_beside_vllms_count(stack, http,
     assert console_errors(log) == [], console_errors(log)
     section = dom[dom.index(f'data-model="{MODEL}"'):]
     assert "cache_aware" in section and "predicted " in section and " / vLLM " in section, section[:2000]
-
-
-def test_a_model_with_one_replica_keeps_serves_default_router(stack):
-    with httpx.Client(base_url=stack.base, timeout=120) as c:
-        model = c.get("/v1/status").json()["models"]["smollm2-135m-instruct"]
-        assert model["routing_policy"] == "power_of_two"
-        r = c.post("/v1/chat/completions", json={"model": "smollm2-135m-instruct", "max_tokens": 2,
-                                                  "messages": [{"role": "user", "content": "Hi"}]})
-        assert r.status_code == 200 and "x-predicted-cached-tokens" not in r.headers
 
 
 PROMPT = "the capital of france is"

@@ -13,7 +13,7 @@ from ray import serve
 
 from tests.e2e.conftest import ADMIN_KEY, APP_KEY
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared")]  # the shared apps (tests/e2e/conftest.py)
 RR = "all-minilm-l6-v2-rerank"
 
 

@@ -12,9 +12,9 @@ import pytest
 from ray import serve
 
 from serve_app.config import hash_key
-from tests.e2e.conftest import ADMIN_KEY, APP_KEY, all_apps, deploy, guarded_args, wait_for
+from tests.e2e.conftest import ADMIN_KEY, APP_KEY, deploy, guarded_args, kept_apps, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared")]  # the shared apps (tests/e2e/conftest.py)
 TEAM_V1, TEAM_V2, EXPIRED = "sk-e2e-team-v1", "sk-e2e-team-v2", "sk-e2e-expired"
 BODY = {"model": "guarded-ce", "query": "paris", "documents": ["paris is in france", "apple"]}
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -50,7 +50,7 @@ def test_keys_rotate_in_place_within_seconds_without_restarting_the_model(stack)
         assert _rerank(c, TEAM_V1).status_code == 401
         try:
             t0 = time.time()
-            deploy(all_apps(stack), overrides=_router_keys(
+            deploy(kept_apps(stack), overrides=_router_keys(
                 stack, _team(TEAM_V1), {"name": "e2e-gone", "sha256": hash_key(EXPIRED), "expires_at": "2001-01-01T00:00:00Z"}),
                 wait=False)
             wait_for(lambda: _rerank(c, TEAM_V1).status_code == 200, 60, "the added key to work")
@@ -59,7 +59,7 @@ def test_keys_rotate_in_place_within_seconds_without_restarting_the_model(stack)
             assert r.status_code == 401 and "key expired" in r.json()["error"]["message"]
 
             t0 = time.time()  # rotate: the team's secret changes, the old one is revoked
-            deploy(all_apps(stack), overrides=_router_keys(stack, _team(TEAM_V2)), wait=False)
+            deploy(kept_apps(stack), overrides=_router_keys(stack, _team(TEAM_V2)), wait=False)
             wait_for(lambda: _rerank(c, TEAM_V1).status_code == 401, 60, "the revoked key to be refused")
             revoked_s = time.time() - t0
             assert _rerank(c, TEAM_V2).status_code == 200
@@ -75,7 +75,7 @@ def test_keys_rotate_in_place_within_seconds_without_restarting_the_model(stack)
             assert [(r["model"], r["requests"], r["prompt_tokens"]) for r in rows] == [("guarded-ce", len(TEAM_SERVED), told)]
             assert told > 0
         finally:
-            deploy(all_apps(stack))  # back to the keys in args, in place again
+            deploy(kept_apps(stack))  # back to the keys in args, in place again
         wait_for(lambda: _rerank(c, TEAM_V2).status_code == 401, 60, "the guarded app's own keys to be back")
         assert c.get("/ready", headers=ADMIN).json()["status"] == "ready"
     assert _model_replica() == before
@@ -97,7 +97,7 @@ def shared_args(ce, redis_url: str) -> dict:
 
 
 def test_two_router_replicas_on_redis_hold_a_key_to_its_quota_in_total(stack, redis_url):
-    apps = all_apps(stack)
+    apps = kept_apps(stack)
     try:
         deploy({**apps, "shared": shared_args(stack.tiny_models.ce, redis_url)})
         body = {**BODY, "model": "shared-ce"}

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from ray import serve
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared")]  # the shared apps (tests/e2e/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_pairs_from_concurrent_requests_share_forward_passes(http):
 
 
 def test_batching_is_retuned_in_place_through_user_config(stack):
-    from tests.e2e.conftest import all_apps, deploy
+    from tests.e2e.conftest import deploy, kept_apps
 
     handle = serve.get_deployment_handle("rerank-tiny-ce", app_name="tiny")
     before = handle.card.remote().result()
@@ -108,7 +108,7 @@ def test_batching_is_retuned_in_place_through_user_config(stack):
     want = {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "max_batch_tokens": 4096}
     # Same args (same code version), new user_config for one deployment: what an operator puts
     # in serve_config.yaml's `deployments:` section before `serve deploy`.
-    deploy(all_apps(stack), overrides={"tiny": [{"name": "rerank-tiny-ce", "user_config": want}]})
+    deploy(kept_apps(stack), overrides={"tiny": [{"name": "rerank-tiny-ce", "user_config": want}]})
     for _ in range(60):  # the app may still read RUNNING before the controller applies the update
         after = handle.card.remote().result()
         if after.batching == want:

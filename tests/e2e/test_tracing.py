@@ -13,10 +13,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.e2e.conftest import all_apps, deploy, wait_for
+from tests.e2e.conftest import deploy, kept_apps, wait_for
 from tests.local_servers import ThreadedServer
 
-pytestmark = pytest.mark.e2e
+# After the shared apps are up: Serve's tracing config is cluster-wide, read by every replica that
+# starts while it is on, and the shared apps start in the background until then.
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared")]
 
 
 class OtlpReceiver:
@@ -72,7 +74,7 @@ def test_one_request_is_one_trace_with_the_routers_and_the_replicas_spans(stack)
                        "deployment": {"ray_actor_options": {"num_cpus": 0.25}}}]}
     tracing = {"enabled": True, "exporter_import_path": "serve_app.tracing:otlp_exporter", "sampling_ratio": 1.0}
     try:
-        deploy({**all_apps(stack), "traced": app}, tracing=tracing)
+        deploy({**kept_apps(stack), "traced": app}, tracing=tracing)
         with httpx.Client(base_url=f"{stack.base}/traced", timeout=60) as c:
             r = c.post("/v1/rerank", json={"model": "ce", "query": "paris", "documents": ["paris", "rome"]},
                        headers={"x-request-id": "traced-req-1"})
@@ -91,5 +93,5 @@ def test_one_request_is_one_trace_with_the_routers_and_the_replicas_spans(stack)
         assert attempt["attributes"]["serve_app.replica"] == replica["attributes"]["replica_id"]
         assert {s["service"] for s in spans} == {"serve-app-e2e"}
     finally:
-        deploy(all_apps(stack), tracing={"enabled": False})  # replicas started later trace nothing
+        deploy(kept_apps(stack), tracing={"enabled": False})  # replicas started later trace nothing
         receiver.server.close()

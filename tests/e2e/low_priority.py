@@ -1,0 +1,101 @@
+"""Some Serve apps' processes in a CPU cgroup of low weight while other tests run.
+
+The e2e session deploys the apps several modules share when it starts, beside the modules that use
+none of them (tests/e2e/conftest.py). Their start-up is ~200 s of CPU on the 2-core machine (four
+vLLM engines, each three processes that import vLLM), and once up their idle loops take ~0.35 of a
+core. In a cgroup of weight 64 (against 1,024 for the session's own) all of them together get ~6%
+of the cores while the running tests want both, and what those leave idle.
+
+Not niceness: Ray starts every worker at nice 15 already (its driver and daemons stay at 0), and a
+weight per thread cannot hold back twenty processes that import vLLM at once. The cgroup is the
+cgroup-v1 `cpu` controller's (this machine's and CI's, as root); where it cannot be made, nothing is
+moved and the apps start at Ray's usual priority (slower, not different).
+
+A replica's process is found by the title Ray gives it (`ray::ServeReplica:<app>:<deployment>`),
+and with it every process it spawned (vLLM's engine core and workers); a process forked later stays
+in its parent's cgroup.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+
+from bench.rooms import descendants, process_table
+
+CPU_CGROUP = pathlib.Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller
+SHARES = 64  # of the 1,024 the session's autogroup weighs
+
+
+def _app_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().split(b"\0", 1)[0].decode(errors="replace").strip()
+    except OSError:
+        return None
+    parts = title.split(":")  # ray::ServeReplica:<app>:<deployment>
+    return parts[3] if len(parts) >= 5 and parts[2] == "ServeReplica" else None
+
+
+def _move(group: pathlib.Path, pid: int) -> None:
+    """Every thread of `pid` into `group` (cgroup.procs moves the whole process)."""
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+    except OSError:
+        pass  # it ended
+
+
+class LowPriority:
+    """Sweeps every `period_s` until `restore()`, which puts the processes back and removes the
+    cgroup. `group` is None where no cgroup could be made (nothing is moved)."""
+
+    def __init__(self, apps: set[str], period_s: float = 2.0, root: pathlib.Path = CPU_CGROUP) -> None:
+        self.apps, self.period_s, self.root = set(apps), period_s, root
+        self.group = self._make_group()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="low-priority-apps", daemon=True)
+        if self.group is not None:
+            self._thread.start()
+
+    def _make_group(self) -> pathlib.Path | None:
+        group = self.root / f"serve-e2e-background-{os.getpid()}"
+        try:
+            group.mkdir(exist_ok=True)
+            (group / "cpu.shares").write_text(str(SHARES))
+        except OSError:
+            return None
+        return group
+
+    def pids(self) -> list[int]:
+        table = process_table()
+        roots = [pid for pid, (_, name) in table.items() if name.startswith("ray::ServeRepl") and _app_of(pid) in self.apps]
+        return sorted({p for root in roots for p in (root, *descendants(root, table))})
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            moved = set(self.members())
+            for pid in self.pids():
+                if pid not in moved:
+                    _move(self.group, pid)
+            self._stop.wait(self.period_s)
+
+    def members(self) -> list[int]:
+        if self.group is None:
+            return []
+        try:
+            return [int(p) for p in (self.group / "cgroup.procs").read_text().split()]
+        except OSError:
+            return []
+
+    def restore(self) -> None:
+        if self.group is None or self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join()
+        for pid in self.members():
+            _move(self.root, pid)
+        try:
+            self.group.rmdir()
+        except OSError:
+            pass
