@@ -35,15 +35,16 @@ def _replica(app: str) -> tuple[subprocess.Popen, int]:
 
 def _cpu_cgroup(pid: int | str) -> str:
     with open(f"/proc/{pid}/cgroup") as f:
-        return next(line.rstrip().split(":", 2)[2] for line in f if line.split(":")[1] == "cpu")
+        return next(line.rstrip().split(":", 2)[2] for line in f if "cpu" in line.split(":")[1].split(","))
 
 
 @pytest.mark.skipif(not os.access(CPU_CGROUP, os.W_OK), reason="no writable cgroup-v1 cpu controller here")
 def test_a_listed_apps_replica_and_its_child_go_into_the_low_weight_cgroup_and_back():
     (ours, child), (theirs, other_child) = _replica("shared-app"), _replica("other")
+    home = _cpu_cgroup("self")
+    low = LowPriority({"shared-app"}, period_s=0.1)
     try:
-        low = LowPriority({"shared-app"}, period_s=0.1)
-        name = f"/{low.group.name}"
+        name = f"{home.rstrip('/')}/{low.group.name}"
         assert (low.group / "cpu.shares").read_text().strip() == str(SHARES)
         deadline = time.time() + 10
         while time.time() < deadline and not (_cpu_cgroup(ours.pid) == _cpu_cgroup(child) == name):
@@ -51,10 +52,11 @@ def test_a_listed_apps_replica_and_its_child_go_into_the_low_weight_cgroup_and_b
         assert _cpu_cgroup(ours.pid) == _cpu_cgroup(child) == name
         threads = os.listdir(f"/proc/{ours.pid}/task")
         assert len(threads) >= 2 and {_cpu_cgroup(f"{ours.pid}/task/{t}") for t in threads} == {name}
-        assert _cpu_cgroup(theirs.pid) == _cpu_cgroup(other_child) == "/"
+        assert _cpu_cgroup(theirs.pid) == _cpu_cgroup(other_child) == home
         low.restore()
-        assert _cpu_cgroup(ours.pid) == _cpu_cgroup(child) == "/" and not low.group.exists()
+        assert _cpu_cgroup(ours.pid) == _cpu_cgroup(child) == home and not low.group.exists()
     finally:
+        low.restore()
         for proc, kid in ((ours, child), (theirs, other_child)):
             os.kill(kid, 9)
             proc.kill()

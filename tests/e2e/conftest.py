@@ -194,8 +194,8 @@ def stack(tiny_models) -> SimpleNamespace:
     # uses them starts.
     BACKGROUND.update(stack.apps)
     stack.lowered = LowPriority(set(stack.apps))
-    deploy(stack.apps)
     try:
+        deploy(stack.apps)
         yield stack
     finally:
         stack.lowered.restore()

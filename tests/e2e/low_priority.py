@@ -9,7 +9,10 @@ of the cores while the running tests want both, and what those leave idle.
 Not niceness: Ray starts every worker at nice 15 already (its driver and daemons stay at 0), and a
 weight per thread cannot hold back twenty processes that import vLLM at once. The cgroup is the
 cgroup-v1 `cpu` controller's (this machine's and CI's, as root); where it cannot be made, nothing is
-moved and the apps start at Ray's usual priority (slower, not different).
+moved: the apps start at Ray's usual priority, sharing the cores with the first modules' tests (the
+suite takes longer, and those tests run on a busier machine). The group is named after this process
+(`serve-e2e-background-<pid>`); a session killed outright leaves it behind, empty. Processes are
+matched by app name on the whole machine: one e2e session at a time.
 
 A replica's process is found by the title Ray gives it (`ray::ServeReplica:<app>:<deployment>`),
 and with it every process it spawned (vLLM's engine core and workers); a process forked later stays
@@ -26,6 +29,13 @@ from bench.rooms import descendants, process_table
 
 CPU_CGROUP = pathlib.Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller
 SHARES = 64  # of the 1,024 the session's autogroup weighs
+
+
+def own_cpu_cgroup() -> pathlib.Path:
+    """This process's group under the cpu controller (mounted alone or as cpu,cpuacct)."""
+    with open("/proc/self/cgroup") as f:
+        path = next((line.rstrip("\n").split(":", 2)[2] for line in f if "cpu" in line.split(":")[1].split(",")), "/")
+    return CPU_CGROUP / path.lstrip("/")
 
 
 def _app_of(pid: int) -> str | None:
@@ -47,11 +57,13 @@ def _move(group: pathlib.Path, pid: int) -> None:
 
 
 class LowPriority:
-    """Sweeps every `period_s` until `restore()`, which puts the processes back and removes the
-    cgroup. `group` is None where no cgroup could be made (nothing is moved)."""
+    """Sweeps every `period_s` until `restore()`, which puts the processes back into this
+    process's own group (where they came from: Ray's processes descend from the session's) and
+    removes the cgroup, made inside that group. `group` is None where no cgroup could be made
+    (nothing is moved)."""
 
-    def __init__(self, apps: set[str], period_s: float = 2.0, root: pathlib.Path = CPU_CGROUP) -> None:
-        self.apps, self.period_s, self.root = set(apps), period_s, root
+    def __init__(self, apps: set[str], period_s: float = 2.0) -> None:
+        self.apps, self.period_s, self.root = set(apps), period_s, own_cpu_cgroup()
         self.group = self._make_group()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="low-priority-apps", daemon=True)
@@ -62,8 +74,12 @@ class LowPriority:
         group = self.root / f"serve-e2e-background-{os.getpid()}"
         try:
             group.mkdir(exist_ok=True)
+        except OSError:
+            return None
+        try:
             (group / "cpu.shares").write_text(str(SHARES))
         except OSError:
+            group.rmdir()
             return None
         return group
 

@@ -261,7 +261,8 @@ def test_long_prompts_scale_the_llm_by_tokens_and_idleness_scales_it_back_down_t
     """The token policy on the real stack: min 0, max 2, started at 1. Three long prompts at a time
     (ongoing requests never reach Serve's default target of 8: max_num_seqs 16 / 2) add a replica;
     idleness takes both away; the next request waits for a replica and gets its answer. It leaves
-    the app on the token policy with that one replica (the structured-stream test uses it)."""
+    the app on the token policy with that one replica, which the structured-stream test uses (or,
+    should the policy take it away first, waits for anew)."""
     auto = streams_app()
     dep = auto["models"][0]["deployment"]
     del dep["num_replicas"]
