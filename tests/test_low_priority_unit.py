@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.e2e.low_priority import CPU_CGROUP, SHARES, LowPriority
+from tests.e2e.low_priority import CPU_CGROUP, SHARES, LowPriority, cpu_cgroup_of
 
 # Titled like a replica (argv[0] as Ray's setproctitle leaves it, comm truncated to 15 bytes as the
 # kernel keeps it), with a second thread and a child process. (Under another argv[0] Python does
@@ -33,28 +33,23 @@ def _replica(app: str) -> tuple[subprocess.Popen, int]:
     return proc, int(proc.stdout.readline())
 
 
-def _cpu_cgroup(pid: int | str) -> str:
-    with open(f"/proc/{pid}/cgroup") as f:
-        return next(line.rstrip().split(":", 2)[2] for line in f if "cpu" in line.split(":")[1].split(","))
-
-
 @pytest.mark.skipif(not os.access(CPU_CGROUP, os.W_OK), reason="no writable cgroup-v1 cpu controller here")
 def test_a_listed_apps_replica_and_its_child_go_into_the_low_weight_cgroup_and_back():
     (ours, child), (theirs, other_child) = _replica("shared-app"), _replica("other")
-    home = _cpu_cgroup("self")
+    home = cpu_cgroup_of("self")
     low = LowPriority({"shared-app"}, period_s=0.1)
     try:
         name = f"{home.rstrip('/')}/{low.group.name}"
         assert (low.group / "cpu.shares").read_text().strip() == str(SHARES)
         deadline = time.time() + 10
-        while time.time() < deadline and not (_cpu_cgroup(ours.pid) == _cpu_cgroup(child) == name):
+        while time.time() < deadline and not (cpu_cgroup_of(ours.pid) == cpu_cgroup_of(child) == name):
             time.sleep(0.1)
-        assert _cpu_cgroup(ours.pid) == _cpu_cgroup(child) == name
+        assert cpu_cgroup_of(ours.pid) == cpu_cgroup_of(child) == name
         threads = os.listdir(f"/proc/{ours.pid}/task")
-        assert len(threads) >= 2 and {_cpu_cgroup(f"{ours.pid}/task/{t}") for t in threads} == {name}
-        assert _cpu_cgroup(theirs.pid) == _cpu_cgroup(other_child) == home
+        assert len(threads) >= 2 and {cpu_cgroup_of(f"{ours.pid}/task/{t}") for t in threads} == {name}
+        assert cpu_cgroup_of(theirs.pid) == cpu_cgroup_of(other_child) == home
         low.restore()
-        assert _cpu_cgroup(ours.pid) == _cpu_cgroup(child) == home and not low.group.exists()
+        assert cpu_cgroup_of(ours.pid) == cpu_cgroup_of(child) == home and not low.group.exists()
     finally:
         low.restore()
         for proc, kid in ((ours, child), (theirs, other_child)):

@@ -11,10 +11,10 @@ weight per thread cannot hold back twenty processes that import vLLM at once. Th
 cgroup-v1 `cpu` controller's (this machine's and CI's, as root); where it cannot be made, nothing is
 moved: the apps start at Ray's usual priority, sharing the cores with the first modules' tests (the
 suite takes longer, and those tests run on a busier machine). The group is named after this process
-(`serve-e2e-background-<pid>`); a session killed outright leaves it behind, empty. Processes are
-matched by app name on the whole machine: one e2e session at a time.
+(`serve-e2e-background-<pid>`); a session killed outright leaves it behind, empty.
 
-A replica's process is found by the title Ray gives it (`ray::ServeReplica:<app>:<deployment>`),
+A replica's process is found among this process's descendants (the Ray cluster the session
+started; another session's are not) by the title Ray gives it (`ray::ServeReplica:<app>:<deployment>`),
 and with it every process it spawned (vLLM's engine core and workers); a process forked later stays
 in its parent's cgroup.
 """
@@ -25,26 +25,21 @@ import os
 import pathlib
 import threading
 
-from bench.rooms import descendants, process_table
+from bench.rooms import descendants, process_table, title
 
 CPU_CGROUP = pathlib.Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller
 SHARES = 64  # of the 1,024 the session's autogroup weighs
 
 
-def own_cpu_cgroup() -> pathlib.Path:
-    """This process's group under the cpu controller (mounted alone or as cpu,cpuacct)."""
-    with open("/proc/self/cgroup") as f:
-        path = next((line.rstrip("\n").split(":", 2)[2] for line in f if "cpu" in line.split(":")[1].split(",")), "/")
-    return CPU_CGROUP / path.lstrip("/")
+def cpu_cgroup_of(pid: int | str = "self") -> str:
+    """A process's group under the cpu controller (mounted alone or as cpu,cpuacct), as a path from
+    its root; `pid` may be "self" or "<pid>/task/<tid>" for one thread."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        return next((line.rstrip("\n").split(":", 2)[2] for line in f if "cpu" in line.split(":")[1].split(",")), "/")
 
 
 def _app_of(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            title = f.read().split(b"\0", 1)[0].decode(errors="replace").strip()
-    except OSError:
-        return None
-    parts = title.split(":")  # ray::ServeReplica:<app>:<deployment>
+    parts = title(pid).split(" ", 1)[0].split(":")  # ray::ServeReplica:<app>:<deployment>
     return parts[3] if len(parts) >= 5 and parts[2] == "ServeReplica" else None
 
 
@@ -63,7 +58,7 @@ class LowPriority:
     (nothing is moved)."""
 
     def __init__(self, apps: set[str], period_s: float = 2.0) -> None:
-        self.apps, self.period_s, self.root = set(apps), period_s, own_cpu_cgroup()
+        self.apps, self.period_s, self.root = set(apps), period_s, CPU_CGROUP / cpu_cgroup_of().lstrip("/")
         self.group = self._make_group()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="low-priority-apps", daemon=True)
@@ -85,7 +80,8 @@ class LowPriority:
 
     def pids(self) -> list[int]:
         table = process_table()
-        roots = [pid for pid, (_, name) in table.items() if name.startswith("ray::ServeRepl") and _app_of(pid) in self.apps]
+        ours = descendants(os.getpid(), table)
+        roots = [pid for pid in ours if table[pid][1].startswith("ray::ServeRepl") and _app_of(pid) in self.apps]
         return sorted({p for root in roots for p in (root, *descendants(root, table))})
 
     def _run(self) -> None:
